@@ -1,0 +1,24 @@
+"""marginops: fused, memory-lean margin softmax losses for 100k-10M classes."""
+
+from .backends import BACKEND_NAMES, DEFAULT_MEMORY_BUDGET, resolve_backend
+from .functional import MarginStats, margin_cross_entropy
+from .margins import ArcFace, CombinedMargin, CosFace, Margin, NoMargin, SimplerASoftmax, SphereFace
+from .modules import MarginHead
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "margin_cross_entropy",
+    "MarginStats",
+    "MarginHead",
+    "Margin",
+    "NoMargin",
+    "CosFace",
+    "ArcFace",
+    "SphereFace",
+    "SimplerASoftmax",
+    "CombinedMargin",
+    "resolve_backend",
+    "BACKEND_NAMES",
+    "DEFAULT_MEMORY_BUDGET",
+]

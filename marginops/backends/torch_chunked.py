@@ -1,0 +1,420 @@
+"""Pure-PyTorch fused backend: margin softmax cross-entropy chunked over classes.
+
+Never allocates anything of size ``B x C``. The logits are produced tile by
+tile (``rows x chunk_size``) with ``torch.mm`` against the raw weight, the
+inverse class norms are folded into each tile (no normalized copy of ``W`` is
+written), and every elementwise step runs on a tile while it is in cache.
+
+Two strategies, picked per call by :func:`plan`:
+
+* ``"fused"`` (three GEMMs): for ``reduction`` ``"mean"``/``"sum"`` with
+  gradients required, each row block's logits over *all* classes are kept in
+  a workspace bounded by the memory budget; once the block's log-sum-exp is
+  known, ``dX`` and ``dW`` are computed during the forward pass and the
+  backward only multiplies them by the incoming scalar gradient.
+* ``"recompute"`` (four GEMMs): the forward keeps only per-row statistics and
+  the backward recomputes each tile. Used for ``reduction="none"``, for
+  forward-only calls (one GEMM), and when a row block across all classes
+  does not fit the budget.
+
+Probabilities below ``finfo.tiny`` are flushed to zero before any GEMM and
+``exp`` is never fed arguments whose result would be subnormal: both are
+10-50x slow paths on some CPUs (``DESIGN.md`` section 4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .common import FusedOptions
+
+#: Classes per tile when the caller does not choose: keeps a 256-row tile of
+#: logits (4 MiB in float32) near the last-level cache.
+DEFAULT_CHUNK = 4096
+#: Below this many rows per block the fused strategy's rank-R updates of dW
+#: stop being compute-bound; recompute instead.
+MIN_FUSED_ROWS = 64
+#: Row-block size of the recompute strategy (tile = rows x chunk_size).
+RECOMPUTE_ROWS = 256
+
+
+@dataclass(frozen=True)
+class Plan:
+    strategy: str  # "fused" | "recompute"
+    rows: int  # rows per block
+    chunk: int  # classes per tile
+    workspace_bytes: int
+
+
+def plan(batch: int, num_classes: int, element_size: int, opts: FusedOptions, fused_wanted: bool) -> Plan:
+    """Choose the strategy and tile sizes for one call within ``opts.budget``."""
+    chunk = min(opts.chunk_size or DEFAULT_CHUNK, max(num_classes, 1))
+    budget = opts.budget
+    padded = math.ceil(num_classes / chunk) * chunk
+    if fused_wanted:
+        rows = min(batch, budget // max(padded * element_size, 1))
+        if rows >= min(batch, MIN_FUSED_ROWS) and rows >= 1:
+            if rows < batch:  # even blocks: avoids a thin last block
+                rows = math.ceil(batch / math.ceil(batch / rows))
+            return Plan("fused", rows, chunk, rows * padded * element_size)
+    # Tiles must fit the budget too; shrink the chunk before the rows.
+    rows = max(1, min(batch, RECOMPUTE_ROWS))
+    chunk = max(1, min(chunk, budget // max(rows * element_size, 1)))
+    return Plan("recompute", rows, chunk, rows * chunk * element_size)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _exp_floor(dtype: torch.dtype) -> float:
+    """Most negative argument whose ``exp`` is still a normal number."""
+    return math.log(torch.finfo(dtype).tiny) + 0.5
+
+
+class _Prepared:
+    """Per-call quantities shared by the forward and the backward pass."""
+
+    def __init__(self, x: Tensor, W: Tensor, y: Tensor, opts: FusedOptions):
+        self.acc = _acc_dtype(x.dtype)
+        self.opts = opts
+        self.B, self.D = x.shape
+        self.C = W.shape[0]
+        self.W = W
+        self.y = y
+        xf = x.to(self.acc)
+        if opts.normalize:
+            norm_x = torch.linalg.vector_norm(xf, dim=1)
+            self.x_clamped = norm_x <= opts.eps  # F.normalize's clamp: no projection in backward
+            self.inv_x = 1.0 / norm_x.clamp_min(opts.eps)
+            self.xh = xf * self.inv_x.unsqueeze(1)
+            norm_w = torch.linalg.vector_norm(W, dim=1, dtype=self.acc)
+            self.w_clamped = norm_w <= opts.eps
+            self.inv_w: Optional[Tensor] = 1.0 / norm_w.clamp_min(opts.eps)
+        else:
+            self.xh = xf.contiguous()
+            self.inv_x = None
+            self.inv_w = None
+        self.xs = self.xh * opts.scale
+        self.floor = _exp_floor(self.acc)
+        self.tiny = torch.finfo(self.acc).tiny
+        self._class_sum: Optional[Tensor] = None
+
+    def w_tile(self, c0: int, c1: int) -> Tensor:
+        return self.W[c0:c1].to(self.acc)
+
+    def class_sum(self) -> Tensor:
+        """``sum_j wh_j`` (D,), for label smoothing's sum over all logits (computed once)."""
+        if self._class_sum is None:
+            total = torch.zeros(self.D, device=self.xh.device, dtype=self.acc)
+            for c0 in range(0, self.C, DEFAULT_CHUNK):
+                c1 = min(c0 + DEFAULT_CHUNK, self.C)
+                wt = self.w_tile(c0, c1)
+                total += wt.sum(0) if self.inv_w is None else self.inv_w[c0:c1] @ wt
+            self._class_sum = total
+        return self._class_sum
+
+    def logits_tile(self, out: Tensor, r0: int, r1: int, c0: int, c1: int, wt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Fill ``out`` (r x c) with ``s * cos``, the target column set to -inf.
+
+        Returns ``(index, in_tile, target_value)``: each row's target column
+        clamped into the tile, whether it really lies there, and the logit
+        that was there before masking.
+        """
+        torch.mm(self.xs[r0:r1], wt.t(), out=out)
+        if self.inv_w is not None:
+            out.mul_(self.inv_w[c0:c1])
+        y = self.y[r0:r1]
+        idx = (y - c0).clamp_(0, c1 - c0 - 1).unsqueeze(1)
+        in_tile = (y >= c0) & (y < c1)
+        before = out.gather(1, idx).squeeze(1)
+        masked = torch.where(in_tile, torch.full_like(before, -math.inf), before)
+        out.scatter_(1, idx, masked.unsqueeze(1))
+        return idx, in_tile, before
+
+    def exp_tile(self, out: Tensor, shift: Tensor, idx: Tensor, in_tile: Tensor) -> None:
+        """``out = exp(out - shift)`` in place with the target column exactly 0."""
+        out.sub_(shift.unsqueeze(1)).clamp_min_(self.floor).exp_()
+        kept = out.gather(1, idx).squeeze(1)
+        out.scatter_(1, idx, torch.where(in_tile, torch.zeros_like(kept), kept).unsqueeze(1))
+
+    def grad_tile(self, p: Tensor, row_scale: Tensor, c0: int, c1: int, wt: Tensor, r0: int, r1: int,
+                  dxh: Optional[Tensor], dD: Optional[Tensor]) -> None:
+        """Accumulate both GEMMs for ``G = row_scale * p * inv_w`` from an exp tile ``p`` (>= 0).
+
+        The signed per-row scale is applied on the small ``rows x D`` side of
+        each GEMM, so the big tile stays non-negative and one threshold pass
+        flushes its subnormals.
+        """
+        if self.inv_w is not None:
+            p.mul_(self.inv_w[c0:c1])
+            F.threshold_(p, self.tiny, 0.0)  # flush subnormals before the GEMMs
+        f = row_scale.unsqueeze(1)
+        if dxh is not None:
+            dxh[r0:r1].addcmul_(torch.mm(p, wt), f)
+        if dD is not None:
+            xf = self.xh[r0:r1] * f
+            xf.masked_fill_(xf.abs() < self.tiny, 0.0)
+            dD[c0:c1].addmm_(p.t(), xf)
+
+    # -- passes ---------------------------------------------------------------------------------
+
+    def tiles(self, pl: "Plan"):
+        for r0 in range(0, self.B, pl.rows):
+            r1 = min(r0 + pl.rows, self.B)
+            yield r0, r1, [(c0, min(c0 + pl.chunk, self.C)) for c0 in range(0, self.C, pl.chunk)]
+
+    def smoothing_sum(self, target_logit_cos: Tensor) -> Tensor:
+        """``sum_{j != y_i} s * cos_ij`` per row, from one GEMV."""
+        return self.xs @ self.class_sum() - target_logit_cos
+
+
+def _combine(m_tiles: Tensor, s_tiles: Tensor) -> Tensor:
+    """log-sum-exp over tiles from per-tile (shift, sum) pairs, shape (R, T) each."""
+    M = m_tiles.amax(1, keepdim=True)
+    M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))  # rows with no non-target class
+    return M.squeeze(1) + torch.log((s_tiles * torch.exp(m_tiles - M)).sum(1))
+
+
+class _RunningPrediction:
+    """Argmax of ``s * cos`` over all classes, first index on ties, tile by tile."""
+
+    def __init__(self, rows: int, device, dtype):
+        self.best = torch.full((rows,), -math.inf, device=device, dtype=dtype)
+        self.index = torch.zeros(rows, device=device, dtype=torch.int64)
+
+    def update(self, values: Tensor, indices: Tensor, c0: int) -> None:
+        better = values > self.best
+        self.best = torch.where(better, values, self.best)
+        self.index = torch.where(better, indices + c0, self.index)
+
+    def finish(self, target_logit_cos: Tensor, y: Tensor) -> Tensor:
+        tie_first = (target_logit_cos == self.best) & (y < self.index)
+        take_target = (target_logit_cos > self.best) | tie_first
+        return torch.where(take_target, y, self.index)
+
+
+def _row_block_stats(prep: _Prepared, r0: int, r1: int, cols, pl: Plan, store: Optional[Tensor], want_pred: bool):
+    """Process one row block across all classes.
+
+    Returns ``(m_tiles, s_tiles, target, pred)``: per-tile shifts and sums of
+    ``exp(logit - shift)`` over non-target classes, each row's target logit
+    ``s * t`` as the GEMM produced it, and the running prediction. With
+    ``store`` the exp'd tiles stay there (tile k at offset ``k * rows * chunk``).
+    """
+    R = r1 - r0
+    T = len(cols)
+    dev, acc = prep.xh.device, prep.acc
+    m_tiles = torch.empty(R, T, device=dev, dtype=acc)
+    s_tiles = torch.empty(R, T, device=dev, dtype=acc)
+    target = torch.zeros(R, device=dev, dtype=acc)
+    pred = _RunningPrediction(R, dev, acc) if want_pred else None
+    scratch = None if store is not None else torch.empty(R * pl.chunk, device=dev, dtype=acc)
+    for k, (c0, c1) in enumerate(cols):
+        buf = store[k * pl.rows * pl.chunk:][: R * (c1 - c0)] if store is not None else scratch[: R * (c1 - c0)]
+        tile = buf.view(R, c1 - c0)
+        wt = prep.w_tile(c0, c1)
+        idx, in_tile, before = prep.logits_tile(tile, r0, r1, c0, c1, wt)
+        target = torch.where(in_tile, before, target)
+        if pred is not None:
+            mx, am = tile.max(1)  # non-target only; the target is compared in finish()
+            pred.update(mx, am, c0)
+        else:
+            mx = tile.amax(1)
+        shift = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+        prep.exp_tile(tile, shift, idx, in_tile)
+        m_tiles[:, k] = mx  # -inf where the tile held only the target
+        s_tiles[:, k] = tile.sum(1)
+    return m_tiles, s_tiles, target, pred
+
+
+def _loss_rows(prep: _Prepared, N: Tensor, z: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row loss and LSE from the non-target LSE ``N`` and the target logit ``z``."""
+    lse = torch.logaddexp(N, z)
+    loss = lse - z
+    eps = prep.opts.label_smoothing
+    if eps > 0:
+        # PyTorch's smoothing: (1-eps) * CE + eps * mean_j(lse - logit_j)
+        other = prep.smoothing_sum(target)
+        loss = loss + eps * (z - (other + z) / prep.C)
+    return loss, lse
+
+
+def _dz(prep: _Prepared, g: Tensor, z: Tensor, lse: Tensor) -> Tensor:
+    eps = prep.opts.label_smoothing
+    return g * (torch.exp(z - lse) - (1.0 - eps) - eps / prep.C)
+
+
+def _smoothing_grads(prep: _Prepared, g: Tensor, dxh: Optional[Tensor], dD: Optional[Tensor]) -> None:
+    """Rank-1 gradient of ``-(eps/C) * sum_{j != y} s * cos_ij`` into dxh and dD (in place)."""
+    eps = prep.opts.label_smoothing
+    if eps <= 0:
+        return
+    coef = -prep.opts.scale * eps / prep.C
+    inv_w = prep.inv_w
+    if dxh is not None:
+        wsum = prep.class_sum()
+        wy = prep.W[prep.y].to(prep.acc)
+        if inv_w is not None:
+            wy = wy * inv_w[prep.y].unsqueeze(1)
+        dxh.add_((coef * g).unsqueeze(1) * (wsum.unsqueeze(0) - wy))
+    if dD is not None:
+        gx = (coef * g).unsqueeze(1) * prep.xh  # (B, D)
+        col = inv_w if inv_w is not None else torch.ones(prep.C, device=gx.device, dtype=gx.dtype)
+        dD.addr_(col, gx.sum(0))
+        dD.index_add_(0, prep.y, -gx * col[prep.y].unsqueeze(1))
+
+
+def _finish_dx(prep: _Prepared, dxh: Tensor, dtype: torch.dtype) -> Tensor:
+    """Backward of ``x / max(|x|, eps)``."""
+    if prep.inv_x is None:
+        return dxh.to(dtype)
+    proj = (prep.xh * dxh).sum(1, keepdim=True)
+    proj = torch.where(prep.x_clamped.unsqueeze(1), torch.zeros_like(proj), proj)
+    return ((dxh - prep.xh * proj) * prep.inv_x.unsqueeze(1)).to(dtype)
+
+
+def _finish_dW(prep: _Prepared, dD: Tensor, chunk: int) -> Tensor:
+    """In place: ``D_j = inv_w_j * dwh_j`` becomes ``dW_j = D_j - W_j inv_w_j^2 (W_j . D_j)``."""
+    if prep.inv_w is not None:
+        coef_all = prep.inv_w * prep.inv_w
+        coef_all = torch.where(prep.w_clamped, torch.zeros_like(coef_all), coef_all)
+        for c0 in range(0, prep.C, chunk):
+            c1 = min(c0 + chunk, prep.C)
+            wt = prep.w_tile(c0, c1)
+            d = dD[c0:c1]
+            dots = torch.bmm(d.unsqueeze(1), wt.unsqueeze(2)).view(-1)
+            d.addcmul_(wt, (dots * coef_all[c0:c1]).unsqueeze(1), value=-1.0)
+    return dD if dD.dtype == prep.W.dtype else dD.to(prep.W.dtype)
+
+
+def _forward_recompute(prep: _Prepared, pl: Plan, want_pred: bool):
+    """Forward-only pass: per-row non-target LSE, target logit, prediction."""
+    B = prep.B
+    N = torch.empty(B, device=prep.xh.device, dtype=prep.acc)
+    target = torch.empty_like(N)
+    pred = torch.empty(B, device=N.device, dtype=torch.int64) if want_pred else None
+    for r0, r1, cols in prep.tiles(pl):
+        m_t, s_t, tgt, rp = _row_block_stats(prep, r0, r1, cols, pl, None, want_pred)
+        N[r0:r1] = _combine(m_t, s_t)
+        target[r0:r1] = tgt
+        if rp is not None:
+            pred[r0:r1] = rp.finish(tgt, prep.y[r0:r1])
+    return N, target, pred
+
+
+def _forward_fused(prep: _Prepared, pl: Plan, z: Tensor, w: Tensor, want_pred: bool, need_x: bool, need_W: bool):
+    """Forward with gradients for weights ``w`` (grad_output = 1): three GEMMs."""
+    B, dev, acc = prep.B, prep.xh.device, prep.acc
+    N = torch.empty(B, device=dev, dtype=acc)
+    target = torch.empty_like(N)
+    pred = torch.empty(B, device=dev, dtype=torch.int64) if want_pred else None
+    store = torch.empty(pl.workspace_bytes // (torch.finfo(acc).bits // 8), device=dev, dtype=acc)
+    dxh = torch.zeros(B, prep.D, device=dev, dtype=acc) if need_x else None
+    dD = torch.zeros(prep.C, prep.D, device=dev, dtype=acc) if need_W else None
+    zf = z.to(acc)
+    g = w.to(acc)
+    for r0, r1, cols in prep.tiles(pl):
+        m_t, s_t, tgt, rp = _row_block_stats(prep, r0, r1, cols, pl, store, want_pred)
+        N[r0:r1] = _combine(m_t, s_t)
+        target[r0:r1] = tgt
+        if rp is not None:
+            pred[r0:r1] = rp.finish(tgt, prep.y[r0:r1])
+        lse = torch.logaddexp(N[r0:r1], zf[r0:r1])
+        R = r1 - r0
+        for k, (c0, c1) in enumerate(cols):
+            tile = store[k * pl.rows * pl.chunk:][: R * (c1 - c0)].view(R, c1 - c0)
+            row_scale = g[r0:r1] * prep.opts.scale * torch.exp(m_t[:, k] - lse)
+            prep.grad_tile(tile, row_scale, c0, c1, prep.w_tile(c0, c1), r0, r1, dxh, dD)
+    del store
+    return N, target, pred, dxh, dD
+
+
+class _MarginSoftmax(torch.autograd.Function):
+    """Non-target part of the margin softmax CE; the target logit ``z`` arrives as an input."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W: Tensor, y: Tensor, z: Tensor, w: Tensor, opts: FusedOptions):
+        need_x, need_W, _, need_z, _, _ = ctx.needs_input_grad
+        prep = _Prepared(x, W, y, opts)
+        elt = torch.finfo(prep.acc).bits // 8
+        pl = plan(prep.B, prep.C, elt, opts, fused_wanted=opts.reduce and (need_x or need_W))
+        zf = z.to(prep.acc)
+        wf = w.to(prep.acc)
+        if pl.strategy == "fused" and prep.B > 0:
+            N, target, pred, dxh, dD = _forward_fused(prep, pl, z, w, opts.want_prediction, need_x, need_W)
+            _smoothing_grads(prep, wf, dxh, dD)
+        else:
+            N, target, pred = _forward_recompute(prep, pl, opts.want_prediction)
+            dxh = dD = None
+        loss_rows, lse = _loss_rows(prep, N, zf, target)
+        weighted = torch.where(wf != 0, loss_rows * wf, torch.zeros_like(loss_rows))
+        loss = weighted.sum() if opts.reduce else weighted
+        ctx.prep = prep
+        ctx.plan = pl
+        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(x, W, y, zf, wf, lse)
+        # Gradients computed during the forward pass (grad_output = 1), consumed by backward.
+        ctx.early = None
+        if dxh is not None or dD is not None:
+            ctx.early = (
+                _finish_dx(prep, dxh, x.dtype) if dxh is not None else None,
+                _finish_dW(prep, dD, pl.chunk) if dD is not None else None,
+                _dz(prep, wf, zf, lse),
+            )
+        if pred is None:
+            pred = torch.zeros(0, dtype=torch.int64, device=x.device)
+        ctx.mark_non_differentiable(lse, pred)
+        return loss.to(x.dtype), lse, pred
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_lse, _grad_pred):
+        x, W, y, zf, wf, lse = ctx.saved_tensors
+        need_x, need_W, _, need_z, _, _ = ctx.needs_input_grad
+        prep: _Prepared = ctx.prep
+        if ctx.early is not None:
+            # Fused strategy: scale the stored gradients. Hand dW over without a copy;
+            # a second backward (retain_graph) falls through to recomputation.
+            dx, dW, dz = ctx.early
+            ctx.early = None
+            g0 = grad_loss.to(prep.acc)
+            dx = dx * g0.to(dx.dtype) if dx is not None and need_x else None
+            if dW is not None and need_W:
+                dW.mul_(g0.to(dW.dtype))
+            else:
+                dW = None
+            dz = (dz * g0).to(zf.dtype) if need_z else None
+            return dx, dW, None, dz, None, None
+        g = wf * grad_loss.to(prep.acc)
+        dxh = torch.zeros(prep.B, prep.D, device=x.device, dtype=prep.acc) if need_x else None
+        dD = torch.zeros(prep.C, prep.D, device=x.device, dtype=prep.acc) if need_W else None
+        if dxh is not None or dD is not None:
+            pl = ctx.plan
+            if pl.strategy == "fused":  # second backward after a fused forward: recompute in small tiles
+                pl = Plan("recompute", min(prep.B, RECOMPUTE_ROWS), pl.chunk, 0)
+            scratch = torch.empty(pl.rows * pl.chunk, device=x.device, dtype=prep.acc)
+            for r0, r1, cols in prep.tiles(pl):
+                row_scale = g[r0:r1] * prep.opts.scale
+                for c0, c1 in cols:
+                    tile = scratch[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+                    wt = prep.w_tile(c0, c1)
+                    idx, in_tile, _ = prep.logits_tile(tile, r0, r1, c0, c1, wt)
+                    prep.exp_tile(tile, lse[r0:r1], idx, in_tile)
+                    prep.grad_tile(tile, row_scale, c0, c1, wt, r0, r1, dxh, dD)
+            del scratch
+            _smoothing_grads(prep, g, dxh, dD)
+        dx = _finish_dx(prep, dxh, ctx.x_dtype) if dxh is not None else None
+        dW = _finish_dW(prep, dD, ctx.plan.chunk) if dD is not None else None
+        dz = _dz(prep, g, zf, lse).to(zf.dtype) if need_z else None
+        return dx, dW, None, dz, None, None
+
+
+def margin_softmax(x: Tensor, W: Tensor, y: Tensor, z: Tensor, w: Tensor, opts: FusedOptions):
+    """Backend entry point (see :mod:`marginops.backends.common` for the contract)."""
+    return _MarginSoftmax.apply(x, W, y, z, w, opts)

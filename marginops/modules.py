@@ -1,0 +1,88 @@
+"""``nn.Module`` heads: the drop-in replacement for ``nn.Linear(D, C, bias=False)`` + a margin loss."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .functional import margin_cross_entropy
+from .margins import MarginLike
+
+__all__ = ["MarginHead"]
+
+_OPTIONS = tuple(
+    name for name, p in inspect.signature(margin_cross_entropy).parameters.items() if p.kind is p.KEYWORD_ONLY
+)
+
+
+class MarginHead(nn.Module):
+    r"""Classification head with a margin softmax loss, computed without ``B x C`` logits.
+
+    Owns ``weight`` of shape ``(num_classes, in_features)`` (``nn.Linear``
+    layout, so checkpoints of ``nn.Linear(D, C, bias=False)`` heads load
+    as-is) and returns :func:`marginops.margin_cross_entropy` of its input.
+
+    Initialization: with ``normalize=True`` only the direction of each class
+    row matters and ``weight`` is drawn from ``N(0, 0.01^2)`` (InsightFace's
+    choice for margin heads); with ``normalize=False`` it follows
+    ``nn.Linear``'s default, ``U(-1/sqrt(D), 1/sqrt(D))``.
+
+    Args:
+        in_features (int): embedding size ``D``.
+        num_classes (int): number of classes ``C``.
+        margin (Margin, callable or None): the margin ``psi``. Default: None.
+        scale (float): ``s``. Default: 64.0.
+        device, dtype: factory arguments for ``weight``.
+        **options: any keyword-only option of :func:`marginops.margin_cross_entropy`
+            (``normalize``, ``reduction``, ``ignore_index``, ``label_smoothing``,
+            ``backend``, ``chunk_size``, ``memory_budget``, ``return_stats``, ...).
+
+    Shape:
+        - embeddings: :math:`(B, D)`, labels: :math:`(B)`
+        - output: :math:`()` or :math:`(B)` for ``reduction="none"``
+
+    Examples::
+
+        >>> import torch, marginops as mo
+        >>> head = mo.MarginHead(128, 10_000, margin=mo.ArcFace(0.5), scale=64.0)
+        >>> x = torch.randn(32, 128, requires_grad=True)
+        >>> loss = head(x, torch.randint(0, 10_000, (32,)))
+        >>> loss.backward()
+    """
+
+    def __init__(self, in_features: int, num_classes: int, margin: MarginLike = None, scale: float = 64.0,
+                 *, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, **options: Any):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("num_classes", num_classes)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        unknown = sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; valid options are {list(_OPTIONS)}")
+        self.in_features = int(in_features)
+        self.num_classes = int(num_classes)
+        self.margin = margin
+        self.scale = scale
+        self.options = dict(options)
+        self.weight = nn.Parameter(torch.empty(self.num_classes, self.in_features, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.options.get("normalize", True):
+            nn.init.normal_(self.weight, std=0.01)
+        else:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, embeddings: Tensor, labels: Tensor):
+        return margin_cross_entropy(embeddings, self.weight, labels, self.margin, self.scale, **self.options)
+
+    def extra_repr(self) -> str:
+        opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, margin={self.margin!r}, "
+                f"scale={self.scale}{opts}")
