@@ -12,6 +12,7 @@ from torch import Tensor
 
 from . import reference
 from .backends import FUSED_BACKENDS, FusedOptions, resolve_backend
+from .backends.common import GradHandoff, normalize_backward
 from .margins import Margin, MarginLike, NoMargin
 
 __all__ = ["margin_cross_entropy", "MarginStats", "REDUCTIONS"]
@@ -137,19 +138,51 @@ def _apply_margin(psi, t: Tensor) -> Tensor:
     return out.to(t.dtype)
 
 
-def _target_cosine(x: Tensor, W: Tensor, y: Tensor, normalize: bool, acc: torch.dtype) -> Tensor:
-    """``t_i = xh_i . wh_{y_i}`` with autograd (B x D work).
+class _TargetCosine(torch.autograd.Function):
+    """``t_i = xh_i . wh_{y_i}`` (B x D work), and the owner of the gradients of ``x`` and ``W``.
 
-    The weight rows are gathered with a *sparse* gradient, so the target
-    term's contribution to ``dW`` is folded into the backend's dense gradient
-    in place instead of allocating a second ``C x D`` tensor.
+    Its backward runs after the backend's (it needs ``dt``, which flows from
+    the backend's ``dz`` through the margin), takes the backend's dense
+    ``dX``/``dW`` from the handoff and adds the target term in place: one
+    ``C x D`` gradient tensor per call.
     """
-    wy = F.embedding(y, W, sparse=True).to(acc)
-    xf = x.to(acc)
-    if normalize:
-        xf = F.normalize(xf, dim=1, eps=EPS)
-        wy = F.normalize(wy, dim=1, eps=EPS)
-    return (xf * wy).sum(1)
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W: Tensor, y: Tensor, handoff: GradHandoff, normalize: bool, acc: torch.dtype):
+        xf = x.to(acc)
+        wy = W.index_select(0, y).to(acc)
+        if normalize:
+            norms = torch.stack([torch.linalg.vector_norm(xf, dim=1), torch.linalg.vector_norm(wy, dim=1)])
+            inv = 1.0 / norms.clamp_min(EPS)
+            xf = xf * inv[0].unsqueeze(1)
+            wy = wy * inv[1].unsqueeze(1)
+            ctx.save_for_backward(y, xf, wy, inv, norms <= EPS)
+        else:
+            ctx.save_for_backward(y, xf, wy)
+        ctx.handoff = handoff
+        ctx.normalize = normalize
+        ctx.shapes = (x.dtype, W.dtype, W.shape)
+        return (xf * wy).sum(1)
+
+    @staticmethod
+    def backward(ctx, dt: Tensor):
+        y, xh, wyh, *norm = ctx.saved_tensors
+        x_dtype, w_dtype, w_shape = ctx.shapes
+        dxh = dt.unsqueeze(1) * wyh
+        dwyh = dt.unsqueeze(1) * xh
+        if ctx.normalize:
+            inv, clamped = norm
+            dxh = normalize_backward(xh, inv[0], clamped[0], dxh)
+            dwyh = normalize_backward(wyh, inv[1], clamped[1], dwyh)
+        dx_rest, dW_rest = ctx.handoff.take()
+        dx = dW = None
+        if ctx.needs_input_grad[0]:
+            dx = (dxh if dx_rest is None else dx_rest.add_(dxh)).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            if dW_rest is None:
+                dW_rest = torch.zeros(w_shape, dtype=dwyh.dtype, device=dwyh.device)
+            dW = dW_rest.index_add_(0, y, dwyh).to(w_dtype)
+        return dx, dW, None, None, None, None
 
 
 def margin_cross_entropy(
@@ -253,7 +286,9 @@ def margin_cross_entropy(
     acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
-    t = _target_cosine(embeddings, weight, safe, normalize, acc)
+    grad_on = torch.is_grad_enabled()
+    handoff = GradHandoff(need_x=grad_on and embeddings.requires_grad, need_W=grad_on and weight.requires_grad)
+    t = _TargetCosine.apply(embeddings, weight, safe, handoff, normalize, acc)
     z = scale * _apply_margin(psi, t)
     w = valid.to(acc)
     if reduction == "mean":
@@ -262,7 +297,7 @@ def margin_cross_entropy(
         scale=scale, normalize=normalize, label_smoothing=label_smoothing, reduce=reduction != "none", eps=EPS,
         chunk_size=chunk_size, memory_budget=memory_budget, want_prediction=return_stats,
     )
-    loss, lse, prediction = FUSED_BACKENDS[name](embeddings, weight, safe, z, w, opts)
+    loss, lse, prediction = FUSED_BACKENDS[name](embeddings.detach(), weight.detach(), safe, z, w, handoff, opts)
     if not return_stats:
         return loss
     return loss, MarginStats(lse, z.detach(), t.detach(), prediction)

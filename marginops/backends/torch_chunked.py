@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import FusedOptions
+from .common import FusedOptions, GradHandoff, normalize_backward
 
 #: Classes per tile when the caller does not choose: keeps a 256-row tile of
 #: logits (4 MiB in float32) near the last-level cache.
@@ -271,13 +271,11 @@ def _smoothing_grads(prep: _Prepared, g: Tensor, dxh: Optional[Tensor], dD: Opti
         dD.index_add_(0, prep.y, -gx * col[prep.y].unsqueeze(1))
 
 
-def _finish_dx(prep: _Prepared, dxh: Tensor, dtype: torch.dtype) -> Tensor:
-    """Backward of ``x / max(|x|, eps)``."""
+def _finish_dx(prep: _Prepared, dxh: Tensor) -> Tensor:
+    """Backward of ``x / max(|x|, eps)`` (accumulation dtype)."""
     if prep.inv_x is None:
-        return dxh.to(dtype)
-    proj = (prep.xh * dxh).sum(1, keepdim=True)
-    proj = torch.where(prep.x_clamped.unsqueeze(1), torch.zeros_like(proj), proj)
-    return ((dxh - prep.xh * proj) * prep.inv_x.unsqueeze(1)).to(dtype)
+        return dxh
+    return normalize_backward(prep.xh, prep.inv_x, prep.x_clamped, dxh)
 
 
 def _finish_dW(prep: _Prepared, dD: Tensor, chunk: int) -> Tensor:
@@ -291,7 +289,7 @@ def _finish_dW(prep: _Prepared, dD: Tensor, chunk: int) -> Tensor:
             d = dD[c0:c1]
             dots = torch.bmm(d.unsqueeze(1), wt.unsqueeze(2)).view(-1)
             d.addcmul_(wt, (dots * coef_all[c0:c1]).unsqueeze(1), value=-1.0)
-    return dD if dD.dtype == prep.W.dtype else dD.to(prep.W.dtype)
+    return dD
 
 
 def _forward_recompute(prep: _Prepared, pl: Plan, want_pred: bool):
@@ -340,8 +338,9 @@ class _MarginSoftmax(torch.autograd.Function):
     """Non-target part of the margin softmax CE; the target logit ``z`` arrives as an input."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, W: Tensor, y: Tensor, z: Tensor, w: Tensor, opts: FusedOptions):
-        need_x, need_W, _, need_z, _, _ = ctx.needs_input_grad
+    def forward(ctx, x: Tensor, W: Tensor, y: Tensor, z: Tensor, w: Tensor, handoff: GradHandoff,
+                opts: FusedOptions):
+        need_x, need_W = handoff.need_x, handoff.need_W
         prep = _Prepared(x, W, y, opts)
         elt = torch.finfo(prep.acc).bits // 8
         pl = plan(prep.B, prep.C, elt, opts, fused_wanted=opts.reduce and (need_x or need_W))
@@ -358,13 +357,13 @@ class _MarginSoftmax(torch.autograd.Function):
         loss = weighted.sum() if opts.reduce else weighted
         ctx.prep = prep
         ctx.plan = pl
-        ctx.x_dtype = x.dtype
-        ctx.save_for_backward(x, W, y, zf, wf, lse)
+        ctx.handoff = handoff
+        ctx.save_for_backward(x, W, zf, wf, lse)
         # Gradients computed during the forward pass (grad_output = 1), consumed by backward.
         ctx.early = None
         if dxh is not None or dD is not None:
             ctx.early = (
-                _finish_dx(prep, dxh, x.dtype) if dxh is not None else None,
+                _finish_dx(prep, dxh) if dxh is not None else None,
                 _finish_dW(prep, dD, pl.chunk) if dD is not None else None,
                 _dz(prep, wf, zf, lse),
             )
@@ -375,25 +374,22 @@ class _MarginSoftmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_lse, _grad_pred):
-        x, W, y, zf, wf, lse = ctx.saved_tensors
-        need_x, need_W, _, need_z, _, _ = ctx.needs_input_grad
+        x, W, zf, wf, lse = ctx.saved_tensors  # unpacking checks nobody modified x or W in place
         prep: _Prepared = ctx.prep
+        handoff: GradHandoff = ctx.handoff
+        need_z = ctx.needs_input_grad[3]
         if ctx.early is not None:
-            # Fused strategy: scale the stored gradients. Hand dW over without a copy;
+            # Fused strategy: scale the stored gradients. dW is handed over without a copy;
             # a second backward (retain_graph) falls through to recomputation.
             dx, dW, dz = ctx.early
             ctx.early = None
             g0 = grad_loss.to(prep.acc)
-            dx = dx * g0.to(dx.dtype) if dx is not None and need_x else None
-            if dW is not None and need_W:
-                dW.mul_(g0.to(dW.dtype))
-            else:
-                dW = None
-            dz = (dz * g0).to(zf.dtype) if need_z else None
-            return dx, dW, None, dz, None, None
+            handoff.dx = dx.mul_(g0) if dx is not None else None
+            handoff.dW = dW.mul_(g0) if dW is not None else None
+            return None, None, None, (dz * g0).to(zf.dtype) if need_z else None, None, None, None
         g = wf * grad_loss.to(prep.acc)
-        dxh = torch.zeros(prep.B, prep.D, device=x.device, dtype=prep.acc) if need_x else None
-        dD = torch.zeros(prep.C, prep.D, device=x.device, dtype=prep.acc) if need_W else None
+        dxh = torch.zeros(prep.B, prep.D, device=x.device, dtype=prep.acc) if handoff.need_x else None
+        dD = torch.zeros(prep.C, prep.D, device=x.device, dtype=prep.acc) if handoff.need_W else None
         if dxh is not None or dD is not None:
             pl = ctx.plan
             if pl.strategy == "fused":  # second backward after a fused forward: recompute in small tiles
@@ -409,12 +405,13 @@ class _MarginSoftmax(torch.autograd.Function):
                     prep.grad_tile(tile, row_scale, c0, c1, wt, r0, r1, dxh, dD)
             del scratch
             _smoothing_grads(prep, g, dxh, dD)
-        dx = _finish_dx(prep, dxh, ctx.x_dtype) if dxh is not None else None
-        dW = _finish_dW(prep, dD, ctx.plan.chunk) if dD is not None else None
+        handoff.dx = _finish_dx(prep, dxh) if dxh is not None else None
+        handoff.dW = _finish_dW(prep, dD, ctx.plan.chunk) if dD is not None else None
         dz = _dz(prep, g, zf, lse).to(zf.dtype) if need_z else None
-        return dx, dW, None, dz, None, None
+        return None, None, None, dz, None, None, None
 
 
-def margin_softmax(x: Tensor, W: Tensor, y: Tensor, z: Tensor, w: Tensor, opts: FusedOptions):
+def margin_softmax(x: Tensor, W: Tensor, y: Tensor, z: Tensor, w: Tensor, handoff: GradHandoff,
+                   opts: FusedOptions):
     """Backend entry point (see :mod:`marginops.backends.common` for the contract)."""
-    return _MarginSoftmax.apply(x, W, y, z, w, opts)
+    return _MarginSoftmax.apply(x, W, y, z, w, handoff, opts)
