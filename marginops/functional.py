@@ -290,6 +290,10 @@ def margin_cross_entropy(
     handoff = GradHandoff(need_x=grad_on and embeddings.requires_grad, need_W=grad_on and weight.requires_grad)
     t = _TargetCosine.apply(embeddings, weight, safe, handoff, normalize, acc)
     z = scale * _apply_margin(psi, t)
+    if t.requires_grad:
+        # x and W receive their gradients in _TargetCosine.backward; keep it on the graph
+        # even when psi ignores t (constant or detached-t margins).
+        z = z + t * 0.0
     w = valid.to(acc)
     if reduction == "mean":
         w = w / w.sum().clamp_min(1.0)

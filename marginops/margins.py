@@ -115,7 +115,7 @@ def _check_param(name: str, value, *, low: float | None = None, high: float | No
         if lo_bad or hi_bad:
             lb = "(" if low_open else "["
             hb = ")" if high_open else "]"
-            rng = f"{lb}{'-inf' if low is None else low:g}, {'inf' if high is None else high:g}{hb}"
+            rng = f"{lb}{-math.inf if low is None else low:g}, {math.inf if high is None else high:g}{hb}"
             shown = value if what == "value" else f"a tensor whose {what} is {v:g}"
             raise ValueError(f"{name} must lie in {rng}, got {shown}")
     return value
