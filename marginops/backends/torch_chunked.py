@@ -34,14 +34,18 @@ from torch import Tensor
 
 from .common import FusedOptions, GradHandoff, normalize_backward
 
-#: Classes per tile when the caller does not choose: keeps a 256-row tile of
-#: logits (4 MiB in float32) near the last-level cache.
-DEFAULT_CHUNK = 4096
-#: Below this many rows per block the fused strategy's rank-R updates of dW
-#: stop being compute-bound; recompute instead.
-MIN_FUSED_ROWS = 64
-#: Row-block size of the recompute strategy (tile = rows x chunk_size).
-RECOMPUTE_ROWS = 256
+# Tile sizes, tuned on a 2-core AMD EPYC (Zen 5) at B=1024, D=512, C=100k fp32
+# (`python -m benchmarks.cpu_targets`); a tile of logits stays within a few MiB.
+#: Classes per tile of the fused strategy (its rows are set by the budget).
+FUSED_CHUNK = 4096
+#: Fewer rows per block than this and the fused strategy's rank-R updates of
+#: dW (all of dW read and written once per block) cost more than the GEMM the
+#: strategy saves: recompute instead. Measured: 80-row blocks ran at 1.47x the
+#: three-GEMM floor, recompute at 1.35x, 256-row blocks at 1.09x.
+MIN_FUSED_ROWS = 128
+#: Tile of the recompute strategy: rows x classes.
+RECOMPUTE_ROWS = 512
+RECOMPUTE_CHUNK = 2048
 
 
 @dataclass(frozen=True)
@@ -53,19 +57,24 @@ class Plan:
 
 
 def plan(batch: int, num_classes: int, element_size: int, opts: FusedOptions, fused_wanted: bool) -> Plan:
-    """Choose the strategy and tile sizes for one call within ``opts.budget``."""
-    chunk = min(opts.chunk_size or DEFAULT_CHUNK, max(num_classes, 1))
+    """Choose the strategy and tile sizes for one call within ``opts.budget``.
+
+    Fused when gradients are wanted for a scalar reduction and a block of at
+    least ``min(batch, MIN_FUSED_ROWS)`` rows across all classes fits the
+    budget; blocks are then evened out (``ceil(B / blocks)`` rows each).
+    Otherwise recompute, with tiles shrunk to fit the budget.
+    """
     budget = opts.budget
-    padded = math.ceil(num_classes / chunk) * chunk
     if fused_wanted:
+        chunk = min(opts.chunk_size or FUSED_CHUNK, max(num_classes, 1))
+        padded = math.ceil(num_classes / chunk) * chunk
         rows = min(batch, budget // max(padded * element_size, 1))
-        if rows >= min(batch, MIN_FUSED_ROWS) and rows >= 1:
-            if rows < batch:  # even blocks: avoids a thin last block
-                rows = math.ceil(batch / math.ceil(batch / rows))
+        if rows >= max(1, min(batch, MIN_FUSED_ROWS)):
+            rows = math.ceil(batch / math.ceil(batch / rows))  # even blocks: no thin last block
             return Plan("fused", rows, chunk, rows * padded * element_size)
-    # Tiles must fit the budget too; shrink the chunk before the rows.
+    chunk = min(opts.chunk_size or RECOMPUTE_CHUNK, max(num_classes, 1))
     rows = max(1, min(batch, RECOMPUTE_ROWS))
-    chunk = max(1, min(chunk, budget // max(rows * element_size, 1)))
+    chunk = max(1, min(chunk, budget // max(rows * element_size, 1)))  # shrink the chunk before the rows
     return Plan("recompute", rows, chunk, rows * chunk * element_size)
 
 
@@ -113,8 +122,8 @@ class _Prepared:
         """``sum_j wh_j`` (D,), for label smoothing's sum over all logits (computed once)."""
         if self._class_sum is None:
             total = torch.zeros(self.D, device=self.xh.device, dtype=self.acc)
-            for c0 in range(0, self.C, DEFAULT_CHUNK):
-                c1 = min(c0 + DEFAULT_CHUNK, self.C)
+            for c0 in range(0, self.C, RECOMPUTE_CHUNK):
+                c1 = min(c0 + RECOMPUTE_CHUNK, self.C)
                 wt = self.w_tile(c0, c1)
                 total += wt.sum(0) if self.inv_w is None else self.inv_w[c0:c1] @ wt
             self._class_sum = total

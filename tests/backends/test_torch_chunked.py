@@ -20,6 +20,10 @@ B, C, D = 13, 37, 8
 SMALL_BUDGET = 600
 
 
+def default_chunk(strategy: str) -> int:
+    return tc.FUSED_CHUNK if strategy == "fused" else tc.RECOMPUTE_CHUNK
+
+
 def opts(chunk_size=None, memory_budget=None):
     return FusedOptions(scale=1.0, chunk_size=chunk_size, memory_budget=memory_budget)
 
@@ -42,9 +46,9 @@ def plans(monkeypatch):
 
 def test_plan_fused_when_the_whole_batch_fits():
     batch, classes, elt = 256, 10_000, 4
-    padded = math.ceil(classes / tc.DEFAULT_CHUNK) * tc.DEFAULT_CHUNK
+    padded = math.ceil(classes / tc.FUSED_CHUNK) * tc.FUSED_CHUNK
     p = tc.plan(batch, classes, elt, opts(), fused_wanted=True)
-    assert p == tc.Plan("fused", batch, tc.DEFAULT_CHUNK, batch * padded * elt)
+    assert p == tc.Plan("fused", batch, tc.FUSED_CHUNK, batch * padded * elt)
     assert p.workspace_bytes <= DEFAULT_MEMORY_BUDGET
 
 
@@ -56,8 +60,8 @@ def test_plan_recompute_when_fused_not_wanted():
 
 @pytest.mark.parametrize("batch", [1000, 1010, 4096])
 def test_plan_fused_with_fewer_even_rows_when_budget_allows_min_rows(batch):
-    row_bytes = 3 * tc.DEFAULT_CHUNK * 4  # C = 10_000 pads to 3 chunks, float32
-    fit = 100
+    row_bytes = 3 * tc.FUSED_CHUNK * 4  # C = 10_000 pads to 3 chunks, float32
+    fit = tc.MIN_FUSED_ROWS + 28
     p = tc.plan(batch, 10_000, 4, opts(memory_budget=fit * row_bytes + 17), fused_wanted=True)
     assert p.strategy == "fused"
     assert p.rows <= fit and p.workspace_bytes == p.rows * row_bytes <= fit * row_bytes + 17
@@ -67,7 +71,7 @@ def test_plan_fused_with_fewer_even_rows_when_budget_allows_min_rows(batch):
 
 
 def test_plan_recompute_when_fewer_than_min_rows_fit():
-    row_bytes = 3 * tc.DEFAULT_CHUNK * 4
+    row_bytes = 3 * tc.FUSED_CHUNK * 4
     p = tc.plan(1000, 10_000, 4, opts(memory_budget=(tc.MIN_FUSED_ROWS - 1) * row_bytes), fused_wanted=True)
     assert p.strategy == "recompute"
     # a small batch needs all its rows in one block
@@ -76,7 +80,7 @@ def test_plan_recompute_when_fewer_than_min_rows_fit():
 
 
 def test_plan_recompute_shrinks_chunk_to_the_budget():
-    p = tc.plan(1000, 10_000, 4, opts(chunk_size=2048, memory_budget=256 * 100 * 4), fused_wanted=True)
+    p = tc.plan(1000, 10_000, 4, opts(chunk_size=2048, memory_budget=tc.RECOMPUTE_ROWS * 100 * 4), fused_wanted=True)
     assert p == tc.Plan("recompute", tc.RECOMPUTE_ROWS, 100, tc.RECOMPUTE_ROWS * 100 * 4)
     tiny = tc.plan(1000, 10_000, 8, opts(memory_budget=1), fused_wanted=True)
     assert tiny.strategy == "recompute" and tiny.chunk == 1
@@ -84,7 +88,8 @@ def test_plan_recompute_shrinks_chunk_to_the_budget():
 
 def test_plan_chunk_is_capped_by_classes_and_empty_batch_recomputes():
     assert tc.plan(8, 5, 4, opts(chunk_size=100), True).chunk == 5
-    assert tc.plan(8, 5000, 4, opts(), True).chunk == min(tc.DEFAULT_CHUNK, 5000)
+    assert tc.plan(8, 5000, 4, opts(), True).chunk == min(tc.FUSED_CHUNK, 5000)
+    assert tc.plan(8, 5000, 4, opts(), False).chunk == min(tc.RECOMPUTE_CHUNK, 5000)
     assert tc.plan(0, 50, 4, opts(), True).strategy == "recompute"
 
 
@@ -96,7 +101,7 @@ def test_plan_invariants(batch, classes, elt, chunk_size, budget, fused_wanted):
     o = opts(chunk_size, budget)
     p = tc.plan(batch, classes, elt, o, fused_wanted)
     limit = budget if budget is not None else DEFAULT_MEMORY_BUDGET
-    assert 1 <= p.chunk <= min(chunk_size or tc.DEFAULT_CHUNK, classes)
+    assert 1 <= p.chunk <= min(chunk_size or default_chunk(p.strategy), classes)
     if p.strategy == "fused":
         padded = math.ceil(classes / p.chunk) * p.chunk
         fit = limit // (padded * elt)
@@ -109,8 +114,8 @@ def test_plan_invariants(batch, classes, elt, chunk_size, budget, fused_wanted):
         assert p.rows == max(1, min(batch, tc.RECOMPUTE_ROWS))
         assert p.chunk == 1 or p.rows * p.chunk * elt <= limit
         if fused_wanted and batch >= 1:  # fusing was possible only if min rows did not fit
-            padded = math.ceil(classes / min(chunk_size or tc.DEFAULT_CHUNK, classes)) * min(
-                chunk_size or tc.DEFAULT_CHUNK, classes)
+            padded = math.ceil(classes / min(chunk_size or tc.FUSED_CHUNK, classes)) * min(
+                chunk_size or tc.FUSED_CHUNK, classes)
             assert limit // (padded * elt) < min(batch, tc.MIN_FUSED_ROWS)
 
 
@@ -170,12 +175,12 @@ def test_results_independent_of_chunk_size(plans, reduction, budget, strategy):
         assert torch.equal(out.stats.prediction, base.stats.prediction)
     assert {p.strategy for p in plans} == {strategy}
     cap = C if budget is None else budget // (B * 8)
-    assert [p.chunk for p in plans] == [min(c or tc.DEFAULT_CHUNK, C, cap) for c in chunks]
+    assert [p.chunk for p in plans] == [min(c or default_chunk(strategy), C, cap) for c in chunks]
 
 
 @pytest.mark.parametrize("batch, budget, strategy", [
-    (200, 64 * 40 * 8, "fused"),  # 64 rows of 40 padded classes fit: 4 even blocks of 50 rows
-    (300, SMALL_BUDGET, "recompute"),  # more rows than one recompute block
+    (200, 128 * 40 * 8, "fused"),  # 128 rows of 40 padded classes fit: 2 even blocks of 100 rows
+    (tc.RECOMPUTE_ROWS + 88, SMALL_BUDGET, "recompute"),  # more rows than one recompute block
 ])
 def test_several_row_blocks(plans, batch, budget, strategy):
     x, W, y = make_inputs(batch, C, D, ignore=7)
