@@ -351,6 +351,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     mode = "quick" if args.quick else "full"
     _say(f"# marginops CPU targets ({mode} mode, {date})")
     _say("")
+    if args.quick:
+        _say("Quick mode: the targets are set for B=1024, D=512, C=100k (memory: C=1M); at these small "
+             "shapes fixed per-tile costs weigh more, so a FAIL here says little. Run without --quick to check them.")
+        _say("")
     _say(f"Machine: {harness.describe_machine(machine)}; load average before: "
          f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}.")
     _say("")
