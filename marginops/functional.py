@@ -7,7 +7,6 @@ import numbers
 from typing import NamedTuple, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference

@@ -357,8 +357,8 @@ def test_margin_parameters_receive_reference_gradient(margin, reduction, strateg
     for backend in ("torch", "reference"):
         params = [torch.linspace(0.1, 0.5, B, dtype=torch.float64).roll(k).requires_grad_() for k in range(n_params)]
         opts = STRATEGIES[strategy] if backend == "torch" else {}
-        out = run(x, W, y, factory(params), backend=backend, reduction=reduction, grad_x=not inputs_frozen,
-                  grad_W=not inputs_frozen, **opts)
+        run(x, W, y, factory(params), backend=backend, reduction=reduction, grad_x=not inputs_frozen,
+            grad_W=not inputs_frozen, **opts)
         grads[backend] = [p.grad for p in params]
     for k, (ours, ref) in enumerate(zip(grads["torch"], grads["reference"])):
         assert ours is not None, f"margin parameter {k} got no gradient"

@@ -301,45 +301,47 @@ def _finish_dW(prep: _Prepared, dD: Tensor, chunk: int) -> Tensor:
     return dD
 
 
-def _forward_recompute(prep: _Prepared, pl: Plan, want_pred: bool):
-    """Forward-only pass: per-row non-target LSE, target logit, prediction."""
+def _forward(prep: _Prepared, pl: Plan, want_pred: bool, store: Optional[Tensor] = None, block_done=None):
+    """One pass over all tiles, row block by row block.
+
+    Returns per-row ``N`` (non-target LSE), the target logit ``s * t`` and the
+    prediction (or None). With ``store`` the exp'd tiles of each block stay
+    there and ``block_done(r0, r1, cols, m_tiles, N_block)`` runs before the
+    next block overwrites them.
+    """
     B = prep.B
     N = torch.empty(B, device=prep.xh.device, dtype=prep.acc)
     target = torch.empty_like(N)
     pred = torch.empty(B, device=N.device, dtype=torch.int64) if want_pred else None
-    for r0, r1, cols in prep.tiles(pl):
-        m_t, s_t, tgt, rp = _row_block_stats(prep, r0, r1, cols, pl, None, want_pred)
-        N[r0:r1] = _combine(m_t, s_t)
-        target[r0:r1] = tgt
-        if rp is not None:
-            pred[r0:r1] = rp.finish(tgt, prep.y[r0:r1])
-    return N, target, pred
-
-
-def _forward_fused(prep: _Prepared, pl: Plan, z: Tensor, w: Tensor, want_pred: bool, need_x: bool, need_W: bool):
-    """Forward with gradients for weights ``w`` (grad_output = 1): three GEMMs."""
-    B, dev, acc = prep.B, prep.xh.device, prep.acc
-    N = torch.empty(B, device=dev, dtype=acc)
-    target = torch.empty_like(N)
-    pred = torch.empty(B, device=dev, dtype=torch.int64) if want_pred else None
-    store = torch.empty(pl.workspace_bytes // (torch.finfo(acc).bits // 8), device=dev, dtype=acc)
-    dxh = torch.zeros(B, prep.D, device=dev, dtype=acc) if need_x else None
-    dD = torch.zeros(prep.C, prep.D, device=dev, dtype=acc) if need_W else None
-    zf = z.to(acc)
-    g = w.to(acc)
     for r0, r1, cols in prep.tiles(pl):
         m_t, s_t, tgt, rp = _row_block_stats(prep, r0, r1, cols, pl, store, want_pred)
         N[r0:r1] = _combine(m_t, s_t)
         target[r0:r1] = tgt
         if rp is not None:
             pred[r0:r1] = rp.finish(tgt, prep.y[r0:r1])
-        lse = torch.logaddexp(N[r0:r1], zf[r0:r1])
+        if block_done is not None:
+            block_done(r0, r1, cols, m_t, N[r0:r1])
+    return N, target, pred
+
+
+def _forward_fused(prep: _Prepared, pl: Plan, z: Tensor, w: Tensor, want_pred: bool, need_x: bool, need_W: bool):
+    """Forward with gradients for weights ``w`` (grad_output = 1): three GEMMs."""
+    B, dev, acc = prep.B, prep.xh.device, prep.acc
+    store = torch.empty(pl.workspace_bytes // (torch.finfo(acc).bits // 8), device=dev, dtype=acc)
+    dxh = torch.zeros(B, prep.D, device=dev, dtype=acc) if need_x else None
+    dD = torch.zeros(prep.C, prep.D, device=dev, dtype=acc) if need_W else None
+    zf = z.to(acc)
+    g = w.to(acc)
+
+    def gradients(r0, r1, cols, m_t, N_block):
+        lse = torch.logaddexp(N_block, zf[r0:r1])
         R = r1 - r0
         for k, (c0, c1) in enumerate(cols):
             tile = store[k * pl.rows * pl.chunk:][: R * (c1 - c0)].view(R, c1 - c0)
             row_scale = g[r0:r1] * prep.opts.scale * torch.exp(m_t[:, k] - lse)
             prep.grad_tile(tile, row_scale, c0, c1, prep.w_tile(c0, c1), r0, r1, dxh, dD)
-    del store
+
+    N, target, pred = _forward(prep, pl, want_pred, store, gradients)
     return N, target, pred, dxh, dD
 
 
@@ -359,7 +361,7 @@ class _MarginSoftmax(torch.autograd.Function):
             N, target, pred, dxh, dD = _forward_fused(prep, pl, z, w, opts.want_prediction, need_x, need_W)
             _smoothing_grads(prep, wf, dxh, dD)
         else:
-            N, target, pred = _forward_recompute(prep, pl, opts.want_prediction)
+            N, target, pred = _forward(prep, pl, opts.want_prediction)
             dxh = dD = None
         loss_rows, lse = _loss_rows(prep, N, zf, target)
         weighted = torch.where(wf != 0, loss_rows * wf, torch.zeros_like(loss_rows))
