@@ -231,8 +231,10 @@ def margin_cross_entropy(
             gradient. Default: -100.
         label_smoothing (float): in [0, 1], PyTorch's definition (uniform over all
             ``C`` classes, margined target logit included). Default: 0.0.
-        backend (str): ``"auto"``, ``"torch"`` or ``"reference"``; see
-            :func:`marginops.resolve_backend` for what ``"auto"`` picks. Default: ``"auto"``.
+        backend (str): ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``; see
+            :func:`marginops.resolve_backend` for what ``"auto"`` picks (``"torch"`` until
+            the Triton kernels are measured faster on a GPU). ``"triton"`` runs on CPU
+            tensors only under the Triton interpreter (``TRITON_INTERPRET=1``). Default: ``"auto"``.
         chunk_size (int, optional): classes per tile. Default: chosen by the backend.
         memory_budget (int, optional): bytes of scratch memory the backend may use
             beyond inputs and their gradients. Default:

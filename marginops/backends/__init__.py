@@ -4,6 +4,11 @@ A fused backend is a callable following the contract in
 :mod:`marginops.backends.common`. ``"reference"`` is the naive materialized
 computation (:mod:`marginops.reference`) and is dispatched separately by
 :func:`marginops.margin_cross_entropy`.
+
+``"triton"`` (:mod:`marginops.backends.triton_margin`) is imported on its
+first call, so ``import marginops`` works without Triton and the Triton
+interpreter can be switched on (``TRITON_INTERPRET=1``) before its kernels are
+defined.
 """
 
 from __future__ import annotations
@@ -15,8 +20,19 @@ import torch
 from . import torch_chunked
 from .common import DEFAULT_MEMORY_BUDGET, FusedOptions
 
+
+def _triton_margin_softmax(*args):
+    """The Triton backend, imported on first use (see the module docstring)."""
+    try:
+        from . import triton_margin
+    except ImportError as e:
+        raise RuntimeError(f"backend='triton' needs the triton package, which failed to import: {e}") from e
+    return triton_margin.margin_softmax(*args)
+
+
 FUSED_BACKENDS: dict[str, Callable] = {
     "torch": torch_chunked.margin_softmax,
+    "triton": _triton_margin_softmax,
 }
 BACKEND_NAMES = ("auto", "reference", *FUSED_BACKENDS)
 
@@ -24,8 +40,15 @@ BACKEND_NAMES = ("auto", "reference", *FUSED_BACKENDS)
 def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
     """The concrete backend that ``backend`` (possibly ``"auto"``) selects for tensors on ``device``.
 
-    ``"auto"`` picks the fastest implementation available for the device:
-    today the chunked PyTorch backend everywhere.
+    ``"auto"`` picks the fastest implementation measured for the device:
+    today the chunked PyTorch backend ``"torch"`` everywhere. The Triton
+    kernels are verified in the interpreter and compiled for sm_80/sm_90 but
+    not yet timed on a GPU, and their performance model predicts them slower
+    than cuBLAS plus the torch backend (``docs/performance.md``); ``"auto"``
+    switches to ``"triton"`` for CUDA tensors once a GPU measurement shows it
+    ahead. ``"triton"`` on CPU tensors runs only under the Triton interpreter
+    (``TRITON_INTERPRET=1``, for tests) and otherwise raises a RuntimeError
+    when called.
 
     Raises:
         ValueError: for an unknown backend name.
@@ -37,4 +60,10 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
     return "torch"
 
 
-__all__ = ["FUSED_BACKENDS", "BACKEND_NAMES", "resolve_backend", "FusedOptions", "DEFAULT_MEMORY_BUDGET"]
+__all__ = [
+    "BACKEND_NAMES",
+    "DEFAULT_MEMORY_BUDGET",
+    "FUSED_BACKENDS",
+    "FusedOptions",
+    "resolve_backend",
+]

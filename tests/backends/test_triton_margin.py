@@ -1,0 +1,384 @@
+"""The Triton backend against the float64 reference: in the interpreter on CPU, compiled on a GPU.
+
+Without CUDA the kernels run under the Triton interpreter: ``TRITON_INTERPRET=1``
+is set below, before triton is first imported, and stays set for the session.
+Tests marked ``cuda`` need a GPU and skip cleanly without one.
+
+Shapes are ragged on purpose: B = 37, C = 300, D = 40 divide no block size.
+``SMALL`` tiles (16 x 32 x 16) make the same problems walk several row blocks,
+class tiles and D steps; the shipped configs cover them in one row block.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:  # not importorskip: triton must not be imported yet
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    # Before triton itself is imported (its standard library, tl.max, tl.sum, ..., is decorated then), and
+    # left set: the first launch imports more of triton, which checks it again. Nothing else in the suite
+    # uses triton.
+    os.environ["TRITON_INTERPRET"] = "1"
+import triton
+
+import marginops as mo
+from marginops.backends import FUSED_BACKENDS, resolve_backend
+from marginops.backends import triton_margin as tm
+
+from ..conftest import assert_close_to_oracle, check_against_reference, make_inputs, run
+
+DEVICE = "cuda" if CUDA else "cpu"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+B, C, D = 37, 300, 40
+SMALL = tm.KernelConfig(16, 32, 16, 4, 1)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (compiled kernels)")
+
+if not CUDA and (not tm.is_interpreted() or isinstance(triton.language.standard.sum, triton.runtime.JITFunction)):
+    raise RuntimeError("triton (or marginops.backends.triton_margin) was imported before this module could set "
+                       "TRITON_INTERPRET=1; the interpreter tests need it set first")
+
+
+@pytest.fixture(params=["shipped", "small"])
+def tiles(request, monkeypatch):
+    """Run with the shipped configs, or with SMALL tiles for every dtype and both kernels."""
+    if request.param == "small":
+        for table in (tm.FWD_CONFIGS, tm.BWD_CONFIGS):
+            for dtype in table:
+                monkeypatch.setitem(table, dtype, SMALL)
+    return request.param
+
+
+def check(x, W, y, margin=None, scale=64.0, **options):
+    return check_against_reference(x.to(DEVICE), W.to(DEVICE), y.to(DEVICE), margin, scale, backend="triton",
+                                   **options)
+
+
+def inputs(dtype=torch.float32, b=B, c=C, d=D, **kwargs):
+    return make_inputs(b, c, d, dtype, **kwargs)
+
+
+# -- against the reference ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("margin", [None, mo.ArcFace(0.5)], ids=repr)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(tiles, dtype, margin, reduction):
+    # ignore_index rows and a duplicated label (rows 0 and 1) in every problem
+    x, W, y = inputs(dtype, ignore=3)
+    check(x, W, y, margin, reduction=reduction)
+
+
+@pytest.mark.parametrize("margin", [mo.CosFace(0.35), mo.SphereFace(4), mo.CombinedMargin(0.9, 0.4, 0.15)], ids=repr)
+def test_other_margins(margin):
+    # the kernels never see the margin (it only moves z): one dtype and reduction suffice
+    x, W, y = inputs(ignore=3)
+    check(x, W, y, margin, reduction="none")
+
+
+@pytest.mark.parametrize("chunk_size", [1, 70, 200])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_class_splits_match_reference(tiles, dtype, chunk_size):
+    # chunk_size = classes per program, rounded up to whole tiles: several splits whose partial
+    # (max, sum) pairs and argmaxes are combined after the kernel
+    x, W, y = inputs(dtype, ignore=2)
+    check(x, W, y, mo.ArcFace(0.5), chunk_size=chunk_size, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.1, 1.0])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_label_smoothing_and_normalize(tiles, reduction, normalize, label_smoothing):
+    x, W, y = inputs(ignore=3)
+    check(x, W, y, mo.CosFace(0.35), 64.0 if normalize else 1.5, normalize=normalize, reduction=reduction,
+          label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_label_smoothing_and_normalize_false(dtype):
+    x, W, y = inputs(dtype, ignore=3)
+    check(x, W, y, mo.ArcFace(0.5), label_smoothing=0.2)
+    check(x, W, y, mo.CosFace(0.35), 1.5, normalize=False, reduction="none")
+
+
+@pytest.mark.parametrize("margin", ["per-row-cosface", "per-row-arcface", "callable"])
+def test_per_row_and_callable_margins(tiles, margin):
+    psi = {
+        "per-row-cosface": mo.CosFace(torch.linspace(0.0, 0.6, B)),
+        "per-row-arcface": mo.ArcFace(torch.linspace(0.1, 2.5, B, dtype=torch.float64)),
+        "callable": lambda t: t - 0.2 * t * t - 0.1,
+    }[margin]
+    x, W, y = inputs(ignore=2)
+    check(x, W, y, psi, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_scalar_and_per_row_upstream_gradients(reduction):
+    x, W, y = inputs(ignore=2)
+    v = torch.randn(B, dtype=torch.float64) if reduction == "none" else torch.tensor(-2.5, dtype=torch.float64)
+    grads = {}
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+        xl = x.to(DEVICE, dtype).requires_grad_()
+        Wl = W.to(DEVICE, dtype).requires_grad_()
+        loss = mo.margin_cross_entropy(xl, Wl, y.to(DEVICE), mo.ArcFace(0.5), backend=backend, reduction=reduction,
+                                       label_smoothing=0.1)
+        grads[backend] = torch.autograd.grad(loss, (xl, Wl), v.to(DEVICE, dtype))
+    for name, ours, ref in zip(("x.grad", "W.grad"), grads["triton"], grads["reference"]):
+        assert_close_to_oracle(ours, ref, tol=1e-5, name=name)
+
+
+def test_ignore_index_may_be_a_valid_class():
+    x, W, y = inputs()
+    y[[2, 5, 6]] = 3  # rows labelled 3 are ignored; class 3 still competes in every other row
+    out = check(x, W, y, mo.ArcFace(0.5), ignore_index=3)
+    assert torch.equal(out.x_grad[[2, 5, 6]].cpu(), torch.zeros(3, D))
+
+
+def test_many_duplicate_labels(tiles):
+    x, W, y = inputs()
+    y[: B // 2] = 7  # half the batch on one class: its dW row gathers many contributions
+    y[B // 2:] = C - 1  # the other half on the last class (in the ragged last tile)
+    check(x, W, y, mo.ArcFace(0.5), reduction="sum")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_grad_only_for_one_input(dtype):
+    x, W, y = inputs(dtype, ignore=2)
+    check(x, W, y, mo.ArcFace(0.5), grad_x=False)
+    check(x, W, y, mo.ArcFace(0.5), grad_W=False)
+
+
+def test_single_class_and_empty_and_all_ignored_batches():
+    x, W, y = inputs(c=1)
+    check(x, W, y, mo.CosFace(0.35), reduction="none")  # no non-target class: N = -inf, loss 0
+    x, W, y = inputs(b=0)
+    out = run(x.to(DEVICE), W.to(DEVICE), y.to(DEVICE), mo.ArcFace(0.5), backend="triton")
+    assert out.loss.item() == 0.0 and out.x_grad.shape == (0, D) and not out.W_grad.any()
+    x, W, y = inputs(ignore=B)
+    out = check(x, W, y, mo.ArcFace(0.5))
+    assert out.loss.item() == 0.0 and not out.x_grad.any() and not out.W_grad.any()
+
+
+def test_gradcheck_float64():
+    x, W, y = inputs(torch.float64, b=5, c=9, d=4, ignore=1)
+    x, W = x.to(DEVICE).requires_grad_(), W.to(DEVICE).requires_grad_()
+
+    def f(x, W):
+        return mo.margin_cross_entropy(x, W, y.to(DEVICE), mo.ArcFace(0.5), 8.0, backend="triton",
+                                       reduction="none", label_smoothing=0.1)
+
+    assert torch.autograd.gradcheck(f, (x, W))
+
+
+def test_retain_graph_second_backward():
+    x, W, y = inputs(ignore=2)
+    x, W = x.to(DEVICE).requires_grad_(), W.to(DEVICE).requires_grad_()
+    loss = mo.margin_cross_entropy(x, W, y.to(DEVICE), mo.ArcFace(0.5), backend="triton")
+    first = torch.autograd.grad(loss, (x, W), retain_graph=True)
+    second = torch.autograd.grad(loss, (x, W))
+    ref = run(x, W, y.to(DEVICE), mo.ArcFace(0.5), dtype=torch.float64, backend="reference")
+    for a, b, r, name in zip(first, second, (ref.x_grad, ref.W_grad), "xW"):
+        assert torch.equal(a, b) or CUDA, f"{name}.grad differs between two backwards in the interpreter"
+        assert_close_to_oracle(a, r, tol=1e-5, name=f"{name}.grad")
+
+
+# -- prediction ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk_size", [None, 64])
+def test_prediction_is_the_first_argmax_across_tiles_and_splits(tiles, chunk_size):
+    x, W, y = inputs(torch.float64)
+    for c in (50, 150, 290):  # copies of class 5 in later tiles and splits tie with it
+        W[c] = W[5]
+    x[:4] = W[5] * 3.0  # rows 0-3 point at class 5 (row 0's label is the target itself)
+    y[2] = 150
+    out = run(x.to(DEVICE), W.to(DEVICE), y.to(DEVICE), mo.CosFace(0.35), backend="triton", chunk_size=chunk_size)
+    ref = run(x, W, y, mo.CosFace(0.35), backend="reference")
+    assert out.stats.prediction[:4].tolist() == [5, 5, 5, 5]
+    assert torch.equal(out.stats.prediction.cpu(), ref.stats.prediction)
+
+
+def test_prediction_not_computed_unless_asked():
+    x, W, y = inputs()
+    loss = mo.margin_cross_entropy(x.to(DEVICE), W.to(DEVICE), y.to(DEVICE), backend="triton")
+    assert loss.shape == ()
+
+
+# -- launchers -----------------------------------------------------------------------------------------
+
+def _logits64(x, W, scale):
+    xh = torch.nn.functional.normalize(x.double(), dim=1)
+    wh = torch.nn.functional.normalize(W.double(), dim=1)
+    return scale * xh @ wh.t()
+
+
+@pytest.mark.parametrize("classes", [None, 32, 100, C])
+def test_fwd_launcher_against_logsumexp(classes):
+    x, W, y = inputs(torch.float32)
+    x, W, y = x.to(DEVICE), W.to(DEVICE), y.to(DEVICE)
+    inv_x = 1 / x.norm(dim=1)
+    inv_w = 1 / W.norm(dim=1)
+    N, pred = tm.margin_fwd(x, W, y, 30.0 * inv_x, inv_w, want_prediction=True, classes=classes, config=SMALL)
+    logits = _logits64(x.cpu(), W.cpu(), 30.0)
+    masked = logits.scatter(1, y.cpu().unsqueeze(1), float("-inf"))
+    assert_close_to_oracle(N, torch.logsumexp(masked, 1), tol=1e-6, name="N")
+    assert torch.equal(pred.cpu(), logits.argmax(1))
+
+
+def test_bwd_deterministic_matches_atomic_and_repeats_bitwise():
+    x, W, y = inputs(torch.float32)  # launchers take labels in [0, C); ignored rows have g = 0
+    x, W, y = x.to(DEVICE), W.to(DEVICE), y.to(DEVICE)
+    s = 30.0
+    inv_x, inv_w = 1 / x.norm(dim=1), 1 / W.norm(dim=1)
+    N, _ = tm.margin_fwd(x, W, y, s * inv_x, inv_w, config=SMALL)
+    lse = torch.logaddexp(N, torch.zeros_like(N))  # any finite target logit will do here
+    g = torch.rand(B, device=DEVICE)
+    g[[3, 8]] = 0.0
+    args = (x, W, y, s * inv_x, inv_w, lse, g * s, g * s * inv_x)
+    atomic = tm.margin_bwd(*args, need_x=True, need_W=True, config=SMALL)
+    det = [tm.margin_bwd(*args, need_x=True, need_W=True, deterministic=True, config=SMALL) for _ in range(2)]
+    assert torch.equal(det[0][1], det[1][1])
+    # the formula, in float64
+    logits = _logits64(x.cpu(), W.cpu(), s)
+    P = torch.exp(logits - lse.cpu().double().unsqueeze(1)).scatter(1, y.cpu().unsqueeze(1), 0.0)
+    P = P * inv_w.cpu().double()
+    dxh = (g * s).cpu().double().unsqueeze(1) * (P @ W.cpu().double())
+    dD = P.t() @ ((g * s * inv_x).cpu().double().unsqueeze(1) * x.cpu().double())
+    for name, (dx_, dD_) in (("atomic", atomic), ("deterministic", det[0])):
+        assert_close_to_oracle(dx_, dxh, tol=1e-5, name=f"{name} dxh")
+        assert_close_to_oracle(dD_, dD, tol=1e-5, name=f"{name} dD")
+
+
+def test_classes_per_program():
+    cfg = tm.KernelConfig(64, 128, 64, 8, 3)
+    cpu = torch.device("cpu")
+    assert tm.classes_per_program(37, 1000, cfg, cpu, None) == 8 * 128  # interpreter: all classes
+    assert tm.classes_per_program(37, 1000, cfg, cpu, 1) == 128  # whole tiles
+    assert tm.classes_per_program(37, 1000, cfg, cpu, 129) == 256
+    assert tm.classes_per_program(37, 1000, cfg, cpu, 10**9) == 8 * 128
+
+
+def test_launchers_reject_bad_inputs():
+    x, W, y = (t.to(DEVICE) for t in inputs(torch.float32))
+    ones = torch.ones(B, device=DEVICE)
+    with pytest.raises(TypeError, match="dtype|supports"):
+        tm.margin_fwd(x.to(torch.int32), W.to(torch.int32), y, ones, None)
+    with pytest.raises(TypeError, match="int64"):
+        tm.margin_fwd(x, W, y.int(), ones, None)
+    with pytest.raises(ValueError, match="shapes"):
+        tm.margin_fwd(x, W[:, :-1], y, ones, None)
+    with pytest.raises(ValueError, match="contiguous"):
+        tm.margin_fwd(x, W, torch.stack([y, y], 1)[:, 0], ones, None)
+
+
+# -- registration -----------------------------------------------------------------------------------------
+
+def test_registered_but_not_auto_until_measured_on_a_gpu():
+    assert "triton" in FUSED_BACKENDS and "triton" in mo.BACKEND_NAMES
+    assert resolve_backend("auto", "cuda") == "torch"
+    assert resolve_backend("auto", torch.device("cuda", 0)) == "torch"
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend("triton", "cpu") == "triton"
+
+
+def test_cpu_without_interpreter_refuses_clearly():
+    code = (
+        "import torch, marginops as mo\n"
+        "x, W, y = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2])\n"
+        "try:\n"
+        "    mo.margin_cross_entropy(x, W, y, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=REPO_ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "refused:" in proc.stdout and "TRITON_INTERPRET=1" in proc.stdout and "backend='torch'" in proc.stdout
+
+
+def test_gpu_benchmark_smoke_mode_runs_end_to_end():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--smoke"], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=REPO_ROOT, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [ln.split() for ln in proc.stdout.splitlines() if "37x" in ln]
+    ran = {(r[0], r[4]) for r in rows if r[5] != "-"}  # problem, B x D x C (3 fields), impl, ms
+    assert {("arcface", "floor"), ("arcface", "marginops-triton"), ("plain", "marginops-triton"),
+            ("arcface", "naive")} <= ran, proc.stdout
+
+
+# -- GPU only: compiled kernels, memory, time ---------------------------------------------------------------
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_cuda_compiled_matches_reference_at_scale(dtype):
+    x, W, y = inputs(dtype, b=1000, c=50_003, d=136, ignore=10)
+    check(x, W, y, mo.ArcFace(0.5), label_smoothing=0.1)
+    check(x, W, y, mo.CosFace(0.35), reduction="none")
+
+
+@cuda
+def test_cuda_int64_offsets():
+    # C * D >= 2^31 elements: offsets past int32 in W and dW
+    Cb, Db = 4_200_000, 512
+    x = torch.randn(64, Db, device="cuda", dtype=torch.bfloat16)
+    W = torch.randn(Cb, Db, device="cuda", dtype=torch.bfloat16)
+    y = torch.randint(Cb - 1000, Cb, (64,), device="cuda")  # targets in the far rows
+    W.requires_grad_()
+    loss = mo.margin_cross_entropy(x, W, y, mo.ArcFace(0.5), backend="triton")
+    loss.backward()
+    far = W.grad[Cb - 1000:].float()
+    assert torch.isfinite(loss) and far.abs().sum() > 0
+    ref_loss = mo.margin_cross_entropy(x, W.detach(), y, mo.ArcFace(0.5), backend="torch")
+    assert abs(loss.item() - ref_loss.item()) < 1e-2 * max(1.0, abs(ref_loss.item()))
+
+
+@cuda
+def test_cuda_memory_stays_near_gradients():
+    Bm, Cm, Dm = 4096, 100_000, 512
+    x = torch.randn(Bm, Dm, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    W = torch.randn(Cm, Dm, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, Cm, (Bm,), device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    mo.margin_cross_entropy(x, W, y, mo.ArcFace(0.5), backend="triton").backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    grads = (x.numel() + W.numel()) * 2
+    logits = Bm * Cm * 2
+    # the backend contract hands over fp32 dX/dW (2x the bf16 gradients), converted to bf16 at the end (1x),
+    # plus B x D vectors and C x D chunks within the memory budget; never a B x C tensor
+    assert extra < 3 * grads + mo.DEFAULT_MEMORY_BUDGET + 64 * 2**20 < logits
+
+
+@cuda
+def test_cuda_time_within_a_few_gemm_floors():
+    from triton.testing import do_bench
+
+    Bt, Ct, Dt = 4096, 100_000, 512
+    x = torch.randn(Bt, Dt, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    W = torch.randn(Ct, Dt, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, Ct, (Bt,), device="cuda")
+    G = torch.randn(Bt, Ct, device="cuda", dtype=torch.bfloat16)
+
+    def floor():
+        x @ W.t(), G @ W, G.t() @ x
+
+    def ours():
+        mo.margin_cross_entropy(x, W, y, mo.ArcFace(0.5), backend="triton", validate_labels=False).backward()
+
+    ratio = do_bench(ours) / do_bench(floor)
+    print(f"triton fwd+bwd / 3-GEMM floor = {ratio:.2f}")
+    # a regression guard, not the design target (<= 1.4x, docs/performance.md): never measured yet
+    assert ratio < 8.0
