@@ -90,6 +90,38 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @triton.jit
+def _logits_tile(
+    x_base, w_base,  # pointer tiles of x rows (BLOCK_B, BLOCK_D) and W rows (BLOCK_C, BLOCK_D) at d = 0
+    rs,  # (BLOCK_B,) row factor
+    cs_ptr, offs_c,  # column factors and this tile's class offsets (read only with HAS_NORM)
+    row_ok, col_ok,  # masks
+    D, stride_xd, stride_wd,
+    HAS_NORM: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``rs_i * (x_i . W_j) * cs_j`` for one (rows x classes) tile, walking D in BLOCK_D steps."""
+    offs_d = tl.arange(0, BLOCK_D)
+    x_ptrs = x_base
+    w_ptrs = w_base
+    acc = tl.zeros((BLOCK_B, BLOCK_C), ACC)
+    for d0 in range(0, D, BLOCK_D):
+        d_ok = offs_d < D - d0
+        xt = tl.load(x_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            xt = xt.to(ACC)
+            wt = wt.to(ACC)
+        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+        x_ptrs += BLOCK_D * stride_xd
+        w_ptrs += BLOCK_D * stride_wd
+    logits = acc * rs[:, None]
+    if HAS_NORM:
+        cs = tl.load(cs_ptr + offs_c, mask=col_ok, other=0.0).to(ACC)
+        logits = logits * cs[None, :]
+    return logits
+
+
+@triton.jit
 def _margin_fwd_kernel(
     x_ptr,  # (B, D) raw embeddings
     w_ptr,  # (C, D) raw class weights
@@ -130,23 +162,9 @@ def _margin_fwd_kernel(
     for c0 in range(c_start, c_end, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         col_ok = offs_c < c_end
-        x_ptrs = x_base
-        w_ptrs = w_ptr + offs_c[:, None] * stride_wc + offs_d[None, :] * stride_wd
-        acc = tl.zeros((BLOCK_B, BLOCK_C), ACC)
-        for d0 in range(0, D, BLOCK_D):
-            d_ok = offs_d < D - d0
-            xt = tl.load(x_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            if UPCAST:
-                xt = xt.to(ACC)
-                wt = wt.to(ACC)
-            acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
-            x_ptrs += BLOCK_D * stride_xd
-            w_ptrs += BLOCK_D * stride_wd
-        logits = acc * rs[:, None]
-        if HAS_NORM:
-            cs = tl.load(cs_ptr + offs_c, mask=col_ok, other=0.0).to(ACC)
-            logits = logits * cs[None, :]
+        w_base = w_ptr + offs_c[:, None] * stride_wc + offs_d[None, :] * stride_wd
+        logits = _logits_tile(x_base, w_base, rs, cs_ptr, offs_c, row_ok, col_ok, D, stride_xd, stride_wd,
+                              HAS_NORM, UPCAST, ACC, DOT_PRECISION, BLOCK_B, BLOCK_C, BLOCK_D)
         logits = tl.where(col_ok[None, :], logits, float("-inf"))
         if HAS_PRED:
             tile_best = tl.max(logits, axis=1)
@@ -216,28 +234,12 @@ def _margin_bwd_kernel(
             offs_c = c0 + tl.arange(0, BLOCK_C)
             col_ok = offs_c < c_end
             w_base = w_ptr + offs_c[:, None] * stride_wc + offs_d[None, :] * stride_wd
-            # recompute the tile of logits
-            x_ptrs = x_base
-            w_ptrs = w_base
-            acc = tl.zeros((BLOCK_B, BLOCK_C), ACC)
-            for d0 in range(0, D, BLOCK_D):
-                d_ok = offs_d < D - d0
-                xt = tl.load(x_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                wt = tl.load(w_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                if UPCAST:
-                    xt = xt.to(ACC)
-                    wt = wt.to(ACC)
-                acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
-                x_ptrs += BLOCK_D * stride_xd
-                w_ptrs += BLOCK_D * stride_wd
-            logits = acc * rs[:, None]
-            if HAS_NORM:
-                cs = tl.load(cs_ptr + offs_c, mask=col_ok, other=0.0).to(ACC)
-                logits = logits * cs[None, :]
+            logits = _logits_tile(x_base, w_base, rs, cs_ptr, offs_c, row_ok, col_ok, D, stride_xd, stride_wd,
+                                  HAS_NORM, UPCAST, ACC, DOT_PRECISION, BLOCK_B, BLOCK_C, BLOCK_D)
             keep = row_ok[:, None] & col_ok[None, :] & (offs_c[None, :] != y[:, None])
             p = tl.where(keep, tl.exp(logits - lse[:, None]), 0.0)
             if HAS_NORM:
-                p = p * cs[None, :]
+                p = p * tl.load(cs_ptr + offs_c, mask=col_ok, other=0.0).to(ACC)[None, :]
             if not UPCAST:
                 p = p.to(w_ptr.dtype.element_ty)  # tensor-core operand; accumulation stays in ACC
             # both products, D step by D step (addresses rebuilt from 1-D offsets: nothing 2-D stays live)
