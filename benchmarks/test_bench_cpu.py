@@ -1,4 +1,5 @@
-"""pytest-benchmark cases: every case of :data:`benchmarks.cases.CASES` at a moderate CPU shape.
+"""pytest-benchmark cases: every case of :data:`benchmarks.cases.CASES` and the peers of
+:data:`benchmarks.cases.PEER_CASES` at a moderate CPU shape.
 
 Run from the repository root::
 
@@ -11,7 +12,9 @@ this file. Each case runs forward+backward on B=512, D=256, C=50,000
 float32, one warm-up round then a few timed rounds, with the gradients freed
 before each round outside the timing. After timing, the case's loss and
 gradients are checked against the reference backend on the same inputs: a
-fast wrong answer fails. ``extra_info`` carries the shape, the floor's FLOPs
+fast wrong answer fails. Peers that are not installed or need a GPU are
+skipped with the reason (``torch.compile`` peers compile in their warm-up
+round). ``extra_info`` carries the shape, the floor's FLOPs
 and the achieved GFLOP/s; ratios to the floor are the job of
 ``python -m benchmarks.cpu_targets``, which times all cases in one run.
 """
@@ -65,8 +68,11 @@ def _param(case: cases.Case):
     return pytest.param(case, id=case.name, marks=marks)
 
 
-@pytest.mark.parametrize("case", [_param(c) for c in cases.CASES])
+@pytest.mark.parametrize("case", [_param(c) for c in cases.CASES + cases.PEER_CASES])
 def test_forward_backward(benchmark, case, inputs, reference_outputs):
+    reason = cases.unavailable(case.impl)
+    if reason is not None:
+        pytest.skip(reason)
     inp = inputs(case.problem)
     step = cases.step_fn(case, inp)
     benchmark.group = f"fwd+bwd {SHAPE}"
