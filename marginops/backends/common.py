@@ -78,3 +78,12 @@ def normalize_backward(xh: Tensor, inv_norm: Tensor, clamped: Tensor, grad: Tens
     proj = (xh * grad).sum(1, keepdim=True)
     proj = torch.where(clamped.unsqueeze(1), torch.zeros_like(proj), proj)
     return (grad - xh * proj) * inv_norm.unsqueeze(1)
+
+
+def forward_outputs(ctx, loss: Tensor, lse: Tensor, pred: Optional[Tensor], x: Tensor):
+    """The three outputs of a backend's forward: loss in the input dtype, then the non-differentiable
+    by-products (an empty prediction when none was asked for)."""
+    if pred is None:
+        pred = torch.zeros(0, dtype=torch.int64, device=x.device)
+    ctx.mark_non_differentiable(lse, pred)
+    return loss.to(x.dtype), lse, pred

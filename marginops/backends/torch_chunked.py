@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import FusedOptions, GradHandoff, normalize_backward
+from .common import FusedOptions, GradHandoff, forward_outputs, normalize_backward
 
 # Tile sizes, tuned on a 2-core AMD EPYC (Zen 5) at B=1024, D=512, C=100k fp32
 # (`python -m benchmarks.cpu_targets`); a tile of logits stays within a few MiB.
@@ -378,10 +378,7 @@ class _MarginSoftmax(torch.autograd.Function):
                 _finish_dW(prep, dD, pl.chunk) if dD is not None else None,
                 _dz(prep, wf, zf, lse),
             )
-        if pred is None:
-            pred = torch.zeros(0, dtype=torch.int64, device=x.device)
-        ctx.mark_non_differentiable(lse, pred)
-        return loss.to(x.dtype), lse, pred
+        return forward_outputs(ctx, loss, lse, pred, x)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_lse, _grad_pred):

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import FusedOptions, GradHandoff, normalize_backward
+from .common import FusedOptions, GradHandoff, forward_outputs, normalize_backward
 
 # -- configurations -----------------------------------------------------------------------------------
 
@@ -532,10 +532,7 @@ class _MarginSoftmax(torch.autograd.Function):
         ctx.prep = prep
         ctx.handoff = handoff
         ctx.save_for_backward(x, W, y, zf, wf, lse)
-        if pred is None:
-            pred = torch.zeros(0, dtype=torch.int64, device=x.device)
-        ctx.mark_non_differentiable(lse, pred)
-        return loss.to(x.dtype), lse, pred
+        return forward_outputs(ctx, loss, lse, pred, x)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_lse, _grad_pred):
