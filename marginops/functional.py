@@ -17,6 +17,7 @@ from .margins import Margin, MarginLike, NoMargin
 __all__ = ["margin_cross_entropy", "MarginStats", "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "sum", "none")
+STRATEGIES = ("auto", "recompute", "workspace")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 EPS = reference.EPS
 
@@ -74,7 +75,7 @@ def _check_optional_int(name: str, value, low: int) -> Optional[int]:
 
 
 def _validate(x, W, y, scale, reduction, ignore_index, label_smoothing, normalize, chunk_size, memory_budget,
-              validate_labels):
+              strategy, validate_labels):
     _check_tensor("embeddings", x, 2)
     _check_tensor("weight", W, 2)
     _check_tensor("labels", y, 1)
@@ -105,6 +106,11 @@ def _validate(x, W, y, scale, reduction, ignore_index, label_smoothing, normaliz
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {normalize!r}")
     chunk_size = _check_optional_int("chunk_size", chunk_size, 1)
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "workspace" and reduction == "none":
+        raise ValueError("strategy='workspace' computes gradients during the forward pass for a scalar loss; "
+                         "it needs reduction 'mean' or 'sum', got reduction='none'")
     memory_budget = _check_optional_int("memory_budget", memory_budget, 1)
     if validate_labels and B > 0:
         bad = ((y < 0) | (y >= C)) & (y != ignore_index)
@@ -176,11 +182,13 @@ class _TargetCosine(torch.autograd.Function):
         dx_rest, dW_rest = ctx.handoff.take()
         dx = dW = None
         if ctx.needs_input_grad[0]:
-            dx = (dxh if dx_rest is None else dx_rest.add_(dxh)).to(x_dtype)
+            dx = (dxh if dx_rest is None else dx_rest.add_(dxh.to(dx_rest.dtype))).to(x_dtype)
         if ctx.needs_input_grad[1]:
             if dW_rest is None:
                 dW_rest = torch.zeros(w_shape, dtype=dwyh.dtype, device=dwyh.device)
-            dW = dW_rest.index_add_(0, y, dwyh).to(w_dtype)
+            # index_put_ accumulates duplicates with a sort on CUDA (index_add_ would use atomics),
+            # so dW is reproducible run to run
+            dW = dW_rest.index_put_((y,), dwyh.to(dW_rest.dtype), accumulate=True).to(w_dtype)
         return dx, dW, None, None, None, None
 
 
@@ -198,6 +206,7 @@ def margin_cross_entropy(
     backend: str = "auto",
     chunk_size: Optional[int] = None,
     memory_budget: Optional[int] = None,
+    strategy: str = "auto",
     return_stats: bool = False,
     validate_labels: bool = True,
 ) -> Union[Tensor, tuple[Tensor, MarginStats]]:
@@ -239,6 +248,18 @@ def margin_cross_entropy(
         memory_budget (int, optional): bytes of scratch memory the backend may use
             beyond inputs and their gradients. Default:
             :data:`marginops.DEFAULT_MEMORY_BUDGET` (256 MiB).
+        strategy (str): how the fused backends spend GEMMs and memory.
+            ``"recompute"``: the forward keeps only per-row statistics and the
+            backward recomputes the logits tile by tile (four GEMMs, scratch
+            of a few tiles). ``"workspace"``: a block of rows across *all*
+            classes is kept in a logits workspace bounded by ``memory_budget``
+            and, for a scalar loss, the gradients are computed during the
+            forward pass (three GEMMs; needs ``reduction`` ``"mean"``/``"sum"``
+            and a budget of at least one row of ``C`` logits, else a
+            ValueError; ``dW`` is accumulated in the accumulation dtype across
+            row blocks). ``"auto"``: the torch backend takes ``"workspace"``
+            when blocks of at least 128 rows fit the budget, the triton
+            backend ``"recompute"``. Default: ``"auto"``.
         return_stats (bool): also return :class:`MarginStats`. Default: False.
         validate_labels (bool): check that labels lie in ``[0, C)``; this reads
             the labels on the host (a device sync on GPU). Default: True.
@@ -268,7 +289,7 @@ def margin_cross_entropy(
     """
     scale, label_smoothing, chunk_size, memory_budget = _validate(
         embeddings, weight, labels, scale, reduction, ignore_index, label_smoothing, normalize, chunk_size,
-        memory_budget, validate_labels,
+        memory_budget, strategy, validate_labels,
     )
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
@@ -300,7 +321,7 @@ def margin_cross_entropy(
         w = w / w.sum().clamp_min(1.0)
     opts = FusedOptions(
         scale=scale, normalize=normalize, label_smoothing=label_smoothing, reduce=reduction != "none", eps=EPS,
-        chunk_size=chunk_size, memory_budget=memory_budget, want_prediction=return_stats,
+        chunk_size=chunk_size, memory_budget=memory_budget, want_prediction=return_stats, strategy=strategy,
     )
     loss, lse, prediction = FUSED_BACKENDS[name](embeddings.detach(), weight.detach(), safe, z, w, handoff, opts)
     if not return_stats:

@@ -14,11 +14,16 @@ weighted loss (a scalar when ``opts.reduce`` else per row), the per-row
 log-sum-exp over all classes with ``z`` in the target column, and the argmax
 of the margin-free cosine.
 
-Its backward returns the gradient for ``z`` only and leaves the (dense,
-input-dtype) gradients of ``x`` and ``W`` from every non-target class in the
-:class:`GradHandoff`. The target cosine's autograd Function runs next (it
-needs ``dz`` first) and adds the target term in place, so ``W`` receives one
-``C x D`` gradient tensor and no second one is ever allocated.
+Its backward returns the gradient for ``z`` only and leaves the dense
+gradients of ``x`` and ``W`` from every non-target class in the
+:class:`GradHandoff` (in the accumulation dtype, or already in the input
+dtype). The target cosine's autograd Function runs next (it needs ``dz``
+first) and adds the target term in place, so ``W`` receives one ``C x D``
+gradient tensor and no second one is ever allocated.
+
+:class:`Prepared` and the functions after it are the per-call math both
+backends share: norms, label smoothing's loss term, ``dz`` and the
+normalization backward of ``W``.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class FusedOptions:
     chunk_size: Optional[int] = None  # classes per tile; None: chosen by the backend
     memory_budget: Optional[int] = None  # bytes of scratch; None: DEFAULT_MEMORY_BUDGET
     want_prediction: bool = False
+    strategy: str = "auto"  # "auto" | "recompute" | "workspace"; see margin_cross_entropy
 
     @property
     def budget(self) -> int:
@@ -70,6 +76,15 @@ class GradHandoff:
         return dx, dW
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for inputs of ``dtype``: float64 stays, everything else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+#: Classes per step of the per-call ``C x D`` passes (class sum, normalization backward), at most.
+PASS_CHUNK = 8192
+
+
 def normalize_backward(xh: Tensor, inv_norm: Tensor, clamped: Tensor, grad: Tensor) -> Tensor:
     """Gradient through ``x / max(|x|, eps)`` given ``xh``, ``1 / max(|x|, eps)`` and ``|x| <= eps``.
 
@@ -78,6 +93,119 @@ def normalize_backward(xh: Tensor, inv_norm: Tensor, clamped: Tensor, grad: Tens
     proj = (xh * grad).sum(1, keepdim=True)
     proj = torch.where(clamped.unsqueeze(1), torch.zeros_like(proj), proj)
     return (grad - xh * proj) * inv_norm.unsqueeze(1)
+
+
+class Prepared:
+    """Per-call quantities shared by a backend's forward and backward: dtypes, normalized rows, norms.
+
+    Holds the raw ``W`` and labels ``y`` of the call; ``xh`` is ``x`` normalized
+    (or ``x`` itself) in the accumulation dtype, ``inv_x``/``inv_w`` the inverse
+    norms ``1 / max(|.|, eps)`` (None with ``normalize=False``). Nothing here is
+    ``C x D``: passes over ``W`` walk it in chunks of :attr:`pass_chunk` classes.
+    """
+
+    def __init__(self, x: Tensor, W: Tensor, y: Tensor, opts: FusedOptions):
+        self.opts = opts
+        self.W = W
+        self.y = y
+        self.acc = acc_dtype(x.dtype)
+        self.B, self.D = x.shape
+        self.C = W.shape[0]
+        elt = torch.finfo(self.acc).bits // 8
+        self.pass_chunk = max(1, min(self.C, PASS_CHUNK, opts.budget // max(1, 2 * self.D * elt)))
+        xf = x.to(self.acc)
+        self.inv_x: Optional[Tensor] = None
+        self.inv_w: Optional[Tensor] = None
+        if opts.normalize:
+            norm_x = torch.linalg.vector_norm(xf, dim=1)
+            self.x_clamped = norm_x <= opts.eps  # F.normalize's clamp: no projection in backward
+            self.inv_x = 1.0 / norm_x.clamp_min(opts.eps)
+            self.xh = xf * self.inv_x.unsqueeze(1)
+            norm_w = torch.linalg.vector_norm(W, dim=1, dtype=self.acc)
+            self.w_clamped = norm_w <= opts.eps
+            self.inv_w = 1.0 / norm_w.clamp_min(opts.eps)
+        else:
+            self.xh = xf.contiguous()
+        self._class_sum: Optional[Tensor] = None
+
+    def w_tile(self, c0: int, c1: int) -> Tensor:
+        """Raw ``W[c0:c1]`` in the accumulation dtype."""
+        return self.W[c0:c1].to(self.acc)
+
+    def chunks(self):
+        """``(c0, c1)`` class ranges of :attr:`pass_chunk` classes."""
+        for c0 in range(0, self.C, self.pass_chunk):
+            yield c0, min(c0 + self.pass_chunk, self.C)
+
+    def class_sum(self) -> Tensor:
+        """``sum_j wh_j`` (D,), for label smoothing's sum over all logits (computed once per call)."""
+        if self._class_sum is None:
+            total = torch.zeros(self.D, device=self.xh.device, dtype=self.acc)
+            for c0, c1 in self.chunks():
+                wt = self.w_tile(c0, c1)
+                total += wt.sum(0) if self.inv_w is None else self.inv_w[c0:c1] @ wt
+            self._class_sum = total
+        return self._class_sum
+
+    def target_logit(self) -> Tensor:
+        """``s * t_i`` per row, from the labels' rows of ``W`` (B x D work)."""
+        wy = self.W.index_select(0, self.y).to(self.acc)
+        if self.inv_w is not None:
+            wy = wy * self.inv_w[self.y].unsqueeze(1)
+        return self.opts.scale * (self.xh * wy).sum(1)
+
+    def finish_x_grad(self, dxh: Tensor) -> Tensor:
+        """``dxh`` (gradient w.r.t. the normalized rows) becomes ``dx``: the backward of ``x / max(|x|, eps)``."""
+        if self.inv_x is None:
+            return dxh
+        return normalize_backward(self.xh, self.inv_x, self.x_clamped, dxh)
+
+    def finish_w_grad(self, dD: Tensor, c0: int, c1: int) -> Tensor:
+        """In place for classes ``[c0, c1)``: ``dD_j = inv_w_j * dwh_j`` becomes ``dW_j = dD_j - W_j inv_w_j^2 (W_j . dD_j)``."""
+        if self.inv_w is not None:
+            inv = self.inv_w[c0:c1]
+            coef = torch.where(self.w_clamped[c0:c1], torch.zeros_like(inv), inv * inv)
+            wt = self.w_tile(c0, c1)
+            dots = torch.bmm(dD.unsqueeze(1), wt.unsqueeze(2)).view(-1)
+            dD.addcmul_(wt, (dots * coef).unsqueeze(1), value=-1.0)
+        return dD
+
+    def finish_w_grads(self, dD: Tensor) -> Tensor:
+        """:meth:`finish_w_grad` over all classes (``dD`` is ``C x D``), chunk by chunk, in place."""
+        if self.inv_w is not None:
+            for c0, c1 in self.chunks():
+                self.finish_w_grad(dD[c0:c1], c0, c1)
+        return dD
+
+
+def loss_and_lse(prep: Prepared, N: Tensor, z: Tensor, target_logit: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Per-row loss and log-sum-exp from the non-target LSE ``N`` and the margined target logit ``z``.
+
+    With label smoothing (PyTorch's definition: ``(1-eps) * CE + eps * mean_j(lse - logit_j)``)
+    the sum of the non-target logits comes from one GEMV; ``target_logit`` (``s * t``) is
+    taken from the caller when it has it, else recomputed.
+    """
+    lse = torch.logaddexp(N, z)
+    loss = lse - z
+    eps = prep.opts.label_smoothing
+    if eps > 0:
+        if target_logit is None:
+            target_logit = prep.target_logit()
+        other = prep.opts.scale * (prep.xh @ prep.class_sum()) - target_logit  # sum_{j != y} s * cos_ij
+        loss = loss + eps * (z - (other + z) / prep.C)
+    return loss, lse
+
+
+def weighted_loss(loss_rows: Tensor, w: Tensor, reduce: bool) -> Tensor:
+    """``sum_i w_i loss_i`` (or per row), with ignored rows (``w_i = 0``) exactly 0 even if their loss is inf."""
+    weighted = torch.where(w != 0, loss_rows * w, torch.zeros_like(loss_rows))
+    return weighted.sum() if reduce else weighted
+
+
+def target_grad(prep: Prepared, g: Tensor, z: Tensor, lse: Tensor) -> Tensor:
+    """``dloss/dz`` per row for upstream weights ``g``: ``g (p_target - (1 - eps) - eps / C)``."""
+    eps = prep.opts.label_smoothing
+    return g * (torch.exp(z - lse) - (1.0 - eps) - eps / prep.C)
 
 
 def forward_outputs(ctx, loss: Tensor, lse: Tensor, pred: Optional[Tensor], x: Tensor):

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import FusedOptions, GradHandoff, forward_outputs, normalize_backward
+from .common import (FusedOptions, GradHandoff, Prepared, forward_outputs, loss_and_lse, target_grad,
+                     weighted_loss)
 
 # Tile sizes, tuned on a 2-core AMD EPYC (Zen 5) at B=1024, D=512, C=100k fp32
 # (`python -m benchmarks.cpu_targets`); a tile of logits stays within a few MiB.
@@ -59,27 +60,32 @@ class Plan:
 def plan(batch: int, num_classes: int, element_size: int, opts: FusedOptions, fused_wanted: bool) -> Plan:
     """Choose the strategy and tile sizes for one call within ``opts.budget``.
 
-    Fused when gradients are wanted for a scalar reduction and a block of at
-    least ``min(batch, MIN_FUSED_ROWS)`` rows across all classes fits the
-    budget; blocks are then evened out (``ceil(B / blocks)`` rows each).
-    Otherwise recompute, with tiles shrunk to fit the budget.
+    ``opts.strategy="auto"``: fused when gradients are wanted for a scalar
+    reduction and a block of at least ``min(batch, MIN_FUSED_ROWS)`` rows
+    across all classes fits the budget; blocks are then evened out
+    (``ceil(B / blocks)`` rows each). Otherwise recompute, with tiles shrunk
+    to fit the budget. ``"workspace"`` takes the fused strategy whenever it
+    applies, with as few rows as fit (a ValueError if not even one row
+    does); ``"recompute"`` never takes it.
     """
     budget = opts.budget
-    if fused_wanted:
+    if fused_wanted and opts.strategy != "recompute":
         chunk = min(opts.chunk_size or FUSED_CHUNK, max(num_classes, 1))
         padded = math.ceil(num_classes / chunk) * chunk
         rows = min(batch, budget // max(padded * element_size, 1))
-        if rows >= max(1, min(batch, MIN_FUSED_ROWS)):
+        least = 1 if opts.strategy == "workspace" else max(1, min(batch, MIN_FUSED_ROWS))
+        if rows >= least:
             rows = math.ceil(batch / math.ceil(batch / rows))  # even blocks: no thin last block
             return Plan("fused", rows, chunk, rows * padded * element_size)
+        if opts.strategy == "workspace":
+            raise ValueError(
+                f"strategy='workspace' needs memory_budget >= {padded * element_size} bytes (one row of logits "
+                f"across all {num_classes} classes), got memory_budget={budget}"
+            )
     chunk = min(opts.chunk_size or RECOMPUTE_CHUNK, max(num_classes, 1))
     rows = max(1, min(batch, RECOMPUTE_ROWS))
     chunk = max(1, min(chunk, budget // max(rows * element_size, 1)))  # shrink the chunk before the rows
     return Plan("recompute", rows, chunk, rows * chunk * element_size)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _exp_floor(dtype: torch.dtype) -> float:
@@ -87,47 +93,14 @@ def _exp_floor(dtype: torch.dtype) -> float:
     return math.log(torch.finfo(dtype).tiny) + 0.5
 
 
-class _Prepared:
-    """Per-call quantities shared by the forward and the backward pass."""
+class _Prepared(Prepared):
+    """The shared per-call quantities plus this backend's tile operations."""
 
     def __init__(self, x: Tensor, W: Tensor, y: Tensor, opts: FusedOptions):
-        self.acc = _acc_dtype(x.dtype)
-        self.opts = opts
-        self.B, self.D = x.shape
-        self.C = W.shape[0]
-        self.W = W
-        self.y = y
-        xf = x.to(self.acc)
-        if opts.normalize:
-            norm_x = torch.linalg.vector_norm(xf, dim=1)
-            self.x_clamped = norm_x <= opts.eps  # F.normalize's clamp: no projection in backward
-            self.inv_x = 1.0 / norm_x.clamp_min(opts.eps)
-            self.xh = xf * self.inv_x.unsqueeze(1)
-            norm_w = torch.linalg.vector_norm(W, dim=1, dtype=self.acc)
-            self.w_clamped = norm_w <= opts.eps
-            self.inv_w: Optional[Tensor] = 1.0 / norm_w.clamp_min(opts.eps)
-        else:
-            self.xh = xf.contiguous()
-            self.inv_x = None
-            self.inv_w = None
+        super().__init__(x, W, y, opts)
         self.xs = self.xh * opts.scale
         self.floor = _exp_floor(self.acc)
         self.tiny = torch.finfo(self.acc).tiny
-        self._class_sum: Optional[Tensor] = None
-
-    def w_tile(self, c0: int, c1: int) -> Tensor:
-        return self.W[c0:c1].to(self.acc)
-
-    def class_sum(self) -> Tensor:
-        """``sum_j wh_j`` (D,), for label smoothing's sum over all logits (computed once)."""
-        if self._class_sum is None:
-            total = torch.zeros(self.D, device=self.xh.device, dtype=self.acc)
-            for c0 in range(0, self.C, RECOMPUTE_CHUNK):
-                c1 = min(c0 + RECOMPUTE_CHUNK, self.C)
-                wt = self.w_tile(c0, c1)
-                total += wt.sum(0) if self.inv_w is None else self.inv_w[c0:c1] @ wt
-            self._class_sum = total
-        return self._class_sum
 
     def logits_tile(self, out: Tensor, r0: int, r1: int, c0: int, c1: int, wt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Fill ``out`` (r x c) with ``s * cos``, the target column set to -inf.
@@ -178,10 +151,6 @@ class _Prepared:
         for r0 in range(0, self.B, pl.rows):
             r1 = min(r0 + pl.rows, self.B)
             yield r0, r1, [(c0, min(c0 + pl.chunk, self.C)) for c0 in range(0, self.C, pl.chunk)]
-
-    def smoothing_sum(self, target_logit_cos: Tensor) -> Tensor:
-        """``sum_{j != y_i} s * cos_ij`` per row, from one GEMV."""
-        return self.xs @ self.class_sum() - target_logit_cos
 
 
 def _combine(m_tiles: Tensor, s_tiles: Tensor) -> Tensor:
@@ -243,23 +212,6 @@ def _row_block_stats(prep: _Prepared, r0: int, r1: int, cols, pl: Plan, store: O
     return m_tiles, s_tiles, target, pred
 
 
-def _loss_rows(prep: _Prepared, N: Tensor, z: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row loss and LSE from the non-target LSE ``N`` and the target logit ``z``."""
-    lse = torch.logaddexp(N, z)
-    loss = lse - z
-    eps = prep.opts.label_smoothing
-    if eps > 0:
-        # PyTorch's smoothing: (1-eps) * CE + eps * mean_j(lse - logit_j)
-        other = prep.smoothing_sum(target)
-        loss = loss + eps * (z - (other + z) / prep.C)
-    return loss, lse
-
-
-def _dz(prep: _Prepared, g: Tensor, z: Tensor, lse: Tensor) -> Tensor:
-    eps = prep.opts.label_smoothing
-    return g * (torch.exp(z - lse) - (1.0 - eps) - eps / prep.C)
-
-
 def _smoothing_grads(prep: _Prepared, g: Tensor, dxh: Optional[Tensor], dD: Optional[Tensor]) -> None:
     """Rank-1 gradient of ``-(eps/C) * sum_{j != y} s * cos_ij`` into dxh and dD (in place)."""
     eps = prep.opts.label_smoothing
@@ -268,37 +220,16 @@ def _smoothing_grads(prep: _Prepared, g: Tensor, dxh: Optional[Tensor], dD: Opti
     coef = -prep.opts.scale * eps / prep.C
     inv_w = prep.inv_w
     if dxh is not None:
-        wsum = prep.class_sum()
-        wy = prep.W[prep.y].to(prep.acc)
+        wy = prep.W.index_select(0, prep.y).to(prep.acc)
         if inv_w is not None:
             wy = wy * inv_w[prep.y].unsqueeze(1)
-        dxh.add_((coef * g).unsqueeze(1) * (wsum.unsqueeze(0) - wy))
+        dxh.add_((coef * g).unsqueeze(1) * (prep.class_sum().unsqueeze(0) - wy))
     if dD is not None:
         gx = (coef * g).unsqueeze(1) * prep.xh  # (B, D)
         col = inv_w if inv_w is not None else torch.ones(prep.C, device=gx.device, dtype=gx.dtype)
         dD.addr_(col, gx.sum(0))
-        dD.index_add_(0, prep.y, -gx * col[prep.y].unsqueeze(1))
-
-
-def _finish_dx(prep: _Prepared, dxh: Tensor) -> Tensor:
-    """Backward of ``x / max(|x|, eps)`` (accumulation dtype)."""
-    if prep.inv_x is None:
-        return dxh
-    return normalize_backward(prep.xh, prep.inv_x, prep.x_clamped, dxh)
-
-
-def _finish_dW(prep: _Prepared, dD: Tensor, chunk: int) -> Tensor:
-    """In place: ``D_j = inv_w_j * dwh_j`` becomes ``dW_j = D_j - W_j inv_w_j^2 (W_j . D_j)``."""
-    if prep.inv_w is not None:
-        coef_all = prep.inv_w * prep.inv_w
-        coef_all = torch.where(prep.w_clamped, torch.zeros_like(coef_all), coef_all)
-        for c0 in range(0, prep.C, chunk):
-            c1 = min(c0 + chunk, prep.C)
-            wt = prep.w_tile(c0, c1)
-            d = dD[c0:c1]
-            dots = torch.bmm(d.unsqueeze(1), wt.unsqueeze(2)).view(-1)
-            d.addcmul_(wt, (dots * coef_all[c0:c1]).unsqueeze(1), value=-1.0)
-    return dD
+        # sort-based on CUDA (index_add_ would use atomics): reproducible with duplicate labels
+        dD.index_put_((prep.y,), -gx * col[prep.y].unsqueeze(1), accumulate=True)
 
 
 def _forward(prep: _Prepared, pl: Plan, want_pred: bool, store: Optional[Tensor] = None, block_done=None):
@@ -363,9 +294,8 @@ class _MarginSoftmax(torch.autograd.Function):
         else:
             N, target, pred = _forward(prep, pl, opts.want_prediction)
             dxh = dD = None
-        loss_rows, lse = _loss_rows(prep, N, zf, target)
-        weighted = torch.where(wf != 0, loss_rows * wf, torch.zeros_like(loss_rows))
-        loss = weighted.sum() if opts.reduce else weighted
+        loss_rows, lse = loss_and_lse(prep, N, zf, target)
+        loss = weighted_loss(loss_rows, wf, opts.reduce)
         ctx.prep = prep
         ctx.plan = pl
         ctx.handoff = handoff
@@ -374,9 +304,9 @@ class _MarginSoftmax(torch.autograd.Function):
         ctx.early = None
         if dxh is not None or dD is not None:
             ctx.early = (
-                _finish_dx(prep, dxh) if dxh is not None else None,
-                _finish_dW(prep, dD, pl.chunk) if dD is not None else None,
-                _dz(prep, wf, zf, lse),
+                prep.finish_x_grad(dxh) if dxh is not None else None,
+                prep.finish_w_grads(dD) if dD is not None else None,
+                target_grad(prep, wf, zf, lse),
             )
         return forward_outputs(ctx, loss, lse, pred, x)
 
@@ -413,9 +343,9 @@ class _MarginSoftmax(torch.autograd.Function):
                     prep.grad_tile(tile, row_scale, c0, c1, wt, r0, r1, dxh, dD)
             del scratch
             _smoothing_grads(prep, g, dxh, dD)
-        handoff.dx = _finish_dx(prep, dxh) if dxh is not None else None
-        handoff.dW = _finish_dW(prep, dD, ctx.plan.chunk) if dD is not None else None
-        dz = _dz(prep, g, zf, lse).to(zf.dtype) if need_z else None
+        handoff.dx = prep.finish_x_grad(dxh) if dxh is not None else None
+        handoff.dW = prep.finish_w_grads(dD) if dD is not None else None
+        dz = target_grad(prep, g, zf, lse).to(zf.dtype) if need_z else None
         return None, None, None, dz, None, None, None
 
 

@@ -24,8 +24,8 @@ def default_chunk(strategy: str) -> int:
     return tc.FUSED_CHUNK if strategy == "fused" else tc.RECOMPUTE_CHUNK
 
 
-def opts(chunk_size=None, memory_budget=None):
-    return FusedOptions(scale=1.0, chunk_size=chunk_size, memory_budget=memory_budget)
+def opts(chunk_size=None, memory_budget=None, strategy="auto"):
+    return FusedOptions(scale=1.0, chunk_size=chunk_size, memory_budget=memory_budget, strategy=strategy)
 
 
 @pytest.fixture
@@ -91,6 +91,32 @@ def test_plan_chunk_is_capped_by_classes_and_empty_batch_recomputes():
     assert tc.plan(8, 5000, 4, opts(), True).chunk == min(tc.FUSED_CHUNK, 5000)
     assert tc.plan(8, 5000, 4, opts(), False).chunk == min(tc.RECOMPUTE_CHUNK, 5000)
     assert tc.plan(0, 50, 4, opts(), True).strategy == "recompute"
+
+
+def test_plan_follows_an_explicit_strategy():
+    row_bytes = 3 * tc.FUSED_CHUNK * 4
+    few = opts(memory_budget=3 * row_bytes, strategy="workspace")  # 3 rows: below MIN_FUSED_ROWS
+    assert tc.plan(1000, 10_000, 4, few, True) == tc.Plan("fused", 3, tc.FUSED_CHUNK, 3 * row_bytes)
+    assert tc.plan(1000, 10_000, 4, few, False).strategy == "recompute"  # no gradients wanted: nothing to fuse
+    assert tc.plan(1000, 10_000, 4, opts(strategy="recompute"), True).strategy == "recompute"
+    with pytest.raises(ValueError, match=f"memory_budget >= {row_bytes} bytes"):
+        tc.plan(1000, 10_000, 4, opts(memory_budget=row_bytes - 1, strategy="workspace"), True)
+
+
+@pytest.mark.parametrize("strategy", ["recompute", "workspace"])
+def test_explicit_strategy_end_to_end(plans, strategy):
+    x, W, y = make_inputs(B, C, D, ignore=2)
+    check_against_reference(x, W, y, mo.ArcFace(0.5), label_smoothing=0.1, strategy=strategy,
+                            memory_budget=SMALL_BUDGET if strategy == "workspace" else None)
+    assert [p.strategy for p in plans] == ["fused" if strategy == "workspace" else "recompute"]
+    assert strategy == "recompute" or plans[0].rows < B  # the small budget forced several row blocks
+
+
+def test_workspace_without_room_for_one_row_is_refused():
+    x, W, y = make_inputs(B, C, D)
+    W.requires_grad_()
+    with pytest.raises(ValueError, match=r"strategy='workspace' needs memory_budget >= \d+ bytes"):
+        mo.margin_cross_entropy(x, W, y, strategy="workspace", memory_budget=8)
 
 
 @settings(max_examples=200)
