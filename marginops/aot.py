@@ -14,8 +14,8 @@ fails.
 
 Usage::
 
-    python -m marginops.aot [--targets 80,90] [--dtypes bfloat16,float32] [--kernels fwd,bwd]
-                            [--variants stats,atomic] [--configs 64x128x32w8s2,...] [--jobs N] [--json FILE]
+    python -m marginops.aot [--targets 80,90] [--dtypes bfloat16,float32] [--kernels fwd,grad]
+                            [--variants stats,recompute] [--configs 64x128x32w8s2,...] [--jobs N] [--json FILE]
 
 ``--configs`` compiles candidate tile configs instead of the shipped ones (tuning).
 """
@@ -44,7 +44,7 @@ _PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32", "float64": 
 
 @dataclass(frozen=True)
 class Job:
-    kernel: str  # "fwd" | "bwd"
+    kernel: str  # "fwd" | "grad"
     variant: str  # which HAS_* constexprs are on
     dtype: str
     target: int  # 80 | 90
@@ -67,14 +67,15 @@ class Row:
     error: str = ""
 
 
-#: (kernel, variant) -> the feature constexprs. "atomic"/"deterministic" are the two dW modes.
+#: (kernel, variant) -> the feature constexprs. "workspace" variants are strategy="workspace"'s.
 VARIANTS = {
-    ("fwd", "stats"): dict(HAS_NORM=True, HAS_PRED=True),
-    ("fwd", "loss"): dict(HAS_NORM=True, HAS_PRED=False),
-    ("fwd", "unnormalized"): dict(HAS_NORM=False, HAS_PRED=False),
-    ("bwd", "atomic"): dict(HAS_NORM=True, HAS_DX=True, HAS_DW=True, DW_ATOMIC=True),
-    ("bwd", "deterministic"): dict(HAS_NORM=True, HAS_DX=True, HAS_DW=True, DW_ATOMIC=False),
-    ("bwd", "unnormalized"): dict(HAS_NORM=False, HAS_DX=True, HAS_DW=True, DW_ATOMIC=True),
+    ("fwd", "stats"): dict(HAS_NORM=True, HAS_PRED=True, STORE_LOGITS=False),
+    ("fwd", "loss"): dict(HAS_NORM=True, HAS_PRED=False, STORE_LOGITS=False),
+    ("fwd", "unnormalized"): dict(HAS_NORM=False, HAS_PRED=False, STORE_LOGITS=False),
+    ("fwd", "workspace"): dict(HAS_NORM=True, HAS_PRED=True, STORE_LOGITS=True),
+    ("grad", "recompute"): dict(HAS_NORM=True, FROM_LOGITS=False),
+    ("grad", "unnormalized"): dict(HAS_NORM=False, FROM_LOGITS=False),
+    ("grad", "workspace"): dict(HAS_NORM=True, FROM_LOGITS=True),
 }
 
 
@@ -90,22 +91,22 @@ def _source(job: Job):
     inp = _PTR[job.dtype]
     acc = "*fp64" if job.dtype == "float64" else "*fp32"
     if job.kernel == "fwd":
-        fn, cfg = tm._margin_fwd_kernel, tm.FWD_CONFIGS[dtype]
+        table = tm.WORKSPACE_FWD_CONFIGS if job.variant == "workspace" else tm.FWD_CONFIGS
+        fn, cfg = tm._margin_fwd_kernel, table[dtype]
         pointers = dict(x_ptr=inp, w_ptr=inp, y_ptr="*i64", rs_ptr=acc, cs_ptr=acc, m_ptr=acc, l_ptr=acc,
-                        pv_ptr=acc, pi_ptr="*i64")
+                        pv_ptr=acc, pi_ptr="*i64", lg_ptr=acc)
         ints = dict(B="i32", C="i32", D="i32", classes_per_split="i32", stride_xb="i32", stride_wc="i32",
-                    stride_pb="i32")
-        divisible = {"D", "classes_per_split", "stride_xb", "stride_wc"}
+                    stride_pb="i32", stride_lb="i32")
+        divisible = {"D", "classes_per_split", "stride_xb", "stride_wc", "stride_lb"}
         units = ("stride_xd", "stride_wd")
     else:
-        fn, cfg = tm._margin_bwd_kernel, tm.BWD_CONFIGS[dtype]
-        pointers = dict(x_ptr=inp, w_ptr=inp, y_ptr="*i64", rs_ptr=acc, cs_ptr=acc, lse_ptr=acc, gx_ptr=acc,
-                        gw_ptr=acc, dx_ptr=acc, dw_ptr=acc)
-        ints = dict(B="i32", C="i32", D="i32", rows_per_program="i32", classes_per_program="i32",
-                    stride_xb="i32", stride_wc="i32", stride_dxb="i32", stride_dwc="i32")
-        divisible = {"D", "rows_per_program", "classes_per_program", "stride_xb", "stride_wc", "stride_dxb",
-                     "stride_dwc"}
-        units = ("stride_xd", "stride_wd", "stride_dxd", "stride_dwd")
+        fn, cfg = tm._margin_grad_kernel, tm.GRAD_CONFIGS[dtype]
+        pointers = dict(x_ptr=inp, w_ptr=inp, y_ptr="*i64", rs_ptr=acc, cs_ptr=acc, lse_ptr=acc, coef_ptr=acc,
+                        lg_ptr=acc, g_ptr=inp)
+        ints = dict(R="i32", Cc="i32", D="i32", label_offset="i32", smooth="fp32", stride_xb="i32",
+                    stride_wc="i32", stride_lb="i32", stride_gb="i32")
+        divisible = {"D", "stride_xb", "stride_wc", "stride_lb", "stride_gb"}
+        units = ("stride_xd", "stride_wd")
     if job.config is not None:
         cfg = tm.KernelConfig(*job.config)
     precision = {"float32": "tf32x3", "float64": "ieee"}.get(job.dtype, "tf32")
@@ -192,7 +193,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m marginops.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", default="80,90", help="compute capabilities, comma-separated")
     parser.add_argument("--dtypes", default=",".join(DTYPE_NAMES), help="input dtypes, comma-separated")
-    parser.add_argument("--kernels", default="fwd,bwd", help="kernels, comma-separated")
+    parser.add_argument("--kernels", default="fwd,grad", help="kernels, comma-separated")
     parser.add_argument("--variants", help="feature variants, comma-separated (default: all)")
     parser.add_argument("--configs", help="candidate configs instead of the shipped ones, e.g. "
                                           "64x128x32w8s2,128x64x32w8s3 (for tuning)")

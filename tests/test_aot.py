@@ -40,14 +40,16 @@ def test_every_shipped_config_compiles_without_spills(tmp_path):
     assert seen == expected
     for r in rows:
         assert r["ok"] and r["spill_bytes"] == 0 and 0 < r["registers"] <= 255, r
-        assert 0 < r["shared_bytes"] <= SHARED_LIMIT[int(r["target"][3:])], r
+        assert 0 <= r["shared_bytes"] <= SHARED_LIMIT[int(r["target"][3:])], r
+        # every kernel but the elementwise G-from-stored-logits one stages GEMM tiles in shared memory
+        assert (r["shared_bytes"] > 0) == ((r["kernel"], r["variant"]) != ("grad", "workspace")), r
     assert "zero spills" in proc.stdout
 
 
 def test_exit_status_is_nonzero_when_a_config_spills():
-    # tf32x3 float32 backward at 64x64x32 tiles, 8 warps: spills on sm_80 (measured ~1.3 KB)
-    proc = _aot("--kernels", "bwd", "--variants", "atomic", "--dtypes", "float32", "--targets", "80",
-                "--configs", "64x64x32w8s2", "--jobs", "1")
+    # the logits-storing forward at 128 x 128 bf16 tiles spills on sm_80 (measured 372 bytes)
+    proc = _aot("--kernels", "fwd", "--variants", "workspace", "--dtypes", "bfloat16", "--targets", "80",
+                "--configs", "128x128x64w8s3", "--jobs", "1")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "spill" in proc.stderr and " NO" in proc.stdout
 

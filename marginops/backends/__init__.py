@@ -13,6 +13,7 @@ defined.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Callable
 
 import torch
@@ -40,13 +41,13 @@ BACKEND_NAMES = ("auto", "reference", *FUSED_BACKENDS)
 def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
     """The concrete backend that ``backend`` (possibly ``"auto"``) selects for tensors on ``device``.
 
-    ``"auto"`` picks the fastest implementation measured for the device:
-    today the chunked PyTorch backend ``"torch"`` everywhere. The Triton
-    kernels are verified in the interpreter and compiled for sm_80/sm_90 but
-    not yet timed on a GPU, and their performance model predicts them slower
-    than cuBLAS plus the torch backend (``docs/performance.md``); ``"auto"``
-    switches to ``"triton"`` for CUDA tensors once a GPU measurement shows it
-    ahead. ``"triton"`` on CPU tensors runs only under the Triton interpreter
+    ``"auto"`` picks ``"triton"`` for CUDA tensors when Triton is installed
+    and the chunked PyTorch backend ``"torch"`` otherwise. On a GPU the torch
+    backend runs its GEMMs in the accumulation dtype (fp32 for 16-bit inputs)
+    plus several elementwise passes per tile, while the Triton backend runs
+    16-bit tensor-core GEMMs with fused epilogues; ``docs/performance.md`` has
+    the model behind this choice, a prediction until measured on a GPU.
+    ``"triton"`` on CPU tensors runs only under the Triton interpreter
     (``TRITON_INTERPRET=1``, for tests) and otherwise raises a RuntimeError
     when called.
 
@@ -57,6 +58,8 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
     if backend != "auto":
         return backend
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
     return "torch"
 
 

@@ -1,8 +1,9 @@
 """Triton backend: margin softmax cross-entropy fused over classes, no ``B x C`` tensor anywhere.
 
 Reads top to bottom: configs, the two kernels, their launchers (check,
-allocate, launch; no autograd), then the autograd Function and the backend
-entry point :func:`margin_softmax` (contract: :mod:`marginops.backends.common`).
+allocate, launch; no autograd), the gradient passes that pair the second
+kernel with cuBLAS GEMMs, then the autograd Function and the backend entry
+point :func:`margin_softmax` (contract: :mod:`marginops.backends.common`).
 
 * ``_margin_fwd_kernel``: one program per (row block, class split). Each class
   tile of logits is a ``tl.dot`` of *raw* ``x`` and ``W`` tiles, scaled by
@@ -10,22 +11,34 @@ entry point :func:`margin_softmax` (contract: :mod:`marginops.backends.common`).
   ``W`` is written); the target column is set to ``-inf`` before the online
   max / sum-exp, and a running argmax of the unmasked tile gives the
   prediction. Splits write partial ``(max, sum)`` pairs that the launcher
-  combines into the non-target LSE ``N``.
-* ``_margin_bwd_kernel``: recomputes each tile, forms
-  ``P_ij = exp(s cos_ij - LSE_i) / |W_j|`` off-target and accumulates
-  ``dxh += (g s) * P @ W`` and ``dD += P.T @ ((g s / |x|) * x)`` in the
-  accumulation dtype, with atomics, or with ``deterministic=True`` one
-  program per class tile that owns its rows of ``dD`` (no atomics on dW;
-  dX keeps its atomics, so it is not bitwise reproducible).
+  combines into the non-target LSE ``N``. With ``STORE_LOGITS`` it also writes
+  the tile into a logits workspace (``strategy="workspace"``).
+* ``_margin_grad_kernel``: one program per (row block, class tile) of a chunk
+  of classes. It recomputes the logits tile (or reads it from the workspace)
+  and writes ``G_ij = g_i s (exp(s cos_ij - LSE_i) - eps/C) / |W_j|`` off the
+  target column, in the input dtype, into a ``rows x chunk`` buffer. Two
+  cuBLAS GEMMs then give ``dxh += G @ W_chunk`` (fp32 accumulation across
+  chunks) and ``dD_chunk = G.T @ xh`` (complete: all rows at once), whose
+  normalization backward and conversion to the input dtype happen chunk by
+  chunk. No atomics anywhere: the gradients are reproducible run to run.
+
+``strategy="recompute"`` (the default here) is the design that keeps no
+logits: four GEMMs (forward kernel, gradient kernel, two cuBLAS). Its scratch
+is the ``G`` chunk and one ``dD`` chunk, bounded by ``opts.memory_budget``;
+``dW`` is written in the input dtype directly, and for 16-bit inputs ``dxh``
+is the only other fp32 buffer (``B x D``). ``strategy="workspace"`` keeps a row
+block's logits over all classes (fp32) and, for a scalar loss, forms the
+gradients during the forward pass: three GEMMs, workspace bounded by the
+budget, ``dD`` accumulated in the accumulation dtype across row blocks.
 
 Everything of size ``B``, ``D`` or ``C x D`` around the kernels (norms, the
-label-smoothing rank-1 terms, the loss, the normalization backward) runs in
-PyTorch, with the same formulas as :mod:`marginops.backends.torch_chunked`.
+loss, the normalization backward) runs in PyTorch with the formulas of
+:mod:`marginops.backends.common`, shared with the torch backend. Label
+smoothing's gradient is the ``- eps/C`` inside ``G``.
 
-``opts.chunk_size`` means classes per program here (the class split; rounded
-up to whole tiles); by default the classes are split so that the GPU stays
-full when ``B`` is small. ``opts.memory_budget`` bounds the chunks of the
-PyTorch-side ``C x D`` passes.
+``opts.chunk_size`` means classes per forward program here (the class
+split; rounded up to whole tiles); by default the classes are split so that
+the GPU stays full when ``B`` is small.
 
 On CPU the kernels run only under the Triton interpreter: ``TRITON_INTERPRET=1``
 must be set before triton is first imported (this module is imported lazily,
@@ -35,6 +48,7 @@ on the first call of ``backend="triton"``).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -43,7 +57,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import FusedOptions, GradHandoff, forward_outputs, normalize_backward
+from .common import (FusedOptions, GradHandoff, Prepared, acc_dtype, forward_outputs, loss_and_lse,
+                     target_grad, weighted_loss)
 
 # -- configurations -----------------------------------------------------------------------------------
 
@@ -71,19 +86,22 @@ FWD_CONFIGS = {
     torch.float32: KernelConfig(128, 64, 16, 8, 3),
     torch.float64: KernelConfig(64, 32, 16, 4, 2),
 }
-BWD_CONFIGS = {
-    torch.bfloat16: KernelConfig(64, 128, 32, 8, 2),
-    torch.float16: KernelConfig(64, 128, 32, 8, 2),
-    torch.float32: KernelConfig(32, 64, 16, 4, 2),
-    torch.float64: KernelConfig(32, 32, 8, 4, 1),
+#: The forward of ``strategy="workspace"`` also stores each logits tile: 128 x 128 16-bit tiles spill
+#: then (372 bytes on sm_80), 128 x 64 do not.
+WORKSPACE_FWD_CONFIGS = {
+    **FWD_CONFIGS,
+    torch.bfloat16: KernelConfig(128, 64, 64, 8, 3),
+    torch.float16: KernelConfig(128, 64, 64, 8, 3),
 }
-#: Forward and backward each aim for this many programs per SM (class splits fill the chip when B is small).
+GRAD_CONFIGS = {
+    torch.bfloat16: KernelConfig(128, 128, 64, 8, 3),
+    torch.float16: KernelConfig(128, 128, 64, 8, 3),
+    torch.float32: KernelConfig(128, 64, 16, 8, 3),
+    torch.float64: KernelConfig(64, 32, 16, 4, 2),
+}
+#: The forward aims for this many programs per SM (class splits fill the chip when B is small).
 PROGRAMS_PER_SM = 2
 SUPPORTED_DTYPES = tuple(FWD_CONFIGS)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # -- kernels --------------------------------------------------------------------------------------------
@@ -132,13 +150,16 @@ def _margin_fwd_kernel(
     l_ptr,  # (B, S) out: per-split sum of exp(logit - max)
     pv_ptr,  # (B, S) out: per-split max over all logits (read only with HAS_PRED)
     pi_ptr,  # (B, S) out: its first class index, int64 (HAS_PRED)
+    lg_ptr,  # (B, C) out: the logits, target included (written only with STORE_LOGITS)
     B, C, D,  # sizes
     classes_per_split,  # classes per program along axis 1 (a multiple of BLOCK_C)
     stride_xb, stride_xd,  # x strides
     stride_wc, stride_wd,  # W strides
     stride_pb,  # row stride of the four (B, S) outputs (S)
+    stride_lb,  # row stride of the logits workspace
     HAS_NORM: tl.constexpr,  # fold in the column factor
     HAS_PRED: tl.constexpr,  # track the running argmax
+    STORE_LOGITS: tl.constexpr,  # write each tile to lg_ptr
     UPCAST: tl.constexpr,  # convert tiles to ACC right after loading (bf16 under the interpreter)
     ACC: tl.constexpr,  # accumulation dtype (float32, or float64 for float64 inputs)
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision for float32 inputs
@@ -165,6 +186,9 @@ def _margin_fwd_kernel(
         w_base = w_ptr + offs_c[:, None] * stride_wc + offs_d[None, :] * stride_wd
         logits = _logits_tile(x_base, w_base, rs, cs_ptr, offs_c, row_ok, col_ok, D, stride_xd, stride_wd,
                               HAS_NORM, UPCAST, ACC, DOT_PRECISION, BLOCK_B, BLOCK_C, BLOCK_D)
+        if STORE_LOGITS:
+            tl.store(lg_ptr + offs_b[:, None] * stride_lb + offs_c[None, :], logits,
+                     mask=row_ok[:, None] & col_ok[None, :])
         logits = tl.where(col_ok[None, :], logits, float("-inf"))
         if HAS_PRED:
             tile_best = tl.max(logits, axis=1)
@@ -188,83 +212,48 @@ def _margin_fwd_kernel(
 
 
 @triton.jit
-def _margin_bwd_kernel(
-    x_ptr,  # (B, D) raw embeddings
-    w_ptr,  # (C, D) raw class weights
-    y_ptr,  # (B,) int64 labels in [0, C)
-    rs_ptr,  # (B,) row factor of the logits: s / max(|x_i|, eps), or s
-    cs_ptr,  # (C,) column factor 1 / max(|W_j|, eps) (HAS_NORM)
-    lse_ptr,  # (B,) LSE_i over all classes, margined target included
-    gx_ptr,  # (B,) g_i * s: row factor of the dX product
-    gw_ptr,  # (B,) g_i * s / max(|x_i|, eps) (or g_i * s): row factor of x in the dW product
-    dx_ptr,  # (B, D) out, ACC, zero-initialized: dL/dxh from the non-target classes (HAS_DX)
-    dw_ptr,  # (C, D) out, ACC, zero-initialized: dD_j = dL/dwh_j / max(|W_j|, eps) (HAS_DW)
-    B, C, D,  # sizes
-    rows_per_program, classes_per_program,  # the (rows x classes) rectangle of one program
-    stride_xb, stride_xd,  # x strides
-    stride_wc, stride_wd,  # W strides
-    stride_dxb, stride_dxd,  # dx strides
-    stride_dwc, stride_dwd,  # dw strides
-    HAS_NORM: tl.constexpr,  # fold in the column factor
-    HAS_DX: tl.constexpr,  # accumulate dx (atomically)
-    HAS_DW: tl.constexpr,  # accumulate dw
-    DW_ATOMIC: tl.constexpr,  # atomics on dw; False: this program owns its classes' rows of dw
-    UPCAST: tl.constexpr,  # convert tiles to ACC right after loading (bf16 under the interpreter)
-    ACC: tl.constexpr,  # accumulation dtype
-    DOT_PRECISION: tl.constexpr,  # tl.dot input_precision for float32 inputs
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+def _margin_grad_kernel(
+    x_ptr,  # (R, D) raw embeddings of the rows
+    w_ptr,  # (Cc, D) raw class weights of the chunk
+    y_ptr,  # (R,) int64 labels (global class indices)
+    rs_ptr,  # (R,) row factor of the logits (as in the forward)
+    cs_ptr,  # (Cc,) column factor 1 / max(|W_j|, eps) of the chunk (read only with HAS_NORM)
+    lse_ptr,  # (R,) log-sum-exp over all classes, margined target included
+    coef_ptr,  # (R,) g_i * s: upstream gradient times scale
+    lg_ptr,  # (R, Cc) stored logits of the chunk (read only with FROM_LOGITS)
+    g_ptr,  # (R, Cc) out: G in the input dtype
+    R, Cc, D,  # sizes
+    label_offset,  # the chunk's first class: column j is class label_offset + j
+    smooth,  # eps / C (label smoothing), or 0
+    stride_xb, stride_xd, stride_wc, stride_wd, stride_lb, stride_gb,
+    HAS_NORM: tl.constexpr, FROM_LOGITS: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    r_start = tl.program_id(0).to(tl.int64) * rows_per_program
-    r_end = tl.minimum(r_start + rows_per_program, B)
-    c_start = tl.program_id(1).to(tl.int64) * classes_per_program
-    c_end = tl.minimum(c_start + classes_per_program, C)
-    offs_d = tl.arange(0, BLOCK_D)
-    for r0 in range(r_start, r_end, BLOCK_B):
-        offs_b = r0 + tl.arange(0, BLOCK_B)
-        row_ok = offs_b < r_end
-        y = tl.load(y_ptr + offs_b, mask=row_ok, other=-1)
+    pid_b = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_b = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = offs_b < R
+    col_ok = offs_c < Cc
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    if FROM_LOGITS:
+        logits = tl.load(lg_ptr + offs_b[:, None] * stride_lb + offs_c[None, :], mask=tile_ok, other=0.0).to(ACC)
+    else:
+        offs_d = tl.arange(0, BLOCK_D)
         rs = tl.load(rs_ptr + offs_b, mask=row_ok, other=0.0).to(ACC)
-        lse = tl.load(lse_ptr + offs_b, mask=row_ok, other=0.0).to(ACC)
-        if HAS_DX:
-            gx = tl.load(gx_ptr + offs_b, mask=row_ok, other=0.0).to(ACC)
-        if HAS_DW:
-            gw = tl.load(gw_ptr + offs_b, mask=row_ok, other=0.0).to(ACC)
         x_base = x_ptr + offs_b[:, None] * stride_xb + offs_d[None, :] * stride_xd
-        for c0 in range(c_start, c_end, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            col_ok = offs_c < c_end
-            w_base = w_ptr + offs_c[:, None] * stride_wc + offs_d[None, :] * stride_wd
-            logits = _logits_tile(x_base, w_base, rs, cs_ptr, offs_c, row_ok, col_ok, D, stride_xd, stride_wd,
-                                  HAS_NORM, UPCAST, ACC, DOT_PRECISION, BLOCK_B, BLOCK_C, BLOCK_D)
-            keep = row_ok[:, None] & col_ok[None, :] & (offs_c[None, :] != y[:, None])
-            p = tl.where(keep, tl.exp(logits - lse[:, None]), 0.0)
-            if HAS_NORM:
-                p = p * tl.load(cs_ptr + offs_c, mask=col_ok, other=0.0).to(ACC)[None, :]
-            if not UPCAST:
-                p = p.to(w_ptr.dtype.element_ty)  # tensor-core operand; accumulation stays in ACC
-            # both products, D step by D step (addresses rebuilt from 1-D offsets: nothing 2-D stays live)
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + offs_d
-                d_ok = dd < D
-                if HAS_DX:
-                    wt = tl.load(w_ptr + offs_c[:, None] * stride_wc + dd[None, :] * stride_wd,
-                                 mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                    if UPCAST:
-                        wt = wt.to(ACC)
-                    part = tl.dot(p, wt, input_precision=DOT_PRECISION, out_dtype=ACC) * gx[:, None]
-                    tl.atomic_add(dx_ptr + offs_b[:, None] * stride_dxb + dd[None, :] * stride_dxd, part,
-                                  mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
-                if HAS_DW:
-                    xt = tl.load(x_ptr + offs_b[:, None] * stride_xb + dd[None, :] * stride_xd,
-                                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                    xg = (xt.to(ACC) * gw[:, None]).to(p.dtype)
-                    part = tl.dot(tl.trans(p), xg, input_precision=DOT_PRECISION, out_dtype=ACC)
-                    dw_ptrs = dw_ptr + offs_c[:, None] * stride_dwc + dd[None, :] * stride_dwd
-                    dw_mask = col_ok[:, None] & d_ok[None, :]
-                    if DW_ATOMIC:
-                        tl.atomic_add(dw_ptrs, part, mask=dw_mask, sem="relaxed")
-                    else:
-                        tl.store(dw_ptrs, tl.load(dw_ptrs, mask=dw_mask, other=0.0) + part, mask=dw_mask)
+        w_base = w_ptr + offs_c[:, None] * stride_wc + offs_d[None, :] * stride_wd
+        logits = _logits_tile(x_base, w_base, rs, cs_ptr, offs_c, row_ok, col_ok, D, stride_xd, stride_wd,
+                              HAS_NORM, UPCAST, ACC, DOT_PRECISION, BLOCK_B, BLOCK_C, BLOCK_D)
+    y = tl.load(y_ptr + offs_b, mask=row_ok, other=-1) - label_offset
+    lse = tl.load(lse_ptr + offs_b, mask=row_ok, other=0.0).to(ACC)
+    coef = tl.load(coef_ptr + offs_b, mask=row_ok, other=0.0).to(ACC)
+    g = tl.exp(logits - lse[:, None]) - smooth
+    if HAS_NORM:
+        g = g * tl.load(cs_ptr + offs_c, mask=col_ok, other=0.0).to(ACC)[None, :]
+    keep = tile_ok & (offs_c[None, :] != y[:, None])
+    g = tl.where(keep, g * coef[:, None], 0.0)
+    tl.store(g_ptr + offs_b[:, None] * stride_gb + offs_c[None, :], g.to(g_ptr.dtype.element_ty), mask=tile_ok)
 
 
 # -- launchers ----------------------------------------------------------------------------------------
@@ -323,7 +312,7 @@ def classes_per_program(B: int, C: int, cfg: KernelConfig, device: torch.device,
 
 
 def _constexprs(x: Tensor) -> dict:
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     if x.dtype == torch.float32:
         precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
     elif x.dtype == torch.float64:
@@ -339,7 +328,8 @@ def _constexprs(x: Tensor) -> dict:
 
 def margin_fwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Optional[Tensor], *,
                want_prediction: bool = False, classes: Optional[int] = None,
-               config: Optional[KernelConfig] = None) -> tuple[Tensor, Optional[Tensor]]:
+               config: Optional[KernelConfig] = None,
+               logits_out: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Per-row log-sum-exp of ``row_scale_i * col_scale_j * (x_i . W_j)`` over ``j != y_i``, and the argmax.
 
     Args:
@@ -348,7 +338,10 @@ def margin_fwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Op
         col_scale: ``(C,)`` ``1 / |W_j|``, or None (``normalize=False``).
         want_prediction: also return the argmax over all classes (first index on ties).
         classes: classes per program (class splits); default: :func:`classes_per_program`.
-        config: tile config; default: :data:`FWD_CONFIGS` for the dtype.
+        config: tile config; default: :data:`FWD_CONFIGS` for the dtype
+            (:data:`WORKSPACE_FWD_CONFIGS` with ``logits_out``).
+        logits_out: optional ``(B, C)`` tensor in the accumulation dtype (unit column stride)
+            that receives every logit, target column included.
 
     Returns:
         ``N`` (B,) in the accumulation dtype (``-inf`` when ``C == 1``) and the prediction (B,) int64 or None.
@@ -356,22 +349,27 @@ def margin_fwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Op
     _check_inputs(x, W, y)
     B, D = x.shape
     C = W.shape[0]
-    acc = _acc_dtype(x.dtype)
-    cfg = config or FWD_CONFIGS[x.dtype]
+    acc = acc_dtype(x.dtype)
+    cfg = config or (FWD_CONFIGS if logits_out is None else WORKSPACE_FWD_CONFIGS)[x.dtype]
     per = classes_per_program(B, C, cfg, x.device, classes)
     splits = triton.cdiv(C, per)
     m = torch.empty(B, splits, device=x.device, dtype=acc)
     l = torch.empty_like(m)
     pv = torch.empty_like(m) if want_prediction else m
     pi = torch.empty(B, splits, device=x.device, dtype=torch.int64) if want_prediction else y
+    if logits_out is not None and (logits_out.shape != (B, C) or logits_out.dtype != acc or logits_out.stride(1) != 1):
+        raise ValueError(f"logits_out must be ({B}, {C}) {acc} with unit column stride, got "
+                         f"{tuple(logits_out.shape)} {logits_out.dtype} strides {logits_out.stride()}")
     if B > 0:
         grid = (triton.cdiv(B, cfg.block_b), splits)
         _margin_fwd_kernel[grid](
             x, W, y, row_scale, col_scale if col_scale is not None else row_scale,
-            m, l, pv, pi,
+            m, l, pv, pi, logits_out if logits_out is not None else m,
             B, C, D, per,
             x.stride(0), x.stride(1), W.stride(0), W.stride(1), splits,
-            HAS_NORM=col_scale is not None, HAS_PRED=want_prediction, **_constexprs(x),
+            logits_out.stride(0) if logits_out is not None else 0,
+            HAS_NORM=col_scale is not None, HAS_PRED=want_prediction, STORE_LOGITS=logits_out is not None,
+            **_constexprs(x),
             BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -386,128 +384,219 @@ def margin_fwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Op
     return N, pred
 
 
-def margin_bwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Optional[Tensor], lse: Tensor,
-               gx: Tensor, gw: Tensor, *, need_x: bool, need_W: bool, deterministic: bool = False,
-               classes: Optional[int] = None,
-               config: Optional[KernelConfig] = None) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """Non-target gradient products ``dxh`` (B, D) and ``dD`` (C, D), accumulation dtype.
 
-    With ``P_ij = exp(row_scale_i col_scale_j (x_i . W_j) - lse_i) * col_scale_j`` for ``j != y_i``::
 
-        dxh_i = gx_i * sum_j P_ij W_j          dD_j = sum_i P_ij gw_i x_i
+def margin_grad(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Optional[Tensor], lse: Tensor,
+                coef: Tensor, out: Tensor, *, label_offset: int = 0, smoothing: float = 0.0,
+                logits: Optional[Tensor] = None, config: Optional[KernelConfig] = None) -> Tensor:
+    """Fill ``out`` (R, Cc) with ``G_ij = coef_i (exp(l_ij - lse_i) - smoothing) col_scale_j``, 0 on targets.
 
-    ``deterministic=True`` gives each program one class tile and all rows, so
-    ``dD`` is accumulated without atomics in a fixed order (bitwise
-    reproducible); ``dxh`` still uses atomics. Its cost: ``C / block_c``
-    programs (fewer than the atomic grid when ``C`` is small), and each
-    program re-reads every row of ``x``.
+    Here ``l_ij = row_scale_i col_scale_j (x_i . W_j)`` is recomputed, or read
+    from ``logits`` (R, Cc) in the accumulation dtype. ``x`` (R, D) and ``W``
+    (Cc, D) may be row slices of the full inputs; column ``j`` is the class
+    ``label_offset + j`` (the target test against ``y``).
     """
     _check_inputs(x, W, y)
-    B, D = x.shape
-    C = W.shape[0]
-    acc = _acc_dtype(x.dtype)
-    dxh = torch.zeros(B, D, device=x.device, dtype=acc) if need_x else None
-    dD = torch.zeros(C, D, device=x.device, dtype=acc) if need_W else None
-    if B == 0 or not (need_x or need_W):
-        return dxh, dD
-    cfg = config or BWD_CONFIGS[x.dtype]
-    if deterministic and need_W:
-        rows, per = B, cfg.block_c
-    else:
-        rows = cfg.block_b
-        per = classes_per_program(B, C, cfg, x.device, classes)
-    grid = (triton.cdiv(B, rows), triton.cdiv(C, per))
-    dx_arg = dxh if dxh is not None else row_scale
-    dw_arg = dD if dD is not None else row_scale
-    _margin_bwd_kernel[grid](
-        x, W, y, row_scale, col_scale if col_scale is not None else row_scale, lse, gx, gw,
-        dx_arg, dw_arg,
-        B, C, D, rows, per,
-        x.stride(0), x.stride(1), W.stride(0), W.stride(1),
-        dxh.stride(0) if dxh is not None else 0, dxh.stride(1) if dxh is not None else 0,
-        dD.stride(0) if dD is not None else 0, dD.stride(1) if dD is not None else 0,
-        HAS_NORM=col_scale is not None, HAS_DX=need_x, HAS_DW=need_W, DW_ATOMIC=not deterministic,
-        **_constexprs(x),
+    R, D = x.shape
+    Cc = W.shape[0]
+    acc = acc_dtype(x.dtype)
+    if out.shape != (R, Cc) or out.dtype != x.dtype or out.stride(1) != 1:
+        raise ValueError(f"out must be ({R}, {Cc}) {x.dtype} with unit column stride, got "
+                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    if logits is not None and (logits.shape != (R, Cc) or logits.dtype != acc or logits.stride(1) != 1):
+        raise ValueError(f"logits must be ({R}, {Cc}) {acc} with unit column stride, got "
+                         f"{tuple(logits.shape)} {logits.dtype} strides {logits.stride()}")
+    if R == 0 or Cc == 0:
+        return out
+    cfg = config or GRAD_CONFIGS[x.dtype]
+    grid = (triton.cdiv(R, cfg.block_b), triton.cdiv(Cc, cfg.block_c))
+    _margin_grad_kernel[grid](
+        x, W, y, row_scale, col_scale if col_scale is not None else row_scale, lse, coef,
+        logits if logits is not None else lse, out,
+        R, Cc, D, label_offset, float(smoothing),
+        x.stride(0), x.stride(1), W.stride(0), W.stride(1), logits.stride(0) if logits is not None else 0,
+        out.stride(0),
+        HAS_NORM=col_scale is not None, FROM_LOGITS=logits is not None, **_constexprs(x),
         BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return dxh, dD
+    return out
+
+
+# -- the gradient passes: G chunks from the kernels, products from cuBLAS ------------------------------
+
+_MM_OUT_DTYPE: dict[str, bool] = {}  # device type -> whether torch.mm(..., out_dtype=) works there
+
+
+def _mm_acc(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """``a @ b`` in ``acc``: 16-bit operands accumulate in fp32 and come back in fp32 where PyTorch
+    offers ``out_dtype`` (CUDA, recent versions); elsewhere the product is rounded to the operands'
+    dtype once per chunk before it is accumulated."""
+    if a.dtype == acc:
+        return torch.mm(a, b)
+    kind = a.device.type
+    if _MM_OUT_DTYPE.get(kind, True):
+        try:
+            return torch.mm(a, b, out_dtype=acc)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[kind] = False
+    return torch.mm(a, b).to(acc)
+
+
+@dataclass(frozen=True)
+class GradPlan:
+    """Rows and classes per ``G`` buffer, and its bytes."""
+
+    rows: int
+    chunk: int
+    buffer_bytes: int
+
+
+def grad_plan(B: int, C: int, D: int, dtype: torch.dtype, budget: int, fixed: int = 0,
+              config: Optional[KernelConfig] = None) -> GradPlan:
+    """The largest ``G`` chunk the budget allows, all rows at once if possible.
+
+    Per chunk of ``k`` classes and ``r`` rows the scratch is ``G`` (``r k``
+    input elements), the product ``G.T @ xh`` (``k D``, input dtype and
+    accumulation dtype) and ``G @ W`` (``r D``, both dtypes); ``fixed`` bytes
+    (a logits workspace) come off the budget first. Classes come in whole
+    tiles; below one tile of classes for all rows, the rows shrink (whole
+    tiles) before the classes do, and one tile by one tile is the floor.
+    """
+    cfg = config or GRAD_CONFIGS[dtype]
+    elt = torch.finfo(dtype).bits // 8
+    both = elt + torch.finfo(acc_dtype(dtype)).bits // 8
+    left = max(0, budget - fixed)
+    tiles = max(1, triton.cdiv(C, cfg.block_c))
+    rows = max(1, B)
+    while True:
+        per_tile = cfg.block_c * (rows * elt + D * both)
+        fit = (left - rows * D * both) // per_tile
+        if fit >= 1 or rows <= cfg.block_b:
+            break
+        rows = max(cfg.block_b, (rows // 2) // cfg.block_b * cfg.block_b)
+    per = int(max(1, min(tiles, fit)))
+    tiles_per_chunk = triton.cdiv(tiles, triton.cdiv(tiles, per))  # even chunks
+    chunk = min(C, tiles_per_chunk * cfg.block_c) if C > 0 else cfg.block_c
+    rows = min(rows, max(B, 1))
+    return GradPlan(rows, chunk, rows * chunk * elt)
+
+
+def _chunk_grads(prep: Prepared, x: Tensor, xh_in: Tensor, lse: Tensor, coef: Tensor, r0: int, r1: int,
+                 c0: int, c1: int, G: Tensor, dxh: Optional[Tensor], logits: Optional[Tensor] = None) -> Optional[Tensor]:
+    """One (row range, class chunk): ``G`` from the kernel, ``dxh[r0:r1] += G @ W`` and the returned
+    ``G.T @ xh`` (``c1 - c0`` x D, accumulation dtype; None unless ``xh_in`` is given)."""
+    W = prep.W
+    margin_grad(x[r0:r1], W[c0:c1], prep.y[r0:r1], prep.row_scale[r0:r1],
+                prep.inv_w[c0:c1] if prep.inv_w is not None else None, lse[r0:r1], coef[r0:r1], G,
+                label_offset=c0, smoothing=prep.opts.label_smoothing / prep.C, logits=logits)
+    if dxh is not None:
+        dxh[r0:r1] += _mm_acc(G, W[c0:c1], prep.acc)
+    return _mm_acc(G.t(), xh_in[r0:r1], prep.acc) if xh_in is not None else None
+
+
+def _recompute_grads(prep: Prepared, x: Tensor, lse: Tensor, coef: Tensor, need_x: bool,
+                     need_W: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """``dx`` (accumulation dtype) and ``dW`` (input dtype) for per-row upstream weights ``coef / s``.
+
+    Class chunk by class chunk: the kernel recomputes the logits into ``G``,
+    cuBLAS multiplies, and each chunk of ``dW`` is finished (normalization
+    backward) and written in the input dtype before the next one starts.
+    """
+    B, C, D = prep.B, prep.C, prep.D
+    pl = grad_plan(B, C, D, x.dtype, prep.opts.budget)
+    dxh = torch.zeros(B, D, device=x.device, dtype=prep.acc) if need_x else None
+    dW = torch.empty(C, D, device=x.device, dtype=x.dtype) if need_W else None
+    xh_in = prep.xh.to(x.dtype) if need_W else None
+    buf = torch.empty(pl.rows * pl.chunk, device=x.device, dtype=x.dtype)
+    for c0 in range(0, C, pl.chunk):
+        c1 = min(c0 + pl.chunk, C)
+        dD = None
+        for r0 in range(0, B, pl.rows):
+            r1 = min(r0 + pl.rows, B)
+            G = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+            part = _chunk_grads(prep, x, xh_in, lse, coef, r0, r1, c0, c1, G, dxh)
+            dD = part if dD is None else dD.add_(part)
+        if dW is not None:
+            if dD is None:
+                dW[c0:c1] = 0
+            else:
+                dW[c0:c1] = prep.finish_w_grad(dD, c0, c1)
+    return (prep.finish_x_grad(dxh) if dxh is not None else None), dW
+
+
+#: Share of the budget the workspace strategy leaves for ``G`` chunks (the rest holds logits).
+WORKSPACE_G_FRACTION = 0.25
+
+
+def workspace_rows(B: int, C: int, dtype: torch.dtype, budget: int) -> int:
+    """Rows per block of the workspace strategy: as many as fit with their fp32 logits over all
+    classes and a ``G`` buffer of at most :data:`WORKSPACE_G_FRACTION` of the budget; blocks evened out.
+
+    Raises:
+        ValueError: when not even one row fits.
+    """
+    acc_elt = torch.finfo(acc_dtype(dtype)).bits // 8
+    rows = min(B, int(budget * (1 - WORKSPACE_G_FRACTION)) // max(1, C * acc_elt))
+    if rows < 1:
+        need = math.ceil(C * acc_elt / (1 - WORKSPACE_G_FRACTION))
+        raise ValueError(f"strategy='workspace' needs memory_budget >= {need} bytes (one row of logits across "
+                         f"all {C} classes, plus the gradient buffer), got memory_budget={budget}")
+    return math.ceil(B / math.ceil(B / rows))
+
+
+def _workspace_forward(prep: Prepared, x: Tensor, z: Tensor, w: Tensor, need_x: bool, need_W: bool):
+    """Forward with the gradients for ``grad_output = 1`` (three GEMMs): per row block, the forward
+    kernel stores the logits over all classes, the block's LSE follows, then the gradient kernel reads
+    the stored logits chunk by chunk and cuBLAS multiplies. ``dD`` accumulates across row blocks."""
+    B, C, D, acc = prep.B, prep.C, prep.D, prep.acc
+    budget = prep.opts.budget
+    rows = workspace_rows(B, C, x.dtype, budget)
+    acc_elt = torch.finfo(acc).bits // 8
+    pl = grad_plan(rows, C, D, x.dtype, budget, fixed=rows * C * acc_elt)
+    logits_ws = torch.empty(rows * C, device=x.device, dtype=acc)
+    buf = torch.empty(pl.rows * pl.chunk, device=x.device, dtype=x.dtype)
+    dxh = torch.zeros(B, D, device=x.device, dtype=acc) if need_x else None
+    dD = torch.zeros(C, D, device=x.device, dtype=acc) if need_W else None
+    xh_in = prep.xh.to(x.dtype) if need_W else None
+    N = torch.empty(B, device=x.device, dtype=acc)
+    lse = torch.empty_like(N)
+    pred = torch.empty(B, device=x.device, dtype=torch.int64) if prep.opts.want_prediction else None
+    coef = w * prep.opts.scale
+    for b0 in range(0, B, rows):
+        b1 = min(b0 + rows, B)
+        lg = logits_ws[: (b1 - b0) * C].view(b1 - b0, C)
+        N[b0:b1], p = margin_fwd(x[b0:b1], prep.W, prep.y[b0:b1], prep.row_scale[b0:b1], prep.inv_w,
+                                 want_prediction=pred is not None, classes=prep.opts.chunk_size, logits_out=lg)
+        if pred is not None:
+            pred[b0:b1] = p
+        lse[b0:b1] = torch.logaddexp(N[b0:b1], z[b0:b1])
+        for c0 in range(0, C, pl.chunk):
+            c1 = min(c0 + pl.chunk, C)
+            for r0 in range(b0, b1, pl.rows):
+                r1 = min(r0 + pl.rows, b1)
+                G = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+                part = _chunk_grads(prep, x, xh_in, lse, coef, r0, r1, c0, c1, G, dxh,
+                                    logits=lg[r0 - b0:r1 - b0, c0:c1])
+                if dD is not None:
+                    dD[c0:c1] += part
+    dx = prep.finish_x_grad(dxh) if dxh is not None else None
+    dW = prep.finish_w_grads(dD) if dD is not None else None
+    return N, pred, dx, dW
 
 
 # -- the autograd Function ------------------------------------------------------------------------------
 
 
-class _Prepared:
-    """Per-call vectors shared by the forward and the backward pass (B-, C- and D-sized only)."""
+class _Prepared(Prepared):
+    """The shared per-call quantities plus the forward kernel's row factor."""
 
     def __init__(self, x: Tensor, W: Tensor, y: Tensor, opts: FusedOptions):
-        self.opts = opts
-        self.acc = _acc_dtype(x.dtype)
-        self.B, self.D = x.shape
-        self.C = W.shape[0]
-        self.chunk = max(1, min(self.C, opts.budget // max(1, 2 * self.D * (torch.finfo(self.acc).bits // 8))))
-        xf = x.to(self.acc)
-        if opts.normalize:
-            norm_x = torch.linalg.vector_norm(xf, dim=1)
-            self.x_clamped = norm_x <= opts.eps
-            self.inv_x: Optional[Tensor] = 1.0 / norm_x.clamp_min(opts.eps)
-            norm_w = torch.linalg.vector_norm(W, dim=1, dtype=self.acc)
-            self.w_clamped = norm_w <= opts.eps
-            self.inv_w: Optional[Tensor] = 1.0 / norm_w.clamp_min(opts.eps)
-            self.xh = xf * self.inv_x.unsqueeze(1)
+        super().__init__(x, W, y, opts)
+        if self.inv_x is not None:
             self.row_scale = self.inv_x * opts.scale
         else:
-            self.inv_x = self.inv_w = None
-            self.xh = xf
             self.row_scale = torch.full((self.B,), opts.scale, device=x.device, dtype=self.acc)
-        self._class_sum: Optional[Tensor] = None
-
-    def w_hat_rows(self, W: Tensor, index: Tensor) -> Tensor:
-        wy = W.index_select(0, index).to(self.acc)
-        return wy if self.inv_w is None else wy * self.inv_w[index].unsqueeze(1)
-
-    def class_sum(self, W: Tensor) -> Tensor:
-        """``sum_j wh_j`` (D,), chunked over classes (computed once per call)."""
-        if self._class_sum is None:
-            total = torch.zeros(self.D, device=W.device, dtype=self.acc)
-            for c0 in range(0, self.C, self.chunk):
-                wt = W[c0:c0 + self.chunk].to(self.acc)
-                total += wt.sum(0) if self.inv_w is None else self.inv_w[c0:c0 + self.chunk] @ wt
-            self._class_sum = total
-        return self._class_sum
-
-    def smoothing_other(self, W: Tensor, y: Tensor) -> Tensor:
-        """``sum_{j != y_i} s * cos_ij`` per row: one GEMV minus the target."""
-        return self.opts.scale * (self.xh @ self.class_sum(W) - (self.xh * self.w_hat_rows(W, y)).sum(1))
-
-
-def _smoothing_grads(prep: _Prepared, W: Tensor, y: Tensor, g: Tensor, dxh: Optional[Tensor],
-                     dD: Optional[Tensor]) -> None:
-    """Rank-1 gradient of ``-(eps/C) * sum_{j != y} s * cos_ij`` into ``dxh`` and ``dD`` (in place)."""
-    eps = prep.opts.label_smoothing
-    if eps <= 0:
-        return
-    coef = (-prep.opts.scale * eps / prep.C) * g
-    if dxh is not None:
-        dxh.add_(coef.unsqueeze(1) * (prep.class_sum(W).unsqueeze(0) - prep.w_hat_rows(W, y)))
-    if dD is not None:
-        gx = coef.unsqueeze(1) * prep.xh
-        col = prep.inv_w if prep.inv_w is not None else torch.ones(prep.C, device=W.device, dtype=prep.acc)
-        dD.addr_(col, gx.sum(0))
-        dD.index_add_(0, y, -gx * col[y].unsqueeze(1))
-
-
-def _finish_dW(prep: _Prepared, W: Tensor, dD: Tensor) -> Tensor:
-    """In place: ``dD_j`` becomes ``dW_j = dD_j - W_j inv_w_j^2 (W_j . dD_j)`` (chunked over classes)."""
-    if prep.inv_w is None:
-        return dD
-    coef = torch.where(prep.w_clamped, torch.zeros_like(prep.inv_w), prep.inv_w * prep.inv_w)
-    for c0 in range(0, prep.C, prep.chunk):
-        c1 = min(c0 + prep.chunk, prep.C)
-        wt = W[c0:c1].to(prep.acc)
-        d = dD[c0:c1]
-        d.addcmul_(wt, ((d * wt).sum(1) * coef[c0:c1]).unsqueeze(1), value=-1.0)
-    return dD
 
 
 class _MarginSoftmax(torch.autograd.Function):
@@ -518,42 +607,44 @@ class _MarginSoftmax(torch.autograd.Function):
                 opts: FusedOptions):
         _check_inputs(x, W, y)
         prep = _Prepared(x, W, y, opts)
-        N, pred = margin_fwd(x, W, y, prep.row_scale, prep.inv_w, want_prediction=opts.want_prediction,
-                             classes=opts.chunk_size)
         zf = z.to(prep.acc)
         wf = w.to(prep.acc)
-        lse = torch.logaddexp(N, zf)
-        loss_rows = lse - zf
-        eps = opts.label_smoothing
-        if eps > 0:  # PyTorch's smoothing: (1-eps) * CE + eps * mean_j(lse - logit_j)
-            loss_rows = loss_rows + eps * (zf - (prep.smoothing_other(W, y) + zf) / prep.C)
-        weighted = torch.where(wf != 0, loss_rows * wf, torch.zeros_like(loss_rows))
-        loss = weighted.sum() if opts.reduce else weighted
+        ctx.early = None
+        need_x, need_W = handoff.need_x, handoff.need_W
+        early = opts.strategy == "workspace" and opts.reduce and (need_x or need_W) and prep.B > 0
+        if early:
+            N, pred, dx, dW = _workspace_forward(prep, x, zf, wf, need_x, need_W)
+        else:
+            N, pred = margin_fwd(x, W, y, prep.row_scale, prep.inv_w, want_prediction=opts.want_prediction,
+                                 classes=opts.chunk_size)
+        loss_rows, lse = loss_and_lse(prep, N, zf)
+        if early:
+            ctx.early = (dx, dW, target_grad(prep, wf, zf, lse))  # gradients for grad_output = 1
         ctx.prep = prep
         ctx.handoff = handoff
-        ctx.save_for_backward(x, W, y, zf, wf, lse)
-        return forward_outputs(ctx, loss, lse, pred, x)
+        ctx.save_for_backward(x, W, zf, wf, lse)
+        return forward_outputs(ctx, weighted_loss(loss_rows, wf, opts.reduce), lse, pred, x)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_lse, _grad_pred):
-        x, W, y, zf, wf, lse = ctx.saved_tensors
+        x, W, zf, wf, lse = ctx.saved_tensors  # unpacking checks nobody modified x or W in place
         prep: _Prepared = ctx.prep
         handoff: GradHandoff = ctx.handoff
-        opts = prep.opts
+        need_z = ctx.needs_input_grad[3]
+        if ctx.early is not None:
+            # workspace strategy: scale the stored gradients; a second backward (retain_graph) recomputes
+            dx, dW, dz = ctx.early
+            ctx.early = None
+            g0 = grad_loss.to(prep.acc)
+            handoff.dx = dx.mul_(g0) if dx is not None else None
+            handoff.dW = dW.mul_(g0) if dW is not None else None
+            return None, None, None, (dz * g0).to(zf.dtype) if need_z else None, None, None, None
         g = wf * grad_loss.to(prep.acc)
-        gx = g * opts.scale
-        gw = gx if prep.inv_x is None else gx * prep.inv_x
-        dxh, dD = margin_bwd(x, W, y, prep.row_scale, prep.inv_w, lse, gx, gw, need_x=handoff.need_x,
-                             need_W=handoff.need_W, classes=opts.chunk_size)
-        _smoothing_grads(prep, W, y, g, dxh, dD)
-        if dxh is not None and prep.inv_x is not None:
-            dxh = normalize_backward(prep.xh, prep.inv_x, prep.x_clamped, dxh)
-        handoff.dx = dxh
-        handoff.dW = _finish_dW(prep, W, dD) if dD is not None else None
-        dz = None
-        if ctx.needs_input_grad[3]:
-            eps = opts.label_smoothing
-            dz = (g * (torch.exp(zf - lse) - (1.0 - eps) - eps / prep.C)).to(zf.dtype)
+        handoff.dx, handoff.dW = None, None
+        if handoff.need_x or handoff.need_W:
+            handoff.dx, handoff.dW = _recompute_grads(prep, x, lse, g * prep.opts.scale, handoff.need_x,
+                                                      handoff.need_W)
+        dz = target_grad(prep, g, zf, lse).to(zf.dtype) if need_z else None
         return None, None, None, dz, None, None, None
 
 
