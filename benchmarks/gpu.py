@@ -10,6 +10,8 @@ Implementations (each skipped with a note when unavailable):
 
 * ``floor``: the three GEMMs of the shape (logits, dX, dW: ``6 B D C`` FLOPs), ``torch.mm``;
 * ``marginops-triton`` / ``marginops-torch``: ``mo.margin_cross_entropy`` with that backend;
+* ``marginops-triton-workspace``: the triton backend with ``strategy="workspace"`` (three GEMMs) and a
+  :data:`WORKSPACE_BUDGET` logits workspace;
 * ``naive``: the fully materialized computation (``backend="reference"``);
 * ``naive-compiled``: ``torch.compile`` of ``naive``;
 * ``linear_cross_entropy``: ``F.linear_cross_entropy`` (chunked options; plain problem only);
@@ -44,8 +46,8 @@ from typing import Optional
 
 SIZES = [(b, d, c) for b in (4096, 8192) for d in (512, 2304) for c in (100_000, 1_000_000)]
 SMOKE_SIZES = [(37, 40, 300)]
-IMPLS = ("floor", "marginops-triton", "marginops-torch", "naive", "naive-compiled", "linear_cross_entropy",
-         "cut_cross_entropy", "liger")
+IMPLS = ("floor", "marginops-triton", "marginops-triton-workspace", "marginops-torch", "naive", "naive-compiled",
+         "linear_cross_entropy", "cut_cross_entropy", "liger")
 #: Implementations that only compute plain linear cross-entropy.
 PLAIN_ONLY = ("linear_cross_entropy", "cut_cross_entropy", "liger")
 
@@ -60,6 +62,10 @@ class Result:
     note: str = ""
 
 
+#: Scratch for ``marginops-triton-workspace``: fp32 logits of ~2,000 rows at C = 100k, ~250 rows at C = 1M.
+WORKSPACE_BUDGET = 2**30
+
+
 def _loss_factory(impl: str, problem: str) -> Optional[Callable]:
     """``f(x, W, y) -> scalar loss`` for ``impl``, or None when it is not available here."""
     import torch
@@ -70,12 +76,14 @@ def _loss_factory(impl: str, problem: str) -> Optional[Callable]:
     plain = problem == "plain"
     margin = None if plain else mo.ArcFace(0.5)
     scale = 1.0 if plain else 64.0
-    if impl in ("marginops-triton", "marginops-torch", "naive", "naive-compiled"):
-        backend = {"marginops-triton": "triton", "marginops-torch": "torch"}.get(impl, "reference")
+    if impl in ("marginops-triton", "marginops-triton-workspace", "marginops-torch", "naive", "naive-compiled"):
+        backend = {"marginops-torch": "torch", "naive": "reference", "naive-compiled": "reference"}.get(impl, "triton")
+        workspace = impl == "marginops-triton-workspace"
+        opts = dict(strategy="workspace", memory_budget=WORKSPACE_BUDGET) if workspace else {}
 
         def f(x, W, y):
             return mo.margin_cross_entropy(x, W, y, margin, scale, normalize=not plain, backend=backend,
-                                           validate_labels=False)
+                                           validate_labels=False, **opts)
 
         if impl == "naive-compiled":
             return torch.compile(f)

@@ -44,7 +44,7 @@ _PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32", "float64": 
 
 @dataclass(frozen=True)
 class Job:
-    kernel: str  # "fwd" | "grad"
+    kernel: str  # "fwd" | "grad" | "finish"
     variant: str  # which HAS_* constexprs are on
     dtype: str
     target: int  # 80 | 90
@@ -76,6 +76,7 @@ VARIANTS = {
     ("grad", "recompute"): dict(HAS_NORM=True, FROM_LOGITS=False),
     ("grad", "unnormalized"): dict(HAS_NORM=False, FROM_LOGITS=False),
     ("grad", "workspace"): dict(HAS_NORM=True, FROM_LOGITS=True),
+    ("finish", "dW"): dict(),
 }
 
 
@@ -99,8 +100,15 @@ def _source(job: Job):
                     stride_pb="i32", stride_lb="i32")
         divisible = {"D", "classes_per_split", "stride_xb", "stride_wc", "stride_lb"}
         units = ("stride_xd", "stride_wd")
+    elif job.kernel == "finish":  # streaming: its "config" is rows x 1 x features per step
+        fn, cfg = tm._finish_w_kernel, tm.KernelConfig(tm.FINISH_ROWS, 1, tm.FINISH_BLOCK_D, tm.FINISH_WARPS, 1)
+        pointers = dict(dd_ptr=acc, w_ptr=inp, coef_ptr=acc, out_ptr=inp)
+        ints = dict(Cc="i32", D="i32", stride_dd="i32", stride_w="i32", stride_out="i32")
+        divisible = {"D", "stride_dd", "stride_w", "stride_out"}
+        units = ()
     else:
-        fn, cfg = tm._margin_grad_kernel, tm.GRAD_CONFIGS[dtype]
+        table = tm.WORKSPACE_GRAD_CONFIGS if job.variant == "workspace" else tm.GRAD_CONFIGS
+        fn, cfg = tm._margin_grad_kernel, table[dtype]
         pointers = dict(x_ptr=inp, w_ptr=inp, y_ptr="*i64", rs_ptr=acc, cs_ptr=acc, lse_ptr=acc, coef_ptr=acc,
                         lg_ptr=acc, g_ptr=inp)
         ints = dict(R="i32", Cc="i32", D="i32", label_offset="i32", smooth="fp32", stride_xb="i32",
@@ -110,9 +118,12 @@ def _source(job: Job):
     if job.config is not None:
         cfg = tm.KernelConfig(*job.config)
     precision = {"float32": "tf32x3", "float64": "ieee"}.get(job.dtype, "tf32")
-    constexprs = dict(VARIANTS[(job.kernel, job.variant)], UPCAST=False,
-                      ACC=tl.float64 if job.dtype == "float64" else tl.float32, DOT_PRECISION=precision,
-                      BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d)
+    acc_tl = tl.float64 if job.dtype == "float64" else tl.float32
+    if job.kernel == "finish":
+        constexprs = dict(ACC=acc_tl, BLOCK_R=cfg.block_b, BLOCK_D=cfg.block_d)
+    else:
+        constexprs = dict(VARIANTS[(job.kernel, job.variant)], UPCAST=False, ACC=acc_tl, DOT_PRECISION=precision,
+                          BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d)
     constexprs.update({name: 1 for name in units})
     known = set(pointers) | set(ints) | set(constexprs)
     assert known >= set(fn.arg_names), f"unspecified kernel arguments: {set(fn.arg_names) - known}"
@@ -193,7 +204,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m marginops.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", default="80,90", help="compute capabilities, comma-separated")
     parser.add_argument("--dtypes", default=",".join(DTYPE_NAMES), help="input dtypes, comma-separated")
-    parser.add_argument("--kernels", default="fwd,grad", help="kernels, comma-separated")
+    parser.add_argument("--kernels", default="fwd,grad,finish", help="kernels, comma-separated")
     parser.add_argument("--variants", help="feature variants, comma-separated (default: all)")
     parser.add_argument("--configs", help="candidate configs instead of the shipped ones, e.g. "
                                           "64x128x32w8s2,128x64x32w8s3 (for tuning)")

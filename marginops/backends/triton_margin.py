@@ -99,6 +99,8 @@ GRAD_CONFIGS = {
     torch.float32: KernelConfig(128, 64, 16, 8, 3),
     torch.float64: KernelConfig(64, 32, 16, 4, 2),
 }
+#: The gradient kernel reading stored logits is elementwise (memory-bound): small tiles, many programs per SM.
+WORKSPACE_GRAD_CONFIGS = {dtype: KernelConfig(32, 128, 16, 4, 1) for dtype in GRAD_CONFIGS}
 #: The forward aims for this many programs per SM (class splits fill the chip when B is small).
 PROGRAMS_PER_SM = 2
 SUPPORTED_DTYPES = tuple(FWD_CONFIGS)
@@ -256,6 +258,36 @@ def _margin_grad_kernel(
     tl.store(g_ptr + offs_b[:, None] * stride_gb + offs_c[None, :], g.to(g_ptr.dtype.element_ty), mask=tile_ok)
 
 
+@triton.jit
+def _finish_w_kernel(
+    dd_ptr,  # (Cc, D) dD_j = inv_w_j * dwh_j, accumulation dtype
+    w_ptr,  # (Cc, D) raw class weights
+    coef_ptr,  # (Cc,) inv_w_j^2, 0 where the norm was clamped
+    out_ptr,  # (Cc, D) out: dW_j = dD_j - W_j coef_j (W_j . dD_j), any float dtype (may alias dd_ptr)
+    Cc, D, stride_dd, stride_w, stride_out,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The normalization backward of ``W``, fused: one read of each operand for the row dots, one more
+    for the update (in cache when rows are short), one write in the output dtype."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < Cc
+    offs_d = tl.arange(0, BLOCK_D)
+    dot = tl.zeros((BLOCK_R,), ACC)
+    for d0 in range(0, D, BLOCK_D):
+        ok = row_ok[:, None] & (d0 + offs_d < D)[None, :]
+        dd = tl.load(dd_ptr + rows[:, None] * stride_dd + (d0 + offs_d)[None, :], mask=ok, other=0.0).to(ACC)
+        w = tl.load(w_ptr + rows[:, None] * stride_w + (d0 + offs_d)[None, :], mask=ok, other=0.0).to(ACC)
+        dot += tl.sum(dd * w, axis=1)
+    f = dot * tl.load(coef_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+    for d0 in range(0, D, BLOCK_D):
+        ok = row_ok[:, None] & (d0 + offs_d < D)[None, :]
+        dd = tl.load(dd_ptr + rows[:, None] * stride_dd + (d0 + offs_d)[None, :], mask=ok, other=0.0).to(ACC)
+        w = tl.load(w_ptr + rows[:, None] * stride_w + (d0 + offs_d)[None, :], mask=ok, other=0.0).to(ACC)
+        out = dd - w * f[:, None]
+        tl.store(out_ptr + rows[:, None] * stride_out + (d0 + offs_d)[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=ok)
+
+
 # -- launchers ----------------------------------------------------------------------------------------
 
 
@@ -408,7 +440,7 @@ def margin_grad(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: O
                          f"{tuple(logits.shape)} {logits.dtype} strides {logits.stride()}")
     if R == 0 or Cc == 0:
         return out
-    cfg = config or GRAD_CONFIGS[x.dtype]
+    cfg = config or (GRAD_CONFIGS if logits is None else WORKSPACE_GRAD_CONFIGS)[x.dtype]
     grid = (triton.cdiv(R, cfg.block_b), triton.cdiv(Cc, cfg.block_c))
     _margin_grad_kernel[grid](
         x, W, y, row_scale, col_scale if col_scale is not None else row_scale, lse, coef,
@@ -419,6 +451,31 @@ def margin_grad(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: O
         HAS_NORM=col_scale is not None, FROM_LOGITS=logits is not None, **_constexprs(x),
         BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+#: ``_finish_w_kernel``'s rows per program, features per step and warps (a streaming kernel).
+FINISH_ROWS, FINISH_BLOCK_D, FINISH_WARPS = 16, 256, 4
+
+
+def finish_w(dD: Tensor, W: Tensor, inv_w: Tensor, clamped: Tensor, out: Tensor) -> Tensor:
+    """``out_j = dD_j - W_j inv_w_j^2 (W_j . dD_j)`` (0 instead of ``inv_w_j^2`` where ``clamped``):
+    the backward of ``W_j / max(|W_j|, eps)`` for ``dD_j = inv_w_j * dwh_j``. ``out`` may be ``dD``."""
+    _check_device(dD)
+    Cc, D = dD.shape
+    if W.shape != (Cc, D) or out.shape != (Cc, D) or inv_w.shape != (Cc,) or clamped.shape != (Cc,):
+        raise ValueError(f"shapes dD {tuple(dD.shape)}, W {tuple(W.shape)}, inv_w {tuple(inv_w.shape)}, "
+                         f"clamped {tuple(clamped.shape)}, out {tuple(out.shape)} do not fit (Cc, D), (Cc,)")
+    if min(dD.stride(1), W.stride(1), out.stride(1)) != 1 and D > 1:
+        raise ValueError("dD, W and out need unit feature strides")
+    if Cc == 0:
+        return out
+    coef = torch.where(clamped, torch.zeros_like(inv_w), inv_w * inv_w)
+    _finish_w_kernel[(triton.cdiv(Cc, FINISH_ROWS),)](
+        dD, W, coef, out, Cc, D, dD.stride(0), W.stride(0), out.stride(0),
+        ACC=tl.float64 if dD.dtype == torch.float64 else tl.float32, BLOCK_R=FINISH_ROWS, BLOCK_D=FINISH_BLOCK_D,
+        num_warps=FINISH_WARPS, num_stages=1,
     )
     return out
 
@@ -518,11 +575,18 @@ def _recompute_grads(prep: Prepared, x: Tensor, lse: Tensor, coef: Tensor, need_
             part = _chunk_grads(prep, x, xh_in, lse, coef, r0, r1, c0, c1, G, dxh)
             dD = part if dD is None else dD.add_(part)
         if dW is not None:
-            if dD is None:
-                dW[c0:c1] = 0
-            else:
-                dW[c0:c1] = prep.finish_w_grad(dD, c0, c1)
+            _finish_chunk(prep, dD, c0, c1, dW[c0:c1])
     return (prep.finish_x_grad(dxh) if dxh is not None else None), dW
+
+
+def _finish_chunk(prep: Prepared, dD: Optional[Tensor], c0: int, c1: int, out: Tensor) -> None:
+    """Write ``dW[c0:c1]`` (``out``, any dtype, may be ``dD``) from the chunk's ``dD`` (None: no rows)."""
+    if dD is None:
+        out.zero_()
+    elif prep.inv_w is None:
+        out.copy_(dD)
+    else:
+        finish_w(dD, prep.W[c0:c1], prep.inv_w[c0:c1], prep.w_clamped[c0:c1], out)
 
 
 #: Share of the budget the workspace strategy leaves for ``G`` chunks (the rest holds logits).
@@ -580,9 +644,10 @@ def _workspace_forward(prep: Prepared, x: Tensor, z: Tensor, w: Tensor, need_x: 
                                     logits=lg[r0 - b0:r1 - b0, c0:c1])
                 if dD is not None:
                     dD[c0:c1] += part
-    dx = prep.finish_x_grad(dxh) if dxh is not None else None
-    dW = prep.finish_w_grads(dD) if dD is not None else None
-    return N, pred, dx, dW
+    if dD is not None:
+        for c0 in range(0, C, pl.chunk):
+            _finish_chunk(prep, dD[c0:c0 + pl.chunk], c0, min(c0 + pl.chunk, C), dD[c0:c0 + pl.chunk])
+    return N, pred, (prep.finish_x_grad(dxh) if dxh is not None else None), dD
 
 
 # -- the autograd Function ------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ if not CUDA and (not tm.is_interpreted() or isinstance(triton.language.standard.
 def tiles(request, monkeypatch):
     """Run with the shipped configs, or with SMALL tiles for every dtype and both kernels."""
     if request.param == "small":
-        for table in (tm.FWD_CONFIGS, tm.WORKSPACE_FWD_CONFIGS, tm.GRAD_CONFIGS):
+        for table in (tm.FWD_CONFIGS, tm.WORKSPACE_FWD_CONFIGS, tm.GRAD_CONFIGS, tm.WORKSPACE_GRAD_CONFIGS):
             for dtype in table:
                 monkeypatch.setitem(table, dtype, SMALL)
     return request.param
@@ -256,6 +256,26 @@ def test_grad_launcher_matches_the_formula(from_logits):
     assert_close_to_oracle(G, ref, tol=1e-5, name="G")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_finish_w_launcher_matches_the_normalization_backward(dtype):
+    # D = 300 walks two feature steps (the second ragged); rows 2 and 5 have a clamped (zero) norm
+    Cc, Dd = 37, 300
+    W = torch.randn(Cc, Dd, dtype=torch.float64)
+    W[[2, 5]] = 0.0
+    dD = torch.randn(Cc, Dd, dtype=torch.float64)
+    norm = W.norm(dim=1)
+    inv, clamped = 1 / norm.clamp_min(1e-12), norm <= 1e-12
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    out = torch.empty(Cc, Dd, dtype=dtype, device=DEVICE)
+    tm.finish_w(dD.to(DEVICE, acc), W.to(DEVICE, dtype), inv.to(DEVICE, acc), clamped.to(DEVICE), out)
+    Wr = W.to(dtype).double()  # the kernel sees W rounded to its dtype
+    coef = torch.where(clamped, 0.0, inv * inv)
+    ref = dD - Wr * (coef * (dD * Wr).sum(1)).unsqueeze(1)
+    assert_close_to_oracle(out[[2, 5]], dD[[2, 5]], name="dW of clamped rows (passed through)")
+    # bf16: the interpreter truncates fp32 -> bf16 stores (a GPU rounds to nearest): the default 2-ulp bound
+    assert_close_to_oracle(out, ref, tol=None if dtype == torch.bfloat16 else 1e-5, name="dW")
+
+
 def test_gradients_repeat_bitwise_and_match_across_chunkings():
     # no atomics anywhere: two runs agree bit for bit; chunkings agree to rounding
     x, W, y = inputs(torch.float32, ignore=2)
@@ -394,6 +414,7 @@ def test_gpu_benchmark_smoke_mode_runs_end_to_end():
     rows = [ln.split() for ln in proc.stdout.splitlines() if "37x" in ln]
     ran = {(r[0], r[4]) for r in rows if r[5] != "-"}  # problem, B x D x C (3 fields), impl, ms
     assert {("arcface", "floor"), ("arcface", "marginops-triton"), ("plain", "marginops-triton"),
+            ("arcface", "marginops-triton-workspace"),
             ("arcface", "naive")} <= ran, proc.stdout
 
 
