@@ -11,7 +11,7 @@ Implementations (each skipped with a note when unavailable):
 * ``floor``: the three GEMMs of the shape (logits, dX, dW: ``6 B D C`` FLOPs), ``torch.mm``;
 * ``marginops-triton`` / ``marginops-torch``: ``mo.margin_cross_entropy`` with that backend;
 * ``marginops-triton-workspace``: the triton backend with ``strategy="workspace"`` (three GEMMs) and a
-  :data:`WORKSPACE_BUDGET` logits workspace;
+  budget that holds every row's exponentials (:func:`workspace_budget`);
 * ``naive``: the fully materialized computation (``backend="reference"``);
 * ``naive-compiled``: ``torch.compile`` of ``naive``;
 * ``linear_cross_entropy``: ``F.linear_cross_entropy`` (chunked options; plain problem only);
@@ -62,8 +62,14 @@ class Result:
     note: str = ""
 
 
-#: Scratch for ``marginops-triton-workspace``: fp32 logits of ~2,000 rows at C = 100k, ~250 rows at C = 1M.
-WORKSPACE_BUDGET = 2**30
+#: At most this much scratch for ``marginops-triton-workspace`` (an 80 GB GPU holds it beside C = 1M, D = 2304).
+WORKSPACE_BUDGET_CAP = 24 * 2**30
+
+
+def workspace_budget(B: int, C: int) -> int:
+    """``memory_budget`` for the workspace strategy: all ``B`` rows of 16-bit exponentials in one block
+    (2 bytes per logit, a quarter more for the ``G`` chunks, and slack), capped at 24 GiB."""
+    return min(WORKSPACE_BUDGET_CAP, 3 * B * C)
 
 
 def _loss_factory(impl: str, problem: str) -> Optional[Callable]:
@@ -79,9 +85,9 @@ def _loss_factory(impl: str, problem: str) -> Optional[Callable]:
     if impl in ("marginops-triton", "marginops-triton-workspace", "marginops-torch", "naive", "naive-compiled"):
         backend = {"marginops-torch": "torch", "naive": "reference", "naive-compiled": "reference"}.get(impl, "triton")
         workspace = impl == "marginops-triton-workspace"
-        opts = dict(strategy="workspace", memory_budget=WORKSPACE_BUDGET) if workspace else {}
 
         def f(x, W, y):
+            opts = dict(strategy="workspace", memory_budget=workspace_budget(len(x), len(W))) if workspace else {}
             return mo.margin_cross_entropy(x, W, y, margin, scale, normalize=not plain, backend=backend,
                                            validate_labels=False, **opts)
 

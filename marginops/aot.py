@@ -69,13 +69,13 @@ class Row:
 
 #: (kernel, variant) -> the feature constexprs. "workspace" variants are strategy="workspace"'s.
 VARIANTS = {
-    ("fwd", "stats"): dict(HAS_NORM=True, HAS_PRED=True, STORE_LOGITS=False),
-    ("fwd", "loss"): dict(HAS_NORM=True, HAS_PRED=False, STORE_LOGITS=False),
-    ("fwd", "unnormalized"): dict(HAS_NORM=False, HAS_PRED=False, STORE_LOGITS=False),
-    ("fwd", "workspace"): dict(HAS_NORM=True, HAS_PRED=True, STORE_LOGITS=True),
-    ("grad", "recompute"): dict(HAS_NORM=True, FROM_LOGITS=False),
-    ("grad", "unnormalized"): dict(HAS_NORM=False, FROM_LOGITS=False),
-    ("grad", "workspace"): dict(HAS_NORM=True, FROM_LOGITS=True),
+    ("fwd", "stats"): dict(HAS_NORM=True, HAS_PRED=True, STORE_EXP=False),
+    ("fwd", "loss"): dict(HAS_NORM=True, HAS_PRED=False, STORE_EXP=False),
+    ("fwd", "unnormalized"): dict(HAS_NORM=False, HAS_PRED=False, STORE_EXP=False),
+    ("fwd", "workspace"): dict(HAS_NORM=True, HAS_PRED=True, STORE_EXP=True),
+    ("grad", "recompute"): dict(HAS_NORM=True, FROM_EXP=False),
+    ("grad", "unnormalized"): dict(HAS_NORM=False, FROM_EXP=False),
+    ("grad", "workspace"): dict(HAS_NORM=True, FROM_EXP=True),
     ("finish", "dW"): dict(),
 }
 
@@ -95,10 +95,10 @@ def _source(job: Job):
         table = tm.WORKSPACE_FWD_CONFIGS if job.variant == "workspace" else tm.FWD_CONFIGS
         fn, cfg = tm._margin_fwd_kernel, table[dtype]
         pointers = dict(x_ptr=inp, w_ptr=inp, y_ptr="*i64", rs_ptr=acc, cs_ptr=acc, m_ptr=acc, l_ptr=acc,
-                        pv_ptr=acc, pi_ptr="*i64", lg_ptr=acc)
+                        pv_ptr=acc, pi_ptr="*i64", e_ptr=inp, sh_ptr=acc)
         ints = dict(B="i32", C="i32", D="i32", classes_per_split="i32", stride_xb="i32", stride_wc="i32",
-                    stride_pb="i32", stride_lb="i32")
-        divisible = {"D", "classes_per_split", "stride_xb", "stride_wc", "stride_lb"}
+                    stride_pb="i32", stride_eb="i32", stride_sb="i32")
+        divisible = {"D", "classes_per_split", "stride_xb", "stride_wc", "stride_eb"}
         units = ("stride_xd", "stride_wd")
     elif job.kernel == "finish":  # streaming: its "config" is rows x 1 x features per step
         fn, cfg = tm._finish_w_kernel, tm.KernelConfig(tm.FINISH_ROWS, 1, tm.FINISH_BLOCK_D, tm.FINISH_WARPS, 1)
@@ -110,10 +110,10 @@ def _source(job: Job):
         table = tm.WORKSPACE_GRAD_CONFIGS if job.variant == "workspace" else tm.GRAD_CONFIGS
         fn, cfg = tm._margin_grad_kernel, table[dtype]
         pointers = dict(x_ptr=inp, w_ptr=inp, y_ptr="*i64", rs_ptr=acc, cs_ptr=acc, lse_ptr=acc, coef_ptr=acc,
-                        lg_ptr=acc, g_ptr=inp)
+                        e_ptr=inp, sh_ptr=acc, g_ptr=inp)
         ints = dict(R="i32", Cc="i32", D="i32", label_offset="i32", smooth="fp32", stride_xb="i32",
-                    stride_wc="i32", stride_lb="i32", stride_gb="i32")
-        divisible = {"D", "stride_xb", "stride_wc", "stride_lb", "stride_gb"}
+                    tile_c="i32", stride_wc="i32", stride_eb="i32", stride_sb="i32", stride_gb="i32")
+        divisible = {"D", "stride_xb", "stride_wc", "stride_eb", "stride_gb", "tile_c"}
         units = ("stride_xd", "stride_wd")
     if job.config is not None:
         cfg = tm.KernelConfig(*job.config)

@@ -11,12 +11,12 @@ point :func:`margin_softmax` (contract: :mod:`marginops.backends.common`).
   ``W`` is written); the target column is set to ``-inf`` before the online
   max / sum-exp, and a running argmax of the unmasked tile gives the
   prediction. Splits write partial ``(max, sum)`` pairs that the launcher
-  combines into the non-target LSE ``N``. With ``STORE_LOGITS`` it also writes
-  the tile into a logits workspace (``strategy="workspace"``).
+  combines into the non-target LSE ``N``. With ``STORE_EXP`` it also keeps each
+  tile's exponentials (input dtype) and shift (``strategy="workspace"``).
 * ``_margin_grad_kernel``: one program per (row block, class tile) of a chunk
-  of classes. It recomputes the logits tile (or reads it from the workspace)
-  and writes ``G_ij = g_i s (exp(s cos_ij - LSE_i) - eps/C) / |W_j|`` off the
-  target column, in the input dtype, into a ``rows x chunk`` buffer. Two
+  of classes. It recomputes the logits tile (or reads the forward's stored
+  exponentials) and writes ``G_ij = g_i s (exp(s cos_ij - LSE_i) - eps/C) / |W_j|``
+  off the target column, in the input dtype, into a ``rows x chunk`` buffer. Two
   cuBLAS GEMMs then give ``dxh += G @ W_chunk`` (fp32 accumulation across
   chunks) and ``dD_chunk = G.T @ xh`` (complete: all rows at once), whose
   normalization backward and conversion to the input dtype happen chunk by
@@ -27,9 +27,10 @@ logits: four GEMMs (forward kernel, gradient kernel, two cuBLAS). Its scratch
 is the ``G`` chunk and one ``dD`` chunk, bounded by ``opts.memory_budget``;
 ``dW`` is written in the input dtype directly, and for 16-bit inputs ``dxh``
 is the only other fp32 buffer (``B x D``). ``strategy="workspace"`` keeps a row
-block's logits over all classes (fp32) and, for a scalar loss, forms the
-gradients during the forward pass: three GEMMs, workspace bounded by the
-budget, ``dD`` accumulated in the accumulation dtype across row blocks.
+block's exponentials over all classes (input dtype, one shift per tile and
+row) and, for a scalar loss, forms the gradients during the forward pass:
+three GEMMs, workspace bounded by the budget, ``dD`` accumulated in the
+accumulation dtype across row blocks.
 
 Everything of size ``B``, ``D`` or ``C x D`` around the kernels (norms, the
 loss, the normalization backward) runs in PyTorch with the formulas of
@@ -86,12 +87,13 @@ FWD_CONFIGS = {
     torch.float32: KernelConfig(128, 64, 16, 8, 3),
     torch.float64: KernelConfig(64, 32, 16, 4, 2),
 }
-#: The forward of ``strategy="workspace"`` also stores each logits tile: 128 x 128 16-bit tiles spill
-#: then (372 bytes on sm_80), 128 x 64 do not.
+#: The forward of ``strategy="workspace"`` also stores each tile's exponentials: 128 x 128 16-bit tiles spill
+#: then (372 bytes on sm_80), 128 x 64 do not; float32 needs one pipeline stage fewer (8 bytes on sm_80).
 WORKSPACE_FWD_CONFIGS = {
     **FWD_CONFIGS,
     torch.bfloat16: KernelConfig(128, 64, 64, 8, 3),
     torch.float16: KernelConfig(128, 64, 64, 8, 3),
+    torch.float32: KernelConfig(128, 64, 16, 8, 2),
 }
 GRAD_CONFIGS = {
     torch.bfloat16: KernelConfig(128, 128, 64, 8, 3),
@@ -99,7 +101,7 @@ GRAD_CONFIGS = {
     torch.float32: KernelConfig(128, 64, 16, 8, 3),
     torch.float64: KernelConfig(64, 32, 16, 4, 2),
 }
-#: The gradient kernel reading stored logits is elementwise (memory-bound): small tiles, many programs per SM.
+#: The gradient kernel reading stored exponentials is elementwise (memory-bound): small tiles, many programs per SM.
 WORKSPACE_GRAD_CONFIGS = {dtype: KernelConfig(32, 128, 16, 4, 1) for dtype in GRAD_CONFIGS}
 #: The forward aims for this many programs per SM (class splits fill the chip when B is small).
 PROGRAMS_PER_SM = 2
@@ -152,16 +154,17 @@ def _margin_fwd_kernel(
     l_ptr,  # (B, S) out: per-split sum of exp(logit - max)
     pv_ptr,  # (B, S) out: per-split max over all logits (read only with HAS_PRED)
     pi_ptr,  # (B, S) out: its first class index, int64 (HAS_PRED)
-    lg_ptr,  # (B, C) out: the logits, target included (written only with STORE_LOGITS)
+    e_ptr,  # (B, C) out: exp(logit - shift) per tile, 0 in the target column (only with STORE_EXP)
+    sh_ptr,  # (B, T) out: each tile's shift, T = ceil(C / BLOCK_C) (only with STORE_EXP)
     B, C, D,  # sizes
     classes_per_split,  # classes per program along axis 1 (a multiple of BLOCK_C)
     stride_xb, stride_xd,  # x strides
     stride_wc, stride_wd,  # W strides
     stride_pb,  # row stride of the four (B, S) outputs (S)
-    stride_lb,  # row stride of the logits workspace
+    stride_eb, stride_sb,  # row strides of the two workspace outputs
     HAS_NORM: tl.constexpr,  # fold in the column factor
     HAS_PRED: tl.constexpr,  # track the running argmax
-    STORE_LOGITS: tl.constexpr,  # write each tile to lg_ptr
+    STORE_EXP: tl.constexpr,  # keep each tile's exponentials and shift (strategy="workspace")
     UPCAST: tl.constexpr,  # convert tiles to ACC right after loading (bf16 under the interpreter)
     ACC: tl.constexpr,  # accumulation dtype (float32, or float64 for float64 inputs)
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision for float32 inputs
@@ -188,9 +191,6 @@ def _margin_fwd_kernel(
         w_base = w_ptr + offs_c[:, None] * stride_wc + offs_d[None, :] * stride_wd
         logits = _logits_tile(x_base, w_base, rs, cs_ptr, offs_c, row_ok, col_ok, D, stride_xd, stride_wd,
                               HAS_NORM, UPCAST, ACC, DOT_PRECISION, BLOCK_B, BLOCK_C, BLOCK_D)
-        if STORE_LOGITS:
-            tl.store(lg_ptr + offs_b[:, None] * stride_lb + offs_c[None, :], logits,
-                     mask=row_ok[:, None] & col_ok[None, :])
         logits = tl.where(col_ok[None, :], logits, float("-inf"))
         if HAS_PRED:
             tile_best = tl.max(logits, axis=1)
@@ -202,8 +202,13 @@ def _margin_fwd_kernel(
         logits = tl.where(offs_c[None, :] == y[:, None], float("-inf"), logits)
         m_new = tl.maximum(m, tl.max(logits, axis=1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no non-target class yet
-        l = l * tl.exp(m - shift) + tl.sum(tl.exp(logits - shift[:, None]), axis=1)
+        e = tl.exp(logits - shift[:, None])
+        l = l * tl.exp(m - shift) + tl.sum(e, axis=1)
         m = m_new
+        if STORE_EXP:  # <= 1, so 16 bits keep its relative precision; the shift restores the scale later
+            tl.store(e_ptr + offs_b[:, None] * stride_eb + offs_c[None, :], e.to(e_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
+            tl.store(sh_ptr + offs_b * stride_sb + c0 // BLOCK_C, shift, mask=row_ok)
 
     out = offs_b * stride_pb + pid_s
     tl.store(m_ptr + out, m, mask=row_ok)
@@ -222,13 +227,15 @@ def _margin_grad_kernel(
     cs_ptr,  # (Cc,) column factor 1 / max(|W_j|, eps) of the chunk (read only with HAS_NORM)
     lse_ptr,  # (R,) log-sum-exp over all classes, margined target included
     coef_ptr,  # (R,) g_i * s: upstream gradient times scale
-    lg_ptr,  # (R, Cc) stored logits of the chunk (read only with FROM_LOGITS)
+    e_ptr,  # (R, Cc) the forward's stored exponentials of the chunk (read only with FROM_EXP)
+    sh_ptr,  # (R, T) their per-tile shifts, over all classes (FROM_EXP)
     g_ptr,  # (R, Cc) out: G in the input dtype
     R, Cc, D,  # sizes
     label_offset,  # the chunk's first class: column j is class label_offset + j
     smooth,  # eps / C (label smoothing), or 0
-    stride_xb, stride_xd, stride_wc, stride_wd, stride_lb, stride_gb,
-    HAS_NORM: tl.constexpr, FROM_LOGITS: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    tile_c,  # classes per forward tile: class k's shift is sh[:, k // tile_c] (FROM_EXP)
+    stride_xb, stride_xd, stride_wc, stride_wd, stride_eb, stride_sb, stride_gb,
+    HAS_NORM: tl.constexpr, FROM_EXP: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
@@ -238,8 +245,12 @@ def _margin_grad_kernel(
     row_ok = offs_b < R
     col_ok = offs_c < Cc
     tile_ok = row_ok[:, None] & col_ok[None, :]
-    if FROM_LOGITS:
-        logits = tl.load(lg_ptr + offs_b[:, None] * stride_lb + offs_c[None, :], mask=tile_ok, other=0.0).to(ACC)
+    lse = tl.load(lse_ptr + offs_b, mask=row_ok, other=0.0).to(ACC)
+    if FROM_EXP:
+        e = tl.load(e_ptr + offs_b[:, None] * stride_eb + offs_c[None, :], mask=tile_ok, other=0.0).to(ACC)
+        tile = (label_offset + offs_c) // tile_c
+        sh = tl.load(sh_ptr + offs_b[:, None] * stride_sb + tile[None, :], mask=tile_ok, other=0.0).to(ACC)
+        p = e * tl.exp(sh - lse[:, None])
     else:
         offs_d = tl.arange(0, BLOCK_D)
         rs = tl.load(rs_ptr + offs_b, mask=row_ok, other=0.0).to(ACC)
@@ -247,10 +258,10 @@ def _margin_grad_kernel(
         w_base = w_ptr + offs_c[:, None] * stride_wc + offs_d[None, :] * stride_wd
         logits = _logits_tile(x_base, w_base, rs, cs_ptr, offs_c, row_ok, col_ok, D, stride_xd, stride_wd,
                               HAS_NORM, UPCAST, ACC, DOT_PRECISION, BLOCK_B, BLOCK_C, BLOCK_D)
+        p = tl.exp(logits - lse[:, None])
     y = tl.load(y_ptr + offs_b, mask=row_ok, other=-1) - label_offset
-    lse = tl.load(lse_ptr + offs_b, mask=row_ok, other=0.0).to(ACC)
     coef = tl.load(coef_ptr + offs_b, mask=row_ok, other=0.0).to(ACC)
-    g = tl.exp(logits - lse[:, None]) - smooth
+    g = p - smooth
     if HAS_NORM:
         g = g * tl.load(cs_ptr + offs_c, mask=col_ok, other=0.0).to(ACC)[None, :]
     keep = tile_ok & (offs_c[None, :] != y[:, None])
@@ -358,10 +369,48 @@ def _constexprs(x: Tensor) -> dict:
     )
 
 
+@dataclass(frozen=True)
+class ExpWorkspace:
+    """What the workspace strategy's forward keeps of a block of rows, for the gradient kernel.
+
+    ``exp[i, j] = exp(l_ij - shift[i, j // tile_c])`` in the input dtype (every
+    value is <= 1, so 16 bits keep the relative precision of ``G``; the target
+    column holds 0), ``shift`` the running max of the non-target logits after
+    each forward tile, in the accumulation dtype. ``p_ij = exp[i, j] *
+    exp(shift - LSE_i)``: half the bytes of fp32 logits.
+    """
+
+    exp: Tensor  # (R, C)
+    shift: Tensor  # (R, ceil(C / tile_c))
+    tile_c: int
+
+    @staticmethod
+    def row_bytes(C: int, dtype: torch.dtype) -> int:
+        """Bytes per row for ``C`` classes and inputs of ``dtype``."""
+        tile_c = WORKSPACE_FWD_CONFIGS[dtype].block_c
+        return C * (torch.finfo(dtype).bits // 8) + triton.cdiv(C, tile_c) * (torch.finfo(acc_dtype(dtype)).bits // 8)
+
+    @classmethod
+    def allocate(cls, rows: int, C: int, dtype: torch.dtype, device) -> "ExpWorkspace":
+        tile_c = WORKSPACE_FWD_CONFIGS[dtype].block_c
+        return cls(torch.empty(rows, C, device=device, dtype=dtype),
+                   torch.empty(rows, triton.cdiv(C, tile_c), device=device, dtype=acc_dtype(dtype)), tile_c)
+
+    def rows(self, r0: int, r1: int) -> "ExpWorkspace":
+        return ExpWorkspace(self.exp[r0:r1], self.shift[r0:r1], self.tile_c)
+
+    def check(self, R: int, C: int, dtype: torch.dtype) -> None:
+        e, sh = self.exp, self.shift
+        if (e.shape != (R, C) or e.dtype != dtype or e.stride(1) != 1 or sh.dtype != acc_dtype(dtype)
+                or sh.shape != (R, triton.cdiv(C, self.tile_c)) or sh.stride(1) != 1):
+            raise ValueError(f"workspace does not fit {R} rows x {C} classes of {dtype}: exp {tuple(e.shape)} "
+                             f"{e.dtype}, shift {tuple(sh.shape)} {sh.dtype}, tile_c {self.tile_c}")
+
+
 def margin_fwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Optional[Tensor], *,
                want_prediction: bool = False, classes: Optional[int] = None,
                config: Optional[KernelConfig] = None,
-               logits_out: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+               workspace: Optional[ExpWorkspace] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Per-row log-sum-exp of ``row_scale_i * col_scale_j * (x_i . W_j)`` over ``j != y_i``, and the argmax.
 
     Args:
@@ -371,9 +420,8 @@ def margin_fwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Op
         want_prediction: also return the argmax over all classes (first index on ties).
         classes: classes per program (class splits); default: :func:`classes_per_program`.
         config: tile config; default: :data:`FWD_CONFIGS` for the dtype
-            (:data:`WORKSPACE_FWD_CONFIGS` with ``logits_out``).
-        logits_out: optional ``(B, C)`` tensor in the accumulation dtype (unit column stride)
-            that receives every logit, target column included.
+            (:data:`WORKSPACE_FWD_CONFIGS` with a ``workspace``, whose ``tile_c`` it must match).
+        workspace: optional :class:`ExpWorkspace` for ``B`` rows and ``C`` classes to fill.
 
     Returns:
         ``N`` (B,) in the accumulation dtype (``-inf`` when ``C == 1``) and the prediction (B,) int64 or None.
@@ -382,25 +430,26 @@ def margin_fwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Op
     B, D = x.shape
     C = W.shape[0]
     acc = acc_dtype(x.dtype)
-    cfg = config or (FWD_CONFIGS if logits_out is None else WORKSPACE_FWD_CONFIGS)[x.dtype]
+    cfg = config or (FWD_CONFIGS if workspace is None else WORKSPACE_FWD_CONFIGS)[x.dtype]
     per = classes_per_program(B, C, cfg, x.device, classes)
     splits = triton.cdiv(C, per)
     m = torch.empty(B, splits, device=x.device, dtype=acc)
     l = torch.empty_like(m)
     pv = torch.empty_like(m) if want_prediction else m
     pi = torch.empty(B, splits, device=x.device, dtype=torch.int64) if want_prediction else y
-    if logits_out is not None and (logits_out.shape != (B, C) or logits_out.dtype != acc or logits_out.stride(1) != 1):
-        raise ValueError(f"logits_out must be ({B}, {C}) {acc} with unit column stride, got "
-                         f"{tuple(logits_out.shape)} {logits_out.dtype} strides {logits_out.stride()}")
+    if workspace is not None:
+        workspace.check(B, C, x.dtype)
+        if workspace.tile_c != cfg.block_c:
+            raise ValueError(f"workspace.tile_c = {workspace.tile_c} must equal the config's block_c = {cfg.block_c}")
     if B > 0:
         grid = (triton.cdiv(B, cfg.block_b), splits)
         _margin_fwd_kernel[grid](
             x, W, y, row_scale, col_scale if col_scale is not None else row_scale,
-            m, l, pv, pi, logits_out if logits_out is not None else m,
+            m, l, pv, pi, workspace.exp if workspace else x, workspace.shift if workspace else m,
             B, C, D, per,
             x.stride(0), x.stride(1), W.stride(0), W.stride(1), splits,
-            logits_out.stride(0) if logits_out is not None else 0,
-            HAS_NORM=col_scale is not None, HAS_PRED=want_prediction, STORE_LOGITS=logits_out is not None,
+            workspace.exp.stride(0) if workspace else 0, workspace.shift.stride(0) if workspace else 0,
+            HAS_NORM=col_scale is not None, HAS_PRED=want_prediction, STORE_EXP=workspace is not None,
             **_constexprs(x),
             BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -420,13 +469,14 @@ def margin_fwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Op
 
 def margin_grad(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Optional[Tensor], lse: Tensor,
                 coef: Tensor, out: Tensor, *, label_offset: int = 0, smoothing: float = 0.0,
-                logits: Optional[Tensor] = None, config: Optional[KernelConfig] = None) -> Tensor:
+                workspace: Optional[ExpWorkspace] = None, config: Optional[KernelConfig] = None) -> Tensor:
     """Fill ``out`` (R, Cc) with ``G_ij = coef_i (exp(l_ij - lse_i) - smoothing) col_scale_j``, 0 on targets.
 
-    Here ``l_ij = row_scale_i col_scale_j (x_i . W_j)`` is recomputed, or read
-    from ``logits`` (R, Cc) in the accumulation dtype. ``x`` (R, D) and ``W``
-    (Cc, D) may be row slices of the full inputs; column ``j`` is the class
-    ``label_offset + j`` (the target test against ``y``).
+    Here ``l_ij = row_scale_i col_scale_j (x_i . W_j)`` is recomputed, or
+    ``exp(l_ij - lse_i)`` comes from a forward's ``workspace`` (R rows, all
+    classes). ``x`` (R, D) and ``W`` (Cc, D) may be row slices of the full
+    inputs; column ``j`` is the class ``label_offset + j`` (the target test
+    against ``y``, and the column of the workspace).
     """
     _check_inputs(x, W, y)
     R, D = x.shape
@@ -435,20 +485,22 @@ def margin_grad(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: O
     if out.shape != (R, Cc) or out.dtype != x.dtype or out.stride(1) != 1:
         raise ValueError(f"out must be ({R}, {Cc}) {x.dtype} with unit column stride, got "
                          f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
-    if logits is not None and (logits.shape != (R, Cc) or logits.dtype != acc or logits.stride(1) != 1):
-        raise ValueError(f"logits must be ({R}, {Cc}) {acc} with unit column stride, got "
-                         f"{tuple(logits.shape)} {logits.dtype} strides {logits.stride()}")
+    if workspace is not None:
+        workspace.check(R, workspace.exp.shape[1], x.dtype)
+        if label_offset + Cc > workspace.exp.shape[1]:
+            raise ValueError(f"classes [{label_offset}, {label_offset + Cc}) are outside the workspace's "
+                             f"{workspace.exp.shape[1]}")
     if R == 0 or Cc == 0:
         return out
-    cfg = config or (GRAD_CONFIGS if logits is None else WORKSPACE_GRAD_CONFIGS)[x.dtype]
+    cfg = config or (GRAD_CONFIGS if workspace is None else WORKSPACE_GRAD_CONFIGS)[x.dtype]
     grid = (triton.cdiv(R, cfg.block_b), triton.cdiv(Cc, cfg.block_c))
     _margin_grad_kernel[grid](
         x, W, y, row_scale, col_scale if col_scale is not None else row_scale, lse, coef,
-        logits if logits is not None else lse, out,
-        R, Cc, D, label_offset, float(smoothing),
-        x.stride(0), x.stride(1), W.stride(0), W.stride(1), logits.stride(0) if logits is not None else 0,
-        out.stride(0),
-        HAS_NORM=col_scale is not None, FROM_LOGITS=logits is not None, **_constexprs(x),
+        workspace.exp[:, label_offset:] if workspace else out, workspace.shift if workspace else lse, out,
+        R, Cc, D, label_offset, float(smoothing), workspace.tile_c if workspace else 1,
+        x.stride(0), x.stride(1), W.stride(0), W.stride(1), workspace.exp.stride(0) if workspace else 0,
+        workspace.shift.stride(0) if workspace else 0, out.stride(0),
+        HAS_NORM=col_scale is not None, FROM_EXP=workspace is not None, **_constexprs(x),
         BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -516,7 +568,7 @@ def grad_plan(B: int, C: int, D: int, dtype: torch.dtype, budget: int, fixed: in
     Per chunk of ``k`` classes and ``r`` rows the scratch is ``G`` (``r k``
     input elements), the product ``G.T @ xh`` (``k D``, input dtype and
     accumulation dtype) and ``G @ W`` (``r D``, both dtypes); ``fixed`` bytes
-    (a logits workspace) come off the budget first. Classes come in whole
+    (the workspace strategy's exponentials) come off the budget first. Classes come in whole
     tiles; below one tile of classes for all rows, the rows shrink (whole
     tiles) before the classes do, and one tile by one tile is the floor.
     """
@@ -540,13 +592,14 @@ def grad_plan(B: int, C: int, D: int, dtype: torch.dtype, budget: int, fixed: in
 
 
 def _chunk_grads(prep: Prepared, x: Tensor, xh_in: Tensor, lse: Tensor, coef: Tensor, r0: int, r1: int,
-                 c0: int, c1: int, G: Tensor, dxh: Optional[Tensor], logits: Optional[Tensor] = None) -> Optional[Tensor]:
+                 c0: int, c1: int, G: Tensor, dxh: Optional[Tensor],
+                 workspace: Optional[ExpWorkspace] = None) -> Optional[Tensor]:
     """One (row range, class chunk): ``G`` from the kernel, ``dxh[r0:r1] += G @ W`` and the returned
     ``G.T @ xh`` (``c1 - c0`` x D, accumulation dtype; None unless ``xh_in`` is given)."""
     W = prep.W
     margin_grad(x[r0:r1], W[c0:c1], prep.y[r0:r1], prep.row_scale[r0:r1],
                 prep.inv_w[c0:c1] if prep.inv_w is not None else None, lse[r0:r1], coef[r0:r1], G,
-                label_offset=c0, smoothing=prep.opts.label_smoothing / prep.C, logits=logits)
+                label_offset=c0, smoothing=prep.opts.label_smoothing / prep.C, workspace=workspace)
     if dxh is not None:
         dxh[r0:r1] += _mm_acc(G, W[c0:c1], prep.acc)
     return _mm_acc(G.t(), xh_in[r0:r1], prep.acc) if xh_in is not None else None
@@ -589,39 +642,43 @@ def _finish_chunk(prep: Prepared, dD: Optional[Tensor], c0: int, c1: int, out: T
         finish_w(dD, prep.W[c0:c1], prep.inv_w[c0:c1], prep.w_clamped[c0:c1], out)
 
 
-#: Share of the budget the workspace strategy leaves for ``G`` chunks (the rest holds logits).
+#: Share of the budget the workspace strategy leaves for ``G`` chunks (the rest holds the exponentials).
 WORKSPACE_G_FRACTION = 0.25
 
 
 def workspace_rows(B: int, C: int, dtype: torch.dtype, budget: int) -> int:
-    """Rows per block of the workspace strategy: as many as fit with their fp32 logits over all
-    classes and a ``G`` buffer of at most :data:`WORKSPACE_G_FRACTION` of the budget; blocks evened out.
+    """Rows per block of the workspace strategy: as many as fit in an :class:`ExpWorkspace` of
+    ``1 - WORKSPACE_G_FRACTION`` of the budget; blocks evened out.
 
     Raises:
         ValueError: when not even one row fits.
     """
-    acc_elt = torch.finfo(acc_dtype(dtype)).bits // 8
-    rows = min(B, int(budget * (1 - WORKSPACE_G_FRACTION)) // max(1, C * acc_elt))
+    per_row = ExpWorkspace.row_bytes(C, dtype)
+    rows = min(B, int(budget * (1 - WORKSPACE_G_FRACTION)) // per_row)
     if rows < 1:
-        need = math.ceil(C * acc_elt / (1 - WORKSPACE_G_FRACTION))
-        raise ValueError(f"strategy='workspace' needs memory_budget >= {need} bytes (one row of logits across "
-                         f"all {C} classes, plus the gradient buffer), got memory_budget={budget}")
+        need = math.ceil(per_row / (1 - WORKSPACE_G_FRACTION))
+        raise ValueError(f"strategy='workspace' needs memory_budget >= {need} bytes (one row of exponentials "
+                         f"across all {C} classes, plus the gradient buffer), got memory_budget={budget}")
     return math.ceil(B / math.ceil(B / rows))
 
 
 def _workspace_forward(prep: Prepared, x: Tensor, z: Tensor, w: Tensor, need_x: bool, need_W: bool):
-    """Forward with the gradients for ``grad_output = 1`` (three GEMMs): per row block, the forward
-    kernel stores the logits over all classes, the block's LSE follows, then the gradient kernel reads
-    the stored logits chunk by chunk and cuBLAS multiplies. ``dD`` accumulates across row blocks."""
+    """Forward with the gradients for ``grad_output = 1`` (three GEMMs).
+
+    Per block of rows, the forward kernel keeps the exponentials of every tile
+    (:class:`ExpWorkspace`), the block's LSE follows, then the gradient kernel
+    streams them into ``G`` chunk by chunk and cuBLAS multiplies. ``dD`` (all
+    classes, accumulation dtype) is summed across row blocks and finished at
+    the end: the fewer blocks (the larger the budget), the less traffic.
+    """
     B, C, D, acc = prep.B, prep.C, prep.D, prep.acc
     budget = prep.opts.budget
     rows = workspace_rows(B, C, x.dtype, budget)
-    acc_elt = torch.finfo(acc).bits // 8
-    pl = grad_plan(rows, C, D, x.dtype, budget, fixed=rows * C * acc_elt)
-    logits_ws = torch.empty(rows * C, device=x.device, dtype=acc)
+    pl = grad_plan(rows, C, D, x.dtype, budget, fixed=rows * ExpWorkspace.row_bytes(C, x.dtype))
+    ws = ExpWorkspace.allocate(rows, C, x.dtype, x.device)
     buf = torch.empty(pl.rows * pl.chunk, device=x.device, dtype=x.dtype)
     dxh = torch.zeros(B, D, device=x.device, dtype=acc) if need_x else None
-    dD = torch.zeros(C, D, device=x.device, dtype=acc) if need_W else None
+    dD = torch.empty(C, D, device=x.device, dtype=acc) if need_W else None
     xh_in = prep.xh.to(x.dtype) if need_W else None
     N = torch.empty(B, device=x.device, dtype=acc)
     lse = torch.empty_like(N)
@@ -629,9 +686,9 @@ def _workspace_forward(prep: Prepared, x: Tensor, z: Tensor, w: Tensor, need_x: 
     coef = w * prep.opts.scale
     for b0 in range(0, B, rows):
         b1 = min(b0 + rows, B)
-        lg = logits_ws[: (b1 - b0) * C].view(b1 - b0, C)
+        block = ws.rows(0, b1 - b0)
         N[b0:b1], p = margin_fwd(x[b0:b1], prep.W, prep.y[b0:b1], prep.row_scale[b0:b1], prep.inv_w,
-                                 want_prediction=pred is not None, classes=prep.opts.chunk_size, logits_out=lg)
+                                 want_prediction=pred is not None, classes=prep.opts.chunk_size, workspace=block)
         if pred is not None:
             pred[b0:b1] = p
         lse[b0:b1] = torch.logaddexp(N[b0:b1], z[b0:b1])
@@ -641,9 +698,12 @@ def _workspace_forward(prep: Prepared, x: Tensor, z: Tensor, w: Tensor, need_x: 
                 r1 = min(r0 + pl.rows, b1)
                 G = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
                 part = _chunk_grads(prep, x, xh_in, lse, coef, r0, r1, c0, c1, G, dxh,
-                                    logits=lg[r0 - b0:r1 - b0, c0:c1])
+                                    workspace=block.rows(r0 - b0, r1 - b0))
                 if dD is not None:
-                    dD[c0:c1] += part
+                    if r0 == 0:  # the first rows write the chunk: no zeroing pass over C x D
+                        dD[c0:c1] = part
+                    else:
+                        dD[c0:c1] += part
     if dD is not None:
         for c0 in range(0, C, pl.chunk):
             _finish_chunk(prep, dD[c0:c0 + pl.chunk], c0, min(c0 + pl.chunk, C), dD[c0:c0 + pl.chunk])

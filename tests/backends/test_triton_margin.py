@@ -234,8 +234,8 @@ def test_fwd_launcher_against_logsumexp(classes):
     assert torch.equal(pred.cpu(), logits.argmax(1))
 
 
-@pytest.mark.parametrize("from_logits", [False, True], ids=["recompute", "stored-logits"])
-def test_grad_launcher_matches_the_formula(from_logits):
+@pytest.mark.parametrize("stored", [False, True], ids=["recompute", "stored-exponentials"])
+def test_grad_launcher_matches_the_formula(stored):
     # one chunk of classes [c0, c1) and a row range, labels global: the launcher as the passes use it
     x, W, y = inputs(torch.float32)
     x, W, y = x.to(DEVICE), W.to(DEVICE), y.to(DEVICE)
@@ -246,14 +246,36 @@ def test_grad_launcher_matches_the_formula(from_logits):
     coef = torch.randn(B, device=DEVICE)
     coef[[3, 8]] = 0.0
     r0, r1, c0, c1 = 5, 30, 70, 250
+    ws = None
+    if stored:  # what a forward leaves: exp(logit - shift of its tile), any shift >= the tile's logits
+        ws = tm.ExpWorkspace.allocate(r1 - r0, C, torch.float32, DEVICE)
+        T = ws.shift.shape[1]
+        padded = torch.nn.functional.pad(logits[r0:r1], (0, T * ws.tile_c - C), value=float("-inf"))
+        shift = padded.view(r1 - r0, T, ws.tile_c).amax(2) + torch.rand(r1 - r0, T)
+        ws.exp.copy_(torch.exp(logits[r0:r1] - shift[:, torch.arange(C) // ws.tile_c]))
+        ws.shift.copy_(shift)
     G = torch.full((r1 - r0, c1 - c0), float("nan"), device=DEVICE)
-    stored = logits[r0:r1, c0:c1].float().to(DEVICE) if from_logits else None
     tm.margin_grad(x[r0:r1], W[c0:c1], y[r0:r1], s * inv_x[r0:r1], inv_w[c0:c1], lse[r0:r1], coef[r0:r1], G,
-                   label_offset=c0, smoothing=eps / C, logits=stored, config=SMALL)
+                   label_offset=c0, smoothing=eps / C, workspace=ws, config=SMALL)
     ref = (torch.exp(logits - lse.cpu().double().unsqueeze(1)) - eps / C) * inv_w.cpu().double()
     ref = (coef.cpu().double().unsqueeze(1) * ref).scatter(1, y.cpu().unsqueeze(1), 0.0)[r0:r1, c0:c1]
     assert ((y[r0:r1] >= c0) & (y[r0:r1] < c1)).any(), "the chunk must hold some targets"
     assert_close_to_oracle(G, ref, tol=1e-5, name="G")
+
+
+def test_workspace_launchers_check_their_buffers():
+    x, W, y = (t.to(DEVICE) for t in inputs(torch.float32))
+    ones = torch.ones(B, device=DEVICE)
+    good = tm.ExpWorkspace.allocate(B, C, torch.float32, DEVICE)
+    with pytest.raises(ValueError, match="workspace does not fit"):
+        tm.margin_fwd(x, W, y, ones, None, workspace=good.rows(0, B - 1))
+    with pytest.raises(ValueError, match="tile_c"):
+        tm.margin_fwd(x, W, y, ones, None, workspace=good, config=SMALL)
+    G = torch.empty(B, 50, device=DEVICE)
+    with pytest.raises(ValueError, match="outside the workspace"):
+        tm.margin_grad(x, W[:50], y, ones, None, ones, ones, G, label_offset=C - 10, workspace=good)
+    with pytest.raises(ValueError, match="out must be"):
+        tm.margin_grad(x, W[:50], y, ones, None, ones, ones, G.double())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
@@ -351,7 +373,9 @@ def test_grad_plan():
     small = tm.grad_plan(1000, 100_000, 64, torch.float32, 10_000, config=cfg)
     assert (small.rows, small.chunk) == (16, 32)  # the floor: one tile
     assert tm.grad_plan(0, 10, 8, torch.float32, 2**20, config=cfg).rows == 1
-    ten_rows = 1000 * 4 * 10 / (1 - tm.WORKSPACE_G_FRACTION)  # ten rows of 1000 fp32 logits
+    row = tm.ExpWorkspace.row_bytes(1000, torch.float32)
+    assert row == 1000 * 4 + 16 * 4  # exponentials and one shift per 64-class tile
+    ten_rows = row * 10 / (1 - tm.WORKSPACE_G_FRACTION)
     assert tm.workspace_rows(1000, 1000, torch.float32, int(ten_rows) + 1) == 10
     assert tm.workspace_rows(25, 1000, torch.float32, int(ten_rows) + 1) == 9  # 3 even blocks, not 10+10+5
     with pytest.raises(ValueError, match="memory_budget"):
