@@ -241,10 +241,12 @@ def margin_cross_entropy(
         label_smoothing (float): in [0, 1], PyTorch's definition (uniform over all
             ``C`` classes, margined target logit included). Default: 0.0.
         backend (str): ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``; see
-            :func:`marginops.resolve_backend` for what ``"auto"`` picks (``"torch"`` until
-            the Triton kernels are measured faster on a GPU). ``"triton"`` runs on CPU
-            tensors only under the Triton interpreter (``TRITON_INTERPRET=1``). Default: ``"auto"``.
-        chunk_size (int, optional): classes per tile. Default: chosen by the backend.
+            :func:`marginops.resolve_backend` for what ``"auto"`` picks (``"triton"`` for CUDA
+            tensors when Triton is installed, else ``"torch"``). ``"triton"`` runs on CPU
+            tensors only under the Triton interpreter (``TRITON_INTERPRET=1``). Both fused
+            backends give reproducible gradients (no atomics). Default: ``"auto"``.
+        chunk_size (int, optional): classes per tile (torch) or per forward program
+            (triton). Default: chosen by the backend.
         memory_budget (int, optional): bytes of scratch memory the backend may use
             beyond inputs and their gradients. Default:
             :data:`marginops.DEFAULT_MEMORY_BUDGET` (256 MiB).
