@@ -159,36 +159,41 @@ class _TargetCosine(torch.autograd.Function):
         if normalize:
             norms = torch.stack([torch.linalg.vector_norm(xf, dim=1), torch.linalg.vector_norm(wy, dim=1)])
             inv = 1.0 / norms.clamp_min(EPS)
-            xf = xf * inv[0].unsqueeze(1)
-            wy = wy * inv[1].unsqueeze(1)
-            ctx.save_for_backward(y, xf, wy, inv, norms <= EPS)
+            t = ((xf * inv[0].unsqueeze(1)) * (wy * inv[1].unsqueeze(1))).sum(1)  # exactly +-1 for parallel rows
+            ctx.save_for_backward(x, W, y, inv, norms <= EPS)
         else:
-            ctx.save_for_backward(y, xf, wy)
+            t = (xf * wy).sum(1)
+            ctx.save_for_backward(x, W, y)
+        # x and W are saved as they are (no B x D copies live until backward; the rows are re-gathered there)
         ctx.handoff = handoff
         ctx.normalize = normalize
-        ctx.shapes = (x.dtype, W.dtype, W.shape)
-        return (xf * wy).sum(1)
+        ctx.acc = acc
+        return t
 
     @staticmethod
     def backward(ctx, dt: Tensor):
-        y, xh, wyh, *norm = ctx.saved_tensors
-        x_dtype, w_dtype, w_shape = ctx.shapes
+        x, W, y, *norm = ctx.saved_tensors
+        xh = x.to(ctx.acc)
+        wyh = W.index_select(0, y).to(ctx.acc)
+        if ctx.normalize:
+            inv, clamped = norm
+            xh = xh * inv[0].unsqueeze(1)
+            wyh = wyh * inv[1].unsqueeze(1)
         dxh = dt.unsqueeze(1) * wyh
         dwyh = dt.unsqueeze(1) * xh
         if ctx.normalize:
-            inv, clamped = norm
             dxh = normalize_backward(xh, inv[0], clamped[0], dxh)
             dwyh = normalize_backward(wyh, inv[1], clamped[1], dwyh)
         dx_rest, dW_rest = ctx.handoff.take()
         dx = dW = None
         if ctx.needs_input_grad[0]:
-            dx = (dxh if dx_rest is None else dx_rest.add_(dxh.to(dx_rest.dtype))).to(x_dtype)
+            dx = (dxh if dx_rest is None else dx_rest.add_(dxh.to(dx_rest.dtype))).to(x.dtype)
         if ctx.needs_input_grad[1]:
             if dW_rest is None:
-                dW_rest = torch.zeros(w_shape, dtype=dwyh.dtype, device=dwyh.device)
+                dW_rest = torch.zeros(W.shape, dtype=dwyh.dtype, device=dwyh.device)
             # index_put_ accumulates duplicates with a sort on CUDA (index_add_ would use atomics),
             # so dW is reproducible run to run
-            dW = dW_rest.index_put_((y,), dwyh.to(dW_rest.dtype), accumulate=True).to(w_dtype)
+            dW = dW_rest.index_put_((y,), dwyh.to(dW_rest.dtype), accumulate=True).to(W.dtype)
         return dx, dW, None, None, None, None
 
 

@@ -88,11 +88,12 @@ PASS_CHUNK = 8192
 def normalize_backward(xh: Tensor, inv_norm: Tensor, clamped: Tensor, grad: Tensor) -> Tensor:
     """Gradient through ``x / max(|x|, eps)`` given ``xh``, ``1 / max(|x|, eps)`` and ``|x| <= eps``.
 
-    Where the norm is clamped the map is linear (``x / eps``), as in ``F.normalize``.
+    Overwrites and returns ``grad`` (no temporary of its size). Where the norm
+    is clamped the map is linear (``x / eps``), as in ``F.normalize``.
     """
-    proj = (xh * grad).sum(1, keepdim=True)
-    proj = torch.where(clamped.unsqueeze(1), torch.zeros_like(proj), proj)
-    return (grad - xh * proj) * inv_norm.unsqueeze(1)
+    proj = torch.bmm(xh.unsqueeze(1), grad.unsqueeze(2)).view(-1)  # row dots without an elementwise product
+    proj = torch.where(clamped, torch.zeros_like(proj), proj)
+    return grad.addcmul_(xh, proj.unsqueeze(1), value=-1.0).mul_(inv_norm.unsqueeze(1))
 
 
 class Prepared:
@@ -155,7 +156,7 @@ class Prepared:
         return self.opts.scale * (self.xh * wy).sum(1)
 
     def finish_x_grad(self, dxh: Tensor) -> Tensor:
-        """``dxh`` (gradient w.r.t. the normalized rows) becomes ``dx``: the backward of ``x / max(|x|, eps)``."""
+        """``dxh`` (gradient w.r.t. the normalized rows) becomes ``dx`` in place: the backward of ``x / max(|x|, eps)``."""
         if self.inv_x is None:
             return dxh
         return normalize_backward(self.xh, self.inv_x, self.x_clamped, dxh)

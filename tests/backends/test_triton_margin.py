@@ -499,10 +499,13 @@ def test_cuda_time_within_a_few_gemm_floors():
     def floor():
         x @ W.t(), G @ W, G.t() @ x
 
-    def ours():
-        mo.margin_cross_entropy(x, W, y, mo.ArcFace(0.5), backend="triton", validate_labels=False).backward()
+    def ours(strategy):
+        mo.margin_cross_entropy(x, W, y, mo.ArcFace(0.5), backend="triton", validate_labels=False,
+                                strategy=strategy, memory_budget=2**30).backward()
 
-    ratio = do_bench(ours) / do_bench(floor)
-    print(f"triton fwd+bwd / 3-GEMM floor = {ratio:.2f}")
-    # a regression guard, not the design target (<= 1.4x, docs/performance.md): never measured yet
-    assert ratio < 8.0
+    base = do_bench(floor)
+    for strategy in ("recompute", "workspace"):
+        ratio = do_bench(lambda: ours(strategy)) / base
+        print(f"triton {strategy} fwd+bwd / 3-GEMM floor = {ratio:.2f}")
+        # a regression guard, not the design targets (docs/performance.md predicts ~2.1x): never measured yet
+        assert ratio < 4.0, strategy
