@@ -156,13 +156,15 @@ class Prepared:
         return self.opts.scale * (self.xh * wy).sum(1)
 
     def finish_x_grad(self, dxh: Tensor) -> Tensor:
-        """``dxh`` (gradient w.r.t. the normalized rows) becomes ``dx`` in place: the backward of ``x / max(|x|, eps)``."""
+        """``dxh`` (gradient w.r.t. the normalized rows) becomes ``dx`` in place: the backward of
+        ``x / max(|x|, eps)``."""
         if self.inv_x is None:
             return dxh
         return normalize_backward(self.xh, self.inv_x, self.x_clamped, dxh)
 
     def finish_w_grad(self, dD: Tensor, c0: int, c1: int) -> Tensor:
-        """In place for classes ``[c0, c1)``: ``dD_j = inv_w_j * dwh_j`` becomes ``dW_j = dD_j - W_j inv_w_j^2 (W_j . dD_j)``."""
+        """In place for classes ``[c0, c1)``: ``dD_j = inv_w_j * dwh_j`` becomes
+        ``dW_j = dD_j - W_j inv_w_j^2 (W_j . dD_j)``."""
         if self.inv_w is not None:
             inv = self.inv_w[c0:c1]
             coef = torch.where(self.w_clamped[c0:c1], torch.zeros_like(inv), inv * inv)
@@ -207,6 +209,24 @@ def target_grad(prep: Prepared, g: Tensor, z: Tensor, lse: Tensor) -> Tensor:
     """``dloss/dz`` per row for upstream weights ``g``: ``g (p_target - (1 - eps) - eps / C)``."""
     eps = prep.opts.label_smoothing
     return g * (torch.exp(z - lse) - (1.0 - eps) - eps / prep.C)
+
+
+def take_early_grads(ctx, grad_loss: Tensor, handoff: GradHandoff, acc: torch.dtype) -> Optional[Tensor]:
+    """Backward of a forward that already computed the gradients for ``grad_output = 1``.
+
+    When ``ctx.early`` holds ``(dx, dW, dz)`` (the workspace strategies), scales
+    them in place by ``grad_loss``, hands ``dx``/``dW`` over and returns ``dz``;
+    they serve once (a second backward with ``retain_graph`` recomputes).
+    Returns None when there is nothing stored.
+    """
+    if getattr(ctx, "early", None) is None:
+        return None
+    dx, dW, dz = ctx.early
+    ctx.early = None
+    g0 = grad_loss.to(acc)
+    handoff.dx = dx.mul_(g0) if dx is not None else None
+    handoff.dW = dW.mul_(g0) if dW is not None else None
+    return dz * g0
 
 
 def forward_outputs(ctx, loss: Tensor, lse: Tensor, pred: Optional[Tensor], x: Tensor):

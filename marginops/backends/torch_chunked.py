@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import (FusedOptions, GradHandoff, Prepared, forward_outputs, loss_and_lse, target_grad,
-                     weighted_loss)
+from .common import (FusedOptions, GradHandoff, Prepared, forward_outputs, loss_and_lse, take_early_grads,
+                     target_grad, weighted_loss)
 
 # Tile sizes, tuned on a 2-core AMD EPYC (Zen 5) at B=1024, D=512, C=100k fp32
 # (`python -m benchmarks.cpu_targets`); a tile of logits stays within a few MiB.
@@ -316,15 +316,9 @@ class _MarginSoftmax(torch.autograd.Function):
         prep: _Prepared = ctx.prep
         handoff: GradHandoff = ctx.handoff
         need_z = ctx.needs_input_grad[3]
-        if ctx.early is not None:
-            # Fused strategy: scale the stored gradients. dW is handed over without a copy;
-            # a second backward (retain_graph) falls through to recomputation.
-            dx, dW, dz = ctx.early
-            ctx.early = None
-            g0 = grad_loss.to(prep.acc)
-            handoff.dx = dx.mul_(g0) if dx is not None else None
-            handoff.dW = dW.mul_(g0) if dW is not None else None
-            return None, None, None, (dz * g0).to(zf.dtype) if need_z else None, None, None, None
+        dz = take_early_grads(ctx, grad_loss, handoff, prep.acc)
+        if dz is not None:  # the workspace strategy computed them in the forward pass
+            return None, None, None, dz.to(zf.dtype) if need_z else None, None, None, None
         g = wf * grad_loss.to(prep.acc)
         dxh = torch.zeros(prep.B, prep.D, device=x.device, dtype=prep.acc) if handoff.need_x else None
         dD = torch.zeros(prep.C, prep.D, device=x.device, dtype=prep.acc) if handoff.need_W else None

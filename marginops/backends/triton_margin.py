@@ -59,7 +59,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (FusedOptions, GradHandoff, Prepared, acc_dtype, forward_outputs, loss_and_lse,
-                     target_grad, weighted_loss)
+                     take_early_grads, target_grad, weighted_loss)
 
 # -- configurations -----------------------------------------------------------------------------------
 
@@ -481,7 +481,6 @@ def margin_grad(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: O
     _check_inputs(x, W, y)
     R, D = x.shape
     Cc = W.shape[0]
-    acc = acc_dtype(x.dtype)
     if out.shape != (R, Cc) or out.dtype != x.dtype or out.stride(1) != 1:
         raise ValueError(f"out must be ({R}, {Cc}) {x.dtype} with unit column stride, got "
                          f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
@@ -547,7 +546,9 @@ def _mm_acc(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
     if _MM_OUT_DTYPE.get(kind, True):
         try:
             return torch.mm(a, b, out_dtype=acc)
-        except (TypeError, RuntimeError, NotImplementedError):
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError):  # no such overload (torch < 2.8?) or backend
             _MM_OUT_DTYPE[kind] = False
     return torch.mm(a, b).to(acc)
 
@@ -756,14 +757,9 @@ class _MarginSoftmax(torch.autograd.Function):
         prep: _Prepared = ctx.prep
         handoff: GradHandoff = ctx.handoff
         need_z = ctx.needs_input_grad[3]
-        if ctx.early is not None:
-            # workspace strategy: scale the stored gradients; a second backward (retain_graph) recomputes
-            dx, dW, dz = ctx.early
-            ctx.early = None
-            g0 = grad_loss.to(prep.acc)
-            handoff.dx = dx.mul_(g0) if dx is not None else None
-            handoff.dW = dW.mul_(g0) if dW is not None else None
-            return None, None, None, (dz * g0).to(zf.dtype) if need_z else None, None, None, None
+        dz = take_early_grads(ctx, grad_loss, handoff, prep.acc)
+        if dz is not None:  # the workspace strategy computed them in the forward pass
+            return None, None, None, dz.to(zf.dtype) if need_z else None, None, None, None
         g = wf * grad_loss.to(prep.acc)
         handoff.dx, handoff.dW = None, None
         if handoff.need_x or handoff.need_W:
