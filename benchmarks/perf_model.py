@@ -6,7 +6,9 @@
 Nothing here is measured. Each step of a call is charged its FLOPs at an
 assumed rate or its HBM bytes at an assumed bandwidth, steps do not overlap
 (pessimistic), and the chunking is the backend's own (:func:`grad_plan`,
-:func:`workspace_rows` with the given budgets). ``python -m benchmarks.gpu``
+:func:`workspace_rows` with the given budgets). cuBLAS is assumed to accumulate
+into fp32 outputs in place (``mm``/``addmm`` with ``out_dtype``, recent PyTorch
+on CUDA; older versions pay a product temporary per chunk). ``python -m benchmarks.gpu``
 on a GPU replaces these numbers with measurements.
 """
 
@@ -57,26 +59,26 @@ def predict(B: int, D: int, C: int, m: Machine, budget: int, ws_budget: Optional
     floor = 3 * m.gemm(gemm, cublas=True)
     norms = 2 * CD / bw  # |W_j| reads W once
     # recompute: forward kernel (GEMM + exp), gradient kernel (GEMM + exp + G written in bf16), two cuBLAS
-    # GEMMs reading G, dxh += G @ W in fp32 per class chunk (product written and read, dxh read and
-    # written: 16 B per B x D element and chunk), each dD chunk written by cuBLAS in fp32 and finished by
+    # GEMMs reading G, dxh += G @ W accumulated by cuBLAS into fp32 per class chunk (read and written:
+    # 8 B per B x D element and chunk), each dD chunk written by cuBLAS in fp32 and finished by
     # _finish_w_kernel (two reads of dD and W, one bf16 write: 4 + 8 + 4 + 2 = 18 B per C x D element)
     chunks = math.ceil(C / grad.chunk) * math.ceil(B / grad.rows)
     recompute = {
         "forward kernel": m.gemm(gemm, False) + BC / m.exp_rate,
         "gradient kernel": m.gemm(gemm, False) + BC / m.exp_rate + 2 * BC / bw,
         "cuBLAS dX, dW": 2 * m.gemm(gemm, True),
-        "passes": norms + (16 * BD * chunks + 18 * CD) / bw,
+        "passes": norms + (8 * BD * chunks + 18 * CD) / bw,
     }
     # workspace: the forward kernel also stores bf16 exponentials (2 B); the gradient kernel streams them
-    # (2 B in, 2 B out, one exp); dD (fp32, C x D): the first row block writes it (product + copy: 12 B),
-    # each later one adds (16 B); the in-place finish (16 B) and the conversion to bf16 (6 B)
+    # (2 B in, 2 B out, one exp); dD (fp32, C x D): the first row block's GEMM writes it (4 B), each later
+    # one accumulates into it (8 B); the in-place finish (16 B) and the conversion to bf16 (6 B)
     blocks = math.ceil(B / rows)
     ws_chunks = math.ceil(C / ws.chunk) * blocks
     workspace = {
         "forward kernel": m.gemm(gemm, False) + BC / m.exp_rate + 2 * BC / bw,
         "gradient kernel": BC / m.exp_rate + 4 * BC / bw,
         "cuBLAS dX, dW": 2 * m.gemm(gemm, True),
-        "passes": norms + (16 * BD * ws_chunks + (12 + 16 * (blocks - 1) + 16 + 6) * CD) / bw,
+        "passes": norms + (8 * BD * ws_chunks + (4 + 8 * (blocks - 1) + 16 + 6) * CD) / bw,
     }
     return dict(floor=floor, recompute=recompute, workspace=workspace, rows=rows, blocks=blocks,
                 chunk=grad.chunk)

@@ -533,24 +533,31 @@ def finish_w(dD: Tensor, W: Tensor, inv_w: Tensor, clamped: Tensor, out: Tensor)
 
 # -- the gradient passes: G chunks from the kernels, products from cuBLAS ------------------------------
 
-_MM_OUT_DTYPE: dict[str, bool] = {}  # device type -> whether torch.mm(..., out_dtype=) works there
+_MM_OUT_DTYPE: dict[str, bool] = {}  # device type -> whether mm/addmm(..., out_dtype=) work there
 
 
-def _mm_acc(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
-    """``a @ b`` in ``acc``: 16-bit operands accumulate in fp32 and come back in fp32 where PyTorch
-    offers ``out_dtype`` (CUDA, recent versions); elsewhere the product is rounded to the operands'
-    dtype once per chunk before it is accumulated."""
-    if a.dtype == acc:
-        return torch.mm(a, b)
-    kind = a.device.type
+def _gemm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> Tensor:
+    """``out = a @ b`` or ``out += a @ b`` with ``out`` in the accumulation dtype.
+
+    In place (cuBLAS writes or accumulates into ``out``, no temporary) when the
+    operands share its dtype, or for 16-bit operands where PyTorch offers
+    ``out_dtype`` (CUDA, recent versions). Elsewhere one product temporary,
+    rounded to the operands' dtype before it is accumulated.
+    """
+    if a.dtype == out.dtype:
+        return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
+    kind = out.device.type
     if _MM_OUT_DTYPE.get(kind, True):
         try:
-            return torch.mm(a, b, out_dtype=acc)
+            if accumulate:
+                return torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+            return torch.mm(a, b, out_dtype=out.dtype, out=out)
         except torch.cuda.OutOfMemoryError:
             raise
-        except (TypeError, RuntimeError, NotImplementedError):  # no such overload (torch < 2.8?) or backend
+        except (TypeError, RuntimeError, NotImplementedError):  # no such overload (older torch) or backend
             _MM_OUT_DTYPE[kind] = False
-    return torch.mm(a, b).to(acc)
+    product = torch.mm(a, b)
+    return out.add_(product) if accumulate else out.copy_(product)
 
 
 @dataclass(frozen=True)
@@ -592,18 +599,19 @@ def grad_plan(B: int, C: int, D: int, dtype: torch.dtype, budget: int, fixed: in
     return GradPlan(rows, chunk, rows * chunk * elt)
 
 
-def _chunk_grads(prep: Prepared, x: Tensor, xh_in: Tensor, lse: Tensor, coef: Tensor, r0: int, r1: int,
-                 c0: int, c1: int, G: Tensor, dxh: Optional[Tensor],
-                 workspace: Optional[ExpWorkspace] = None) -> Optional[Tensor]:
-    """One (row range, class chunk): ``G`` from the kernel, ``dxh[r0:r1] += G @ W`` and the returned
-    ``G.T @ xh`` (``c1 - c0`` x D, accumulation dtype; None unless ``xh_in`` is given)."""
+def _chunk_grads(prep: Prepared, x: Tensor, xh_in: Optional[Tensor], lse: Tensor, coef: Tensor, r0: int, r1: int,
+                 c0: int, c1: int, G: Tensor, dxh: Optional[Tensor], dD: Optional[Tensor], accumulate: bool,
+                 workspace: Optional[ExpWorkspace] = None) -> None:
+    """One (row range, class chunk): ``G`` from the kernel, then ``dxh[r0:r1] += G @ W[c0:c1]`` and
+    ``dD (+)= G.T @ xh[r0:r1]`` (``dD``: the chunk's ``c1 - c0`` rows, accumulation dtype)."""
     W = prep.W
     margin_grad(x[r0:r1], W[c0:c1], prep.y[r0:r1], prep.row_scale[r0:r1],
                 prep.inv_w[c0:c1] if prep.inv_w is not None else None, lse[r0:r1], coef[r0:r1], G,
                 label_offset=c0, smoothing=prep.opts.label_smoothing / prep.C, workspace=workspace)
     if dxh is not None:
-        dxh[r0:r1] += _mm_acc(G, W[c0:c1], prep.acc)
-    return _mm_acc(G.t(), xh_in[r0:r1], prep.acc) if xh_in is not None else None
+        _gemm_into(dxh[r0:r1], G, W[c0:c1], accumulate=True)
+    if dD is not None:
+        _gemm_into(dD, G.t(), xh_in[r0:r1], accumulate)
 
 
 def _recompute_grads(prep: Prepared, x: Tensor, lse: Tensor, coef: Tensor, need_x: bool,
@@ -620,16 +628,16 @@ def _recompute_grads(prep: Prepared, x: Tensor, lse: Tensor, coef: Tensor, need_
     dW = torch.empty(C, D, device=x.device, dtype=x.dtype) if need_W else None
     xh_in = prep.xh.to(x.dtype) if need_W else None
     buf = torch.empty(pl.rows * pl.chunk, device=x.device, dtype=x.dtype)
+    dD_buf = torch.empty(pl.chunk * D, device=x.device, dtype=prep.acc) if need_W else None
     for c0 in range(0, C, pl.chunk):
         c1 = min(c0 + pl.chunk, C)
-        dD = None
+        dD = dD_buf[: (c1 - c0) * D].view(c1 - c0, D) if dD_buf is not None else None
         for r0 in range(0, B, pl.rows):
             r1 = min(r0 + pl.rows, B)
             G = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-            part = _chunk_grads(prep, x, xh_in, lse, coef, r0, r1, c0, c1, G, dxh)
-            dD = part if dD is None else dD.add_(part)
+            _chunk_grads(prep, x, xh_in, lse, coef, r0, r1, c0, c1, G, dxh, dD, accumulate=r0 > 0)
         if dW is not None:
-            _finish_chunk(prep, dD, c0, c1, dW[c0:c1])
+            _finish_chunk(prep, dD if B > 0 else None, c0, c1, dW[c0:c1])
     return (prep.finish_x_grad(dxh) if dxh is not None else None), dW
 
 
@@ -698,13 +706,10 @@ def _workspace_forward(prep: Prepared, x: Tensor, z: Tensor, w: Tensor, need_x: 
             for r0 in range(b0, b1, pl.rows):
                 r1 = min(r0 + pl.rows, b1)
                 G = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-                part = _chunk_grads(prep, x, xh_in, lse, coef, r0, r1, c0, c1, G, dxh,
-                                    workspace=block.rows(r0 - b0, r1 - b0))
-                if dD is not None:
-                    if r0 == 0:  # the first rows write the chunk: no zeroing pass over C x D
-                        dD[c0:c1] = part
-                    else:
-                        dD[c0:c1] += part
+                # the first rows write dD's chunk (no zeroing pass over C x D), later ones add to it
+                _chunk_grads(prep, x, xh_in, lse, coef, r0, r1, c0, c1, G, dxh,
+                             dD[c0:c1] if dD is not None else None, accumulate=r0 > 0,
+                             workspace=block.rows(r0 - b0, r1 - b0))
     if dD is not None:
         for c0 in range(0, C, pl.chunk):
             _finish_chunk(prep, dD[c0:c0 + pl.chunk], c0, min(c0 + pl.chunk, C), dD[c0:c0 + pl.chunk])
