@@ -86,14 +86,14 @@ def _source(job: Job):
     import triton
     import triton.language as tl
 
-    from .backends import triton_margin as tm
+    from .backends import triton_kernels as tk
 
     dtype = getattr(torch, job.dtype)
     inp = _PTR[job.dtype]
     acc = "*fp64" if job.dtype == "float64" else "*fp32"
     if job.kernel == "fwd":
-        table = tm.WORKSPACE_FWD_CONFIGS if job.variant == "workspace" else tm.FWD_CONFIGS
-        fn, cfg = tm._margin_fwd_kernel, table[dtype]
+        table = tk.WORKSPACE_FWD_CONFIGS if job.variant == "workspace" else tk.FWD_CONFIGS
+        fn, cfg = tk._margin_fwd_kernel, table[dtype]
         pointers = dict(x_ptr=inp, w_ptr=inp, y_ptr="*i64", rs_ptr=acc, cs_ptr=acc, m_ptr=acc, l_ptr=acc,
                         pv_ptr=acc, pi_ptr="*i64", e_ptr=inp, sh_ptr=acc)
         ints = dict(B="i32", C="i32", D="i32", classes_per_split="i32", stride_xb="i32", stride_wc="i32",
@@ -101,14 +101,14 @@ def _source(job: Job):
         divisible = {"D", "classes_per_split", "stride_xb", "stride_wc", "stride_eb"}
         units = ("stride_xd", "stride_wd")
     elif job.kernel == "finish":  # streaming: its "config" is rows x 1 x features per step
-        fn, cfg = tm._finish_w_kernel, tm.KernelConfig(tm.FINISH_ROWS, 1, tm.FINISH_BLOCK_D, tm.FINISH_WARPS, 1)
+        fn, cfg = tk._finish_w_kernel, tk.KernelConfig(tk.FINISH_ROWS, 1, tk.FINISH_BLOCK_D, tk.FINISH_WARPS, 1)
         pointers = dict(dd_ptr=acc, w_ptr=inp, coef_ptr=acc, out_ptr=inp)
         ints = dict(Cc="i32", D="i32", stride_dd="i32", stride_w="i32", stride_out="i32")
         divisible = {"D", "stride_dd", "stride_w", "stride_out"}
         units = ()
     else:
-        table = tm.WORKSPACE_GRAD_CONFIGS if job.variant == "workspace" else tm.GRAD_CONFIGS
-        fn, cfg = tm._margin_grad_kernel, table[dtype]
+        table = tk.WORKSPACE_GRAD_CONFIGS if job.variant == "workspace" else tk.GRAD_CONFIGS
+        fn, cfg = tk._margin_grad_kernel, table[dtype]
         pointers = dict(x_ptr=inp, w_ptr=inp, y_ptr="*i64", rs_ptr=acc, cs_ptr=acc, lse_ptr=acc, coef_ptr=acc,
                         e_ptr=inp, sh_ptr=acc, g_ptr=inp)
         ints = dict(R="i32", Cc="i32", D="i32", label_offset="i32", smooth="fp32", stride_xb="i32",
@@ -116,7 +116,7 @@ def _source(job: Job):
         divisible = {"D", "stride_xb", "stride_wc", "stride_eb", "stride_gb", "tile_c"}
         units = ("stride_xd", "stride_wd")
     if job.config is not None:
-        cfg = tm.KernelConfig(*job.config)
+        cfg = tk.KernelConfig(*job.config)
     precision = {"float32": "tf32x3", "float64": "ieee"}.get(job.dtype, "tf32")
     acc_tl = tl.float64 if job.dtype == "float64" else tl.float32
     if job.kernel == "finish":

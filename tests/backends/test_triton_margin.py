@@ -337,6 +337,18 @@ def test_workspace_strategy_matches_reference(tiles, dtype, reduction, budget, m
     assert sum(blocks) == B and len(blocks) == -(-B // rows), blocks
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_recompute_hands_over_dW_in_the_input_dtype(dtype, monkeypatch):
+    # no fp32 C x D copy of the weight gradient: chunks are finished straight into W.grad's dtype
+    handed = []
+    real = tm._recompute_grads
+    monkeypatch.setattr(tm, "_recompute_grads", lambda *a: handed.append(real(*a)) or handed[-1])
+    x, W, y = inputs(dtype, ignore=2)
+    check(x, W, y, mo.ArcFace(0.5), memory_budget=40_000, strategy="recompute")
+    (dx, dW), = handed
+    assert dW.dtype == dtype and dx.dtype == torch.float32
+
+
 def test_workspace_strategy_second_backward_and_upstream_scale():
     x, W, y = inputs(ignore=2)
     x, W = x.to(DEVICE).requires_grad_(), W.to(DEVICE).requires_grad_()
