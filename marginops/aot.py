@@ -73,10 +73,12 @@ VARIANTS = {
     ("fwd", "loss"): dict(HAS_NORM=True, HAS_PRED=False, STORE_EXP=False),
     ("fwd", "unnormalized"): dict(HAS_NORM=False, HAS_PRED=False, STORE_EXP=False),
     ("fwd", "workspace"): dict(HAS_NORM=True, HAS_PRED=True, STORE_EXP=True),
-    ("grad", "recompute"): dict(HAS_NORM=True, FROM_EXP=False),
-    ("grad", "unnormalized"): dict(HAS_NORM=False, FROM_EXP=False),
-    ("grad", "workspace"): dict(HAS_NORM=True, FROM_EXP=True),
-    ("finish", "dW"): dict(),
+    ("grad", "recompute"): dict(HAS_NORM=True, FROM_EXP=False, SCALE_G=True),
+    ("grad", "unscaled"): dict(HAS_NORM=True, FROM_EXP=False, SCALE_G=False),  # float16's G
+    ("grad", "unnormalized"): dict(HAS_NORM=False, FROM_EXP=False, SCALE_G=False),
+    ("grad", "workspace"): dict(HAS_NORM=True, FROM_EXP=True, SCALE_G=True),
+    ("finish", "dW"): dict(HAS_PRE=False),
+    ("finish", "dW-unscaled"): dict(HAS_PRE=True),  # after float16's unscaled G
 }
 
 
@@ -101,8 +103,8 @@ def _source(job: Job):
         divisible = {"D", "classes_per_split", "stride_xb", "stride_wc", "stride_eb"}
         units = ("stride_xd", "stride_wd")
     elif job.kernel == "finish":  # streaming: its "config" is rows x 1 x features per step
-        fn, cfg = tk._finish_w_kernel, tk.KernelConfig(tk.FINISH_ROWS, 1, tk.FINISH_BLOCK_D, tk.FINISH_WARPS, 1)
-        pointers = dict(dd_ptr=acc, w_ptr=inp, coef_ptr=acc, out_ptr=inp)
+        fn, cfg = tk._finish_w_kernel, tk.FINISH_CONFIGS[dtype]
+        pointers = dict(dd_ptr=acc, w_ptr=inp, coef_ptr=acc, pre_ptr=acc, out_ptr=inp)
         ints = dict(Cc="i32", D="i32", stride_dd="i32", stride_w="i32", stride_out="i32")
         divisible = {"D", "stride_dd", "stride_w", "stride_out"}
         units = ()
@@ -120,7 +122,7 @@ def _source(job: Job):
     precision = {"float32": "tf32x3", "float64": "ieee"}.get(job.dtype, "tf32")
     acc_tl = tl.float64 if job.dtype == "float64" else tl.float32
     if job.kernel == "finish":
-        constexprs = dict(ACC=acc_tl, BLOCK_R=cfg.block_b, BLOCK_D=cfg.block_d)
+        constexprs = dict(VARIANTS[(job.kernel, job.variant)], ACC=acc_tl, BLOCK_R=cfg.block_b, BLOCK_D=cfg.block_d)
     else:
         constexprs = dict(VARIANTS[(job.kernel, job.variant)], UPCAST=False, ACC=acc_tl, DOT_PRECISION=precision,
                           BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d)

@@ -67,8 +67,14 @@ GRAD_CONFIGS = {
 }
 #: The gradient kernel reading stored exponentials is elementwise (memory-bound): small tiles, many programs per SM.
 WORKSPACE_GRAD_CONFIGS = {dtype: KernelConfig(32, 128, 16, 4, 1) for dtype in GRAD_CONFIGS}
-#: ``_finish_w_kernel``'s rows per program, features per step and warps (a streaming kernel).
-FINISH_ROWS, FINISH_BLOCK_D, FINISH_WARPS = 16, 256, 4
+#: ``_finish_w_kernel`` (streaming) per weight dtype: ``block_b`` rows per program, ``block_d`` features per
+#: step (``block_c`` unused). float64 takes 8 rows: 16 spill 24-48 bytes with the unscaled variant.
+FINISH_CONFIGS = {
+    torch.bfloat16: KernelConfig(16, 1, 256, 4, 1),
+    torch.float16: KernelConfig(16, 1, 256, 4, 1),
+    torch.float32: KernelConfig(16, 1, 256, 4, 1),
+    torch.float64: KernelConfig(8, 1, 256, 4, 1),
+}
 #: The forward aims for this many programs per SM (class splits fill the chip when B is small).
 PROGRAMS_PER_SM = 2
 SUPPORTED_DTYPES = tuple(FWD_CONFIGS)
@@ -201,7 +207,7 @@ def _margin_grad_kernel(
     smooth,  # eps / C (label smoothing), or 0
     tile_c,  # classes per forward tile: class k's shift is sh[:, k // tile_c] (FROM_EXP)
     stride_xb, stride_xd, stride_wc, stride_wd, stride_eb, stride_sb, stride_gb,
-    HAS_NORM: tl.constexpr, FROM_EXP: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    HAS_NORM: tl.constexpr, FROM_EXP: tl.constexpr, SCALE_G: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
@@ -228,7 +234,7 @@ def _margin_grad_kernel(
     y = tl.load(y_ptr + offs_b, mask=row_ok, other=-1) - label_offset
     coef = tl.load(coef_ptr + offs_b, mask=row_ok, other=0.0).to(ACC)
     g = p - smooth
-    if HAS_NORM:
+    if SCALE_G:  # fold 1 / |W_j| into G (else the caller multiplies by normalized W rows)
         g = g * tl.load(cs_ptr + offs_c, mask=col_ok, other=0.0).to(ACC)[None, :]
     keep = tile_ok & (offs_c[None, :] != y[:, None])
     g = tl.where(keep, g * coef[:, None], 0.0)
@@ -237,12 +243,13 @@ def _margin_grad_kernel(
 
 @triton.jit
 def _finish_w_kernel(
-    dd_ptr,  # (Cc, D) dD_j = inv_w_j * dwh_j, accumulation dtype
+    dd_ptr,  # (Cc, D) dD_j = inv_w_j * dwh_j (dwh_j itself with HAS_PRE), accumulation dtype
     w_ptr,  # (Cc, D) raw class weights
-    coef_ptr,  # (Cc,) inv_w_j^2, 0 where the norm was clamped
-    out_ptr,  # (Cc, D) out: dW_j = dD_j - W_j coef_j (W_j . dD_j), any float dtype (may alias dd_ptr)
+    coef_ptr,  # (Cc,) inv_w_j^2 (inv_w_j^3 with HAS_PRE), 0 where the norm was clamped
+    pre_ptr,  # (Cc,) inv_w_j, a factor on dD_j (read only with HAS_PRE)
+    out_ptr,  # (Cc, D) out: dW_j = pre_j dD_j - W_j coef_j (W_j . dD_j), any float dtype (may alias dd_ptr)
     Cc, D, stride_dd, stride_w, stride_out,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_PRE: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The normalization backward of ``W``, fused: one read of each operand for the row dots, one more
     for the update (in cache when rows are short), one write in the output dtype."""
@@ -256,10 +263,14 @@ def _finish_w_kernel(
         w = tl.load(w_ptr + rows[:, None] * stride_w + (d0 + offs_d)[None, :], mask=ok, other=0.0).to(ACC)
         dot += tl.sum(dd * w, axis=1)
     f = dot * tl.load(coef_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+    if HAS_PRE:
+        pre = tl.load(pre_ptr + rows, mask=row_ok, other=0.0).to(ACC)
     for d0 in range(0, D, BLOCK_D):
         ok = row_ok[:, None] & (d0 + offs_d < D)[None, :]
         dd = tl.load(dd_ptr + rows[:, None] * stride_dd + (d0 + offs_d)[None, :], mask=ok, other=0.0).to(ACC)
         w = tl.load(w_ptr + rows[:, None] * stride_w + (d0 + offs_d)[None, :], mask=ok, other=0.0).to(ACC)
+        if HAS_PRE:
+            dd = dd * pre[:, None]
         out = dd - w * f[:, None]
         tl.store(out_ptr + rows[:, None] * stride_out + (d0 + offs_d)[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=ok)

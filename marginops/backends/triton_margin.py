@@ -62,7 +62,7 @@ from torch import Tensor
 
 from .common import (FusedOptions, GradHandoff, Prepared, acc_dtype, forward_outputs, loss_and_lse,
                      take_early_grads, target_grad, weighted_loss)
-from .triton_kernels import (FINISH_BLOCK_D, FINISH_ROWS, FINISH_WARPS, FWD_CONFIGS, GRAD_CONFIGS,
+from .triton_kernels import (FINISH_CONFIGS, FWD_CONFIGS, GRAD_CONFIGS,
                              PROGRAMS_PER_SM, SUPPORTED_DTYPES, WORKSPACE_FWD_CONFIGS, WORKSPACE_GRAD_CONFIGS,
                              KernelConfig, _finish_w_kernel, _margin_fwd_kernel, _margin_grad_kernel)
 
@@ -236,8 +236,10 @@ def margin_fwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Op
 
 def margin_grad(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Optional[Tensor], lse: Tensor,
                 coef: Tensor, out: Tensor, *, label_offset: int = 0, smoothing: float = 0.0,
-                workspace: Optional[ExpWorkspace] = None, config: Optional[KernelConfig] = None) -> Tensor:
-    """Fill ``out`` (R, Cc) with ``G_ij = coef_i (exp(l_ij - lse_i) - smoothing) col_scale_j``, 0 on targets.
+                workspace: Optional[ExpWorkspace] = None, scale_g: bool = True,
+                config: Optional[KernelConfig] = None) -> Tensor:
+    """Fill ``out`` (R, Cc) with ``G_ij = coef_i (exp(l_ij - lse_i) - smoothing) col_scale_j``, 0 on targets
+    (without the ``col_scale_j`` factor when ``scale_g`` is False).
 
     Here ``l_ij = row_scale_i col_scale_j (x_i . W_j)`` is recomputed, or
     ``exp(l_ij - lse_i)`` comes from a forward's ``workspace`` (R rows, all
@@ -266,16 +268,21 @@ def margin_grad(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: O
         R, Cc, D, label_offset, float(smoothing), workspace.tile_c if workspace else 1,
         x.stride(0), x.stride(1), W.stride(0), W.stride(1), workspace.exp.stride(0) if workspace else 0,
         workspace.shift.stride(0) if workspace else 0, out.stride(0),
-        HAS_NORM=col_scale is not None, FROM_EXP=workspace is not None, **_constexprs(x),
+        HAS_NORM=col_scale is not None, FROM_EXP=workspace is not None,
+        SCALE_G=scale_g and col_scale is not None, **_constexprs(x),
         BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
 
-def finish_w(dD: Tensor, W: Tensor, inv_w: Tensor, clamped: Tensor, out: Tensor) -> Tensor:
-    """``out_j = dD_j - W_j inv_w_j^2 (W_j . dD_j)`` (0 instead of ``inv_w_j^2`` where ``clamped``):
-    the backward of ``W_j / max(|W_j|, eps)`` for ``dD_j = inv_w_j * dwh_j``. ``out`` may be ``dD``."""
+def finish_w(dD: Tensor, W: Tensor, inv_w: Tensor, clamped: Tensor, out: Tensor, scaled: bool = True) -> Tensor:
+    """The backward of ``W_j / max(|W_j|, eps)`` into ``out`` (which may be ``dD``).
+
+    ``scaled``: ``dD_j = inv_w_j dwh_j`` and ``out_j = dD_j - W_j inv_w_j^2 (W_j . dD_j)``; otherwise
+    ``dD_j = dwh_j`` and ``out_j = inv_w_j dD_j - W_j inv_w_j^3 (W_j . dD_j)``. Where ``clamped`` the
+    map is linear (the ``W_j`` term is dropped), as in ``F.normalize``.
+    """
     _check_device(dD)
     Cc, D = dD.shape
     if W.shape != (Cc, D) or out.shape != (Cc, D) or inv_w.shape != (Cc,) or clamped.shape != (Cc,):
@@ -285,11 +292,13 @@ def finish_w(dD: Tensor, W: Tensor, inv_w: Tensor, clamped: Tensor, out: Tensor)
         raise ValueError("dD, W and out need unit feature strides")
     if Cc == 0:
         return out
-    coef = torch.where(clamped, torch.zeros_like(inv_w), inv_w * inv_w)
-    _finish_w_kernel[(triton.cdiv(Cc, FINISH_ROWS),)](
-        dD, W, coef, out, Cc, D, dD.stride(0), W.stride(0), out.stride(0),
-        ACC=tl.float64 if dD.dtype == torch.float64 else tl.float32, BLOCK_R=FINISH_ROWS, BLOCK_D=FINISH_BLOCK_D,
-        num_warps=FINISH_WARPS, num_stages=1,
+    coef = inv_w * inv_w if scaled else inv_w * inv_w * inv_w
+    coef = torch.where(clamped, torch.zeros_like(coef), coef)
+    cfg = FINISH_CONFIGS[W.dtype]
+    _finish_w_kernel[(triton.cdiv(Cc, cfg.block_b),)](
+        dD, W, coef, inv_w, out, Cc, D, dD.stride(0), W.stride(0), out.stride(0), HAS_PRE=not scaled,
+        ACC=tl.float64 if dD.dtype == torch.float64 else tl.float32, BLOCK_R=cfg.block_b, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
@@ -337,21 +346,26 @@ def grad_plan(B: int, C: int, D: int, dtype: torch.dtype, budget: int, fixed: in
     """The largest ``G`` chunk the budget allows, all rows at once if possible.
 
     Per chunk of ``k`` classes and ``r`` rows the scratch is ``G`` (``r k``
-    input elements), the product ``G.T @ xh`` (``k D``, input dtype and
-    accumulation dtype) and ``G @ W`` (``r D``, both dtypes); ``fixed`` bytes
-    (the workspace strategy's exponentials) come off the budget first. Classes come in whole
-    tiles; below one tile of classes for all rows, the rows shrink (whole
-    tiles) before the classes do, and one tile by one tile is the floor.
+    input elements) and the ``dD`` chunk (``k D``, accumulation dtype), plus,
+    where cuBLAS cannot write fp32 from 16-bit operands in place, the two
+    products in the input dtype (``k D`` and ``r D``), and for float16 the
+    chunk's normalized ``W`` rows (``k D``, and an fp32 temporary); ``fixed``
+    bytes (the workspace strategy's exponentials) come off the budget first. Classes
+    come in whole tiles; below one tile of classes for all rows, the rows
+    shrink (whole tiles) before the classes do, and one tile by one tile is
+    the floor.
     """
     cfg = config or GRAD_CONFIGS[dtype]
     elt = torch.finfo(dtype).bits // 8
     both = elt + torch.finfo(acc_dtype(dtype)).bits // 8
+    if dtype == torch.float16:
+        both += 6  # normalized W rows of the chunk (see _Prepared.scale_g)
     left = max(0, budget - fixed)
     tiles = max(1, triton.cdiv(C, cfg.block_c))
     rows = max(1, B)
     while True:
         per_tile = cfg.block_c * (rows * elt + D * both)
-        fit = (left - rows * D * both) // per_tile
+        fit = (left - rows * D * elt) // per_tile
         if fit >= 1 or rows <= cfg.block_b:
             break
         rows = max(cfg.block_b, (rows // 2) // cfg.block_b * cfg.block_b)
@@ -362,17 +376,21 @@ def grad_plan(B: int, C: int, D: int, dtype: torch.dtype, budget: int, fixed: in
     return GradPlan(rows, chunk, rows * chunk * elt)
 
 
-def _chunk_grads(prep: Prepared, x: Tensor, xh_in: Optional[Tensor], lse: Tensor, coef: Tensor, r0: int, r1: int,
-                 c0: int, c1: int, G: Tensor, dxh: Optional[Tensor], dD: Optional[Tensor], accumulate: bool,
-                 workspace: Optional[ExpWorkspace] = None) -> None:
-    """One (row range, class chunk): ``G`` from the kernel, then ``dxh[r0:r1] += G @ W[c0:c1]`` and
-    ``dD (+)= G.T @ xh[r0:r1]`` (``dD``: the chunk's ``c1 - c0`` rows, accumulation dtype)."""
+def _chunk_grads(prep: "_Prepared", x: Tensor, xh_in: Optional[Tensor], lse: Tensor, coef: Tensor, r0: int,
+                 r1: int, c0: int, c1: int, G: Tensor, dxh: Optional[Tensor], w_rows: Optional[Tensor],
+                 dD: Optional[Tensor], accumulate: bool, workspace: Optional[ExpWorkspace] = None) -> None:
+    """One (row range, class chunk): ``G`` from the kernel, then ``dxh[r0:r1] += G @ w_rows`` and
+    ``dD (+)= G.T @ xh[r0:r1]`` (``dD``: the chunk's ``c1 - c0`` rows, accumulation dtype).
+
+    ``w_rows`` is ``W[c0:c1]``, or its normalized rows when ``G`` does not carry ``1 / |W_j|``
+    (:meth:`_Prepared.dx_rows`)."""
     W = prep.W
     margin_grad(x[r0:r1], W[c0:c1], prep.y[r0:r1], prep.row_scale[r0:r1],
                 prep.inv_w[c0:c1] if prep.inv_w is not None else None, lse[r0:r1], coef[r0:r1], G,
-                label_offset=c0, smoothing=prep.opts.label_smoothing / prep.C, workspace=workspace)
+                label_offset=c0, smoothing=prep.opts.label_smoothing / prep.C, workspace=workspace,
+                scale_g=prep.scale_g)
     if dxh is not None:
-        _gemm_into(dxh[r0:r1], G, W[c0:c1], accumulate=True)
+        _gemm_into(dxh[r0:r1], G, w_rows, accumulate=True)
     if dD is not None:
         _gemm_into(dD, G.t(), xh_in[r0:r1], accumulate)
 
@@ -395,10 +413,11 @@ def _recompute_grads(prep: Prepared, x: Tensor, lse: Tensor, coef: Tensor, need_
     for c0 in range(0, C, pl.chunk):
         c1 = min(c0 + pl.chunk, C)
         dD = dD_buf[: (c1 - c0) * D].view(c1 - c0, D) if dD_buf is not None else None
+        w_rows = prep.dx_rows(c0, c1) if need_x else None
         for r0 in range(0, B, pl.rows):
             r1 = min(r0 + pl.rows, B)
             G = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-            _chunk_grads(prep, x, xh_in, lse, coef, r0, r1, c0, c1, G, dxh, dD, accumulate=r0 > 0)
+            _chunk_grads(prep, x, xh_in, lse, coef, r0, r1, c0, c1, G, dxh, w_rows, dD, accumulate=r0 > 0)
         if dW is not None:
             _finish_chunk(prep, dD if B > 0 else None, c0, c1, dW[c0:c1])
     return (prep.finish_x_grad(dxh) if dxh is not None else None), dW
@@ -411,7 +430,7 @@ def _finish_chunk(prep: Prepared, dD: Optional[Tensor], c0: int, c1: int, out: T
     elif prep.inv_w is None:
         out.copy_(dD)
     else:
-        finish_w(dD, prep.W[c0:c1], prep.inv_w[c0:c1], prep.w_clamped[c0:c1], out)
+        finish_w(dD, prep.W[c0:c1], prep.inv_w[c0:c1], prep.w_clamped[c0:c1], out, scaled=prep.scale_g)
 
 
 #: Share of the budget the workspace strategy leaves for ``G`` chunks (the rest holds the exponentials).
@@ -466,11 +485,12 @@ def _workspace_forward(prep: Prepared, x: Tensor, z: Tensor, w: Tensor, need_x: 
         lse[b0:b1] = torch.logaddexp(N[b0:b1], z[b0:b1])
         for c0 in range(0, C, pl.chunk):
             c1 = min(c0 + pl.chunk, C)
+            w_rows = prep.dx_rows(c0, c1) if need_x else None
             for r0 in range(b0, b1, pl.rows):
                 r1 = min(r0 + pl.rows, b1)
                 G = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
                 # the first rows write dD's chunk (no zeroing pass over C x D), later ones add to it
-                _chunk_grads(prep, x, xh_in, lse, coef, r0, r1, c0, c1, G, dxh,
+                _chunk_grads(prep, x, xh_in, lse, coef, r0, r1, c0, c1, G, dxh, w_rows,
                              dD[c0:c1] if dD is not None else None, accumulate=r0 > 0,
                              workspace=block.rows(r0 - b0, r1 - b0))
     if dD is not None:
@@ -483,7 +503,7 @@ def _workspace_forward(prep: Prepared, x: Tensor, z: Tensor, w: Tensor, need_x: 
 
 
 class _Prepared(Prepared):
-    """The shared per-call quantities plus the forward kernel's row factor."""
+    """The shared per-call quantities plus the kernels' row factor and how ``G`` is scaled."""
 
     def __init__(self, x: Tensor, W: Tensor, y: Tensor, opts: FusedOptions):
         super().__init__(x, W, y, opts)
@@ -491,6 +511,16 @@ class _Prepared(Prepared):
             self.row_scale = self.inv_x * opts.scale
         else:
             self.row_scale = torch.full((self.B,), opts.scale, device=x.device, dtype=self.acc)
+        # G carries 1 / |W_j| (dX multiplies raw W rows) unless that overflows the input dtype: float16
+        # (max 65504) cannot hold s / |W_j| for tiny or zero rows (1 / eps = 1e12), so float16 keeps G
+        # unscaled and multiplies normalized rows of each chunk instead.
+        self.scale_g = self.inv_w is None or x.dtype != torch.float16
+
+    def dx_rows(self, c0: int, c1: int) -> Tensor:
+        """The right operand of ``dxh += G @ rows`` for classes ``[c0, c1)``, in the input dtype."""
+        if self.scale_g:
+            return self.W[c0:c1]
+        return (self.W[c0:c1] * self.inv_w[c0:c1].unsqueeze(1)).to(self.W.dtype)  # one fp32 temporary
 
 
 class _MarginSoftmax(torch.autograd.Function):
