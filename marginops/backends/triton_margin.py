@@ -350,10 +350,10 @@ def grad_plan(B: int, C: int, D: int, dtype: torch.dtype, budget: int, fixed: in
     where cuBLAS cannot write fp32 from 16-bit operands in place, the two
     products in the input dtype (``k D`` and ``r D``), and for float16 the
     chunk's normalized ``W`` rows (``k D``, and an fp32 temporary); ``fixed``
-    bytes (the workspace strategy's exponentials) come off the budget first. Classes
-    come in whole tiles; below one tile of classes for all rows, the rows
-    shrink (whole tiles) before the classes do, and one tile by one tile is
-    the floor.
+    bytes (the workspace strategy's exponentials) come off the budget first.
+    Classes come in whole tiles; below one tile of classes for all rows, the
+    rows shrink (whole tiles) before the classes do, and one tile by one tile
+    is the floor.
     """
     cfg = config or GRAD_CONFIGS[dtype]
     elt = torch.finfo(dtype).bits // 8
@@ -395,7 +395,7 @@ def _chunk_grads(prep: "_Prepared", x: Tensor, xh_in: Optional[Tensor], lse: Ten
         _gemm_into(dD, G.t(), xh_in[r0:r1], accumulate)
 
 
-def _recompute_grads(prep: Prepared, x: Tensor, lse: Tensor, coef: Tensor, need_x: bool,
+def _recompute_grads(prep: "_Prepared", x: Tensor, lse: Tensor, coef: Tensor, need_x: bool,
                      need_W: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """``dx`` (accumulation dtype) and ``dW`` (input dtype) for per-row upstream weights ``coef / s``.
 
@@ -423,7 +423,7 @@ def _recompute_grads(prep: Prepared, x: Tensor, lse: Tensor, coef: Tensor, need_
     return (prep.finish_x_grad(dxh) if dxh is not None else None), dW
 
 
-def _finish_chunk(prep: Prepared, dD: Optional[Tensor], c0: int, c1: int, out: Tensor) -> None:
+def _finish_chunk(prep: "_Prepared", dD: Optional[Tensor], c0: int, c1: int, out: Tensor) -> None:
     """Write ``dW[c0:c1]`` (``out``, any dtype, may be ``dD``) from the chunk's ``dD`` (None: no rows)."""
     if dD is None:
         out.zero_()
@@ -453,7 +453,7 @@ def workspace_rows(B: int, C: int, dtype: torch.dtype, budget: int) -> int:
     return math.ceil(B / math.ceil(B / rows))
 
 
-def _workspace_forward(prep: Prepared, x: Tensor, z: Tensor, w: Tensor, need_x: bool, need_W: bool):
+def _workspace_forward(prep: "_Prepared", x: Tensor, z: Tensor, w: Tensor, need_x: bool, need_W: bool):
     """Forward with the gradients for ``grad_output = 1`` (three GEMMs).
 
     Per block of rows, the forward kernel keeps the exponentials of every tile
