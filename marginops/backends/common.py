@@ -22,8 +22,9 @@ first) and adds the target term in place, so ``W`` receives one ``C x D``
 gradient tensor and no second one is ever allocated.
 
 :class:`Prepared` and the functions after it are the per-call math both
-backends share: norms, label smoothing's loss term, ``dz`` and the
-normalization backward of ``W``.
+backends share: norms, the normalization backward of ``x``, label
+smoothing's loss term, ``dz``, the handover of gradients computed in a
+forward pass.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-#: Classes per step of the per-call ``C x D`` passes (class sum, normalization backward), at most.
+#: Classes per step of the per-call ``C x D`` passes (class sum, the torch backend's normalization backward).
 PASS_CHUNK = 8192
 
 
@@ -161,24 +162,6 @@ class Prepared:
         if self.inv_x is None:
             return dxh
         return normalize_backward(self.xh, self.inv_x, self.x_clamped, dxh)
-
-    def finish_w_grad(self, dD: Tensor, c0: int, c1: int) -> Tensor:
-        """In place for classes ``[c0, c1)``: ``dD_j = inv_w_j * dwh_j`` becomes
-        ``dW_j = dD_j - W_j inv_w_j^2 (W_j . dD_j)``."""
-        if self.inv_w is not None:
-            inv = self.inv_w[c0:c1]
-            coef = torch.where(self.w_clamped[c0:c1], torch.zeros_like(inv), inv * inv)
-            wt = self.w_tile(c0, c1)
-            dots = torch.bmm(dD.unsqueeze(1), wt.unsqueeze(2)).view(-1)
-            dD.addcmul_(wt, (dots * coef).unsqueeze(1), value=-1.0)
-        return dD
-
-    def finish_w_grads(self, dD: Tensor) -> Tensor:
-        """:meth:`finish_w_grad` over all classes (``dD`` is ``C x D``), chunk by chunk, in place."""
-        if self.inv_w is not None:
-            for c0, c1 in self.chunks():
-                self.finish_w_grad(dD[c0:c1], c0, c1)
-        return dD
 
 
 def loss_and_lse(prep: Prepared, N: Tensor, z: Tensor, target_logit: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:

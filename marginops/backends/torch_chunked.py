@@ -102,6 +102,24 @@ class _Prepared(Prepared):
         self.floor = _exp_floor(self.acc)
         self.tiny = torch.finfo(self.acc).tiny
 
+    def finish_w_grad(self, dD: Tensor, c0: int, c1: int) -> Tensor:
+        """In place for classes ``[c0, c1)``: ``dD_j = inv_w_j * dwh_j`` becomes
+        ``dW_j = dD_j - W_j inv_w_j^2 (W_j . dD_j)``."""
+        if self.inv_w is not None:
+            inv = self.inv_w[c0:c1]
+            coef = torch.where(self.w_clamped[c0:c1], torch.zeros_like(inv), inv * inv)
+            wt = self.w_tile(c0, c1)
+            dots = torch.bmm(dD.unsqueeze(1), wt.unsqueeze(2)).view(-1)
+            dD.addcmul_(wt, (dots * coef).unsqueeze(1), value=-1.0)
+        return dD
+
+    def finish_w_grads(self, dD: Tensor) -> Tensor:
+        """:meth:`finish_w_grad` over all classes (``dD`` is ``C x D``), chunk by chunk, in place."""
+        if self.inv_w is not None:
+            for c0, c1 in self.chunks():
+                self.finish_w_grad(dD[c0:c1], c0, c1)
+        return dD
+
     def logits_tile(self, out: Tensor, r0: int, r1: int, c0: int, c1: int, wt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Fill ``out`` (r x c) with ``s * cos``, the target column set to -inf.
 
