@@ -30,7 +30,7 @@ forward pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -194,22 +194,34 @@ def target_grad(prep: Prepared, g: Tensor, z: Tensor, lse: Tensor) -> Tensor:
     return g * (torch.exp(z - lse) - (1.0 - eps) - eps / prep.C)
 
 
-def take_early_grads(ctx, grad_loss: Tensor, handoff: GradHandoff, acc: torch.dtype) -> Optional[Tensor]:
-    """Backward of a forward that already computed the gradients for ``grad_output = 1``.
+def fused_backward(ctx, grad_loss: Tensor, recompute: Callable) -> tuple:
+    """The backward both fused backends' autograd Functions share.
 
-    When ``ctx.early`` holds ``(dx, dW, dz)`` (the workspace strategies), scales
-    them in place by ``grad_loss``, hands ``dx``/``dW`` over and returns ``dz``;
-    they serve once (a second backward with ``retain_graph`` recomputes).
-    Returns None when there is nothing stored.
+    The forward saved ``(x, W, zf, wf, lse)`` and set ``ctx.prep``,
+    ``ctx.handoff`` and ``ctx.early``. When ``ctx.early`` holds ``(dx, dW, dz)``
+    (the workspace strategies computed them for ``grad_output = 1``), they are
+    scaled in place by ``grad_loss`` and handed over; they serve once (a second
+    backward with ``retain_graph`` recomputes). Otherwise
+    ``recompute(ctx, x, lse, g)`` returns ``(dx, dW)`` for the per-row upstream
+    weights ``g``. Returns the gradients of the forward's inputs: ``dz`` only.
     """
-    if getattr(ctx, "early", None) is None:
-        return None
-    dx, dW, dz = ctx.early
-    ctx.early = None
-    g0 = grad_loss.to(acc)
-    handoff.dx = dx.mul_(g0) if dx is not None else None
-    handoff.dW = dW.mul_(g0) if dW is not None else None
-    return dz * g0
+    x, W, zf, wf, lse = ctx.saved_tensors  # unpacking checks nobody modified x or W in place
+    prep: Prepared = ctx.prep
+    handoff: GradHandoff = ctx.handoff
+    if ctx.early is not None:
+        dx, dW, dz = ctx.early
+        ctx.early = None
+        g0 = grad_loss.to(prep.acc)
+        handoff.dx = dx.mul_(g0) if dx is not None else None
+        handoff.dW = dW.mul_(g0) if dW is not None else None
+        dz = dz * g0
+    else:
+        g = wf * grad_loss.to(prep.acc)
+        handoff.dx = handoff.dW = None
+        if handoff.need_x or handoff.need_W:
+            handoff.dx, handoff.dW = recompute(ctx, x, lse, g)
+        dz = target_grad(prep, g, zf, lse)
+    return None, None, None, dz.to(zf.dtype) if ctx.needs_input_grad[3] else None, None, None, None
 
 
 def forward_outputs(ctx, loss: Tensor, lse: Tensor, pred: Optional[Tensor], x: Tensor):

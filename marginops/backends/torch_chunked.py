@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import (FusedOptions, GradHandoff, Prepared, forward_outputs, loss_and_lse, take_early_grads,
+from .common import (FusedOptions, GradHandoff, Prepared, forward_outputs, fused_backward, loss_and_lse,
                      target_grad, weighted_loss)
 
 # Tile sizes, tuned on a 2-core AMD EPYC (Zen 5) at B=1024, D=512, C=100k fp32
@@ -330,35 +330,30 @@ class _MarginSoftmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_lse, _grad_pred):
-        x, W, zf, wf, lse = ctx.saved_tensors  # unpacking checks nobody modified x or W in place
-        prep: _Prepared = ctx.prep
-        handoff: GradHandoff = ctx.handoff
-        need_z = ctx.needs_input_grad[3]
-        dz = take_early_grads(ctx, grad_loss, handoff, prep.acc)
-        if dz is not None:  # the workspace strategy computed them in the forward pass
-            return None, None, None, dz.to(zf.dtype) if need_z else None, None, None, None
-        g = wf * grad_loss.to(prep.acc)
-        dxh = torch.zeros(prep.B, prep.D, device=x.device, dtype=prep.acc) if handoff.need_x else None
-        dD = torch.zeros(prep.C, prep.D, device=x.device, dtype=prep.acc) if handoff.need_W else None
-        if dxh is not None or dD is not None:
-            pl = ctx.plan
-            if pl.strategy == "fused":  # second backward after a fused forward: recompute in small tiles
-                pl = Plan("recompute", min(prep.B, RECOMPUTE_ROWS), pl.chunk, 0)
-            scratch = torch.empty(pl.rows * pl.chunk, device=x.device, dtype=prep.acc)
-            for r0, r1, cols in prep.tiles(pl):
-                row_scale = g[r0:r1] * prep.opts.scale
-                for c0, c1 in cols:
-                    tile = scratch[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-                    wt = prep.w_tile(c0, c1)
-                    idx, in_tile, _ = prep.logits_tile(tile, r0, r1, c0, c1, wt)
-                    prep.exp_tile(tile, lse[r0:r1], idx, in_tile)
-                    prep.grad_tile(tile, row_scale, c0, c1, wt, r0, r1, dxh, dD)
-            del scratch
-            _smoothing_grads(prep, g, dxh, dD)
-        handoff.dx = prep.finish_x_grad(dxh) if dxh is not None else None
-        handoff.dW = prep.finish_w_grads(dD) if dD is not None else None
-        dz = target_grad(prep, g, zf, lse).to(zf.dtype) if need_z else None
-        return None, None, None, dz, None, None, None
+        return fused_backward(ctx, grad_loss, _backward_grads)
+
+
+def _backward_grads(ctx, x: Tensor, lse: Tensor, g: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Recompute every tile (four GEMMs) for per-row upstream weights ``g``."""
+    prep: _Prepared = ctx.prep
+    dxh = torch.zeros(prep.B, prep.D, device=x.device, dtype=prep.acc) if ctx.handoff.need_x else None
+    dD = torch.zeros(prep.C, prep.D, device=x.device, dtype=prep.acc) if ctx.handoff.need_W else None
+    pl = ctx.plan
+    if pl.strategy == "fused":  # second backward after a fused forward: recompute in small tiles
+        pl = Plan("recompute", min(prep.B, RECOMPUTE_ROWS), pl.chunk, 0)
+    scratch = torch.empty(pl.rows * pl.chunk, device=x.device, dtype=prep.acc)
+    for r0, r1, cols in prep.tiles(pl):
+        row_scale = g[r0:r1] * prep.opts.scale
+        for c0, c1 in cols:
+            tile = scratch[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+            wt = prep.w_tile(c0, c1)
+            idx, in_tile, _ = prep.logits_tile(tile, r0, r1, c0, c1, wt)
+            prep.exp_tile(tile, lse[r0:r1], idx, in_tile)
+            prep.grad_tile(tile, row_scale, c0, c1, wt, r0, r1, dxh, dD)
+    del scratch
+    _smoothing_grads(prep, g, dxh, dD)
+    return (prep.finish_x_grad(dxh) if dxh is not None else None,
+            prep.finish_w_grads(dD) if dD is not None else None)
 
 
 def margin_softmax(x: Tensor, W: Tensor, y: Tensor, z: Tensor, w: Tensor, handoff: GradHandoff,

@@ -60,8 +60,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (FusedOptions, GradHandoff, Prepared, acc_dtype, forward_outputs, loss_and_lse,
-                     take_early_grads, target_grad, weighted_loss)
+from .common import (FusedOptions, GradHandoff, Prepared, acc_dtype, forward_outputs, fused_backward,
+                     loss_and_lse, target_grad, weighted_loss)
 from .triton_kernels import (FINISH_CONFIGS, FWD_CONFIGS, GRAD_CONFIGS,
                              PROGRAMS_PER_SM, SUPPORTED_DTYPES, WORKSPACE_FWD_CONFIGS, WORKSPACE_GRAD_CONFIGS,
                              KernelConfig, _finish_w_kernel, _margin_fwd_kernel, _margin_grad_kernel)
@@ -551,20 +551,13 @@ class _MarginSoftmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_lse, _grad_pred):
-        x, W, zf, wf, lse = ctx.saved_tensors  # unpacking checks nobody modified x or W in place
-        prep: _Prepared = ctx.prep
-        handoff: GradHandoff = ctx.handoff
-        need_z = ctx.needs_input_grad[3]
-        dz = take_early_grads(ctx, grad_loss, handoff, prep.acc)
-        if dz is not None:  # the workspace strategy computed them in the forward pass
-            return None, None, None, dz.to(zf.dtype) if need_z else None, None, None, None
-        g = wf * grad_loss.to(prep.acc)
-        handoff.dx, handoff.dW = None, None
-        if handoff.need_x or handoff.need_W:
-            handoff.dx, handoff.dW = _recompute_grads(prep, x, lse, g * prep.opts.scale, handoff.need_x,
-                                                      handoff.need_W)
-        dz = target_grad(prep, g, zf, lse).to(zf.dtype) if need_z else None
-        return None, None, None, dz, None, None, None
+        return fused_backward(ctx, grad_loss, _backward_grads)
+
+
+def _backward_grads(ctx, x: Tensor, lse: Tensor, g: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The recompute strategy's gradients for per-row upstream weights ``g`` (four GEMMs in all)."""
+    prep: _Prepared = ctx.prep
+    return _recompute_grads(prep, x, lse, g * prep.opts.scale, ctx.handoff.need_x, ctx.handoff.need_W)
 
 
 def margin_softmax(x: Tensor, W: Tensor, y: Tensor, z: Tensor, w: Tensor, handoff: GradHandoff,
