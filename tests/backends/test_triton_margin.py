@@ -501,12 +501,17 @@ def test_cuda_int64_offsets():
     assert abs(loss.item() - ref_loss.item()) < 1e-2 * max(1.0, abs(ref_loss.item()))
 
 
+def _cuda_bf16_problem(b: int, c: int, d: int):
+    """Leaf bf16 embeddings and weights on the GPU, and labels."""
+    x = torch.randn(b, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    W = torch.randn(c, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    return x, W, torch.randint(0, c, (b,), device="cuda")
+
+
 @cuda
 def test_cuda_memory_stays_near_gradients():
     Bm, Cm, Dm = 4096, 100_000, 512
-    x = torch.randn(Bm, Dm, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    W = torch.randn(Cm, Dm, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    y = torch.randint(0, Cm, (Bm,), device="cuda")
+    x, W, y = _cuda_bf16_problem(Bm, Cm, Dm)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -525,9 +530,7 @@ def test_cuda_time_within_a_few_gemm_floors():
     from triton.testing import do_bench
 
     Bt, Ct, Dt = 4096, 100_000, 512
-    x = torch.randn(Bt, Dt, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    W = torch.randn(Ct, Dt, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    y = torch.randint(0, Ct, (Bt,), device="cuda")
+    x, W, y = _cuda_bf16_problem(Bt, Ct, Dt)
     G = torch.randn(Bt, Ct, device="cuda", dtype=torch.bfloat16)
 
     def floor():
