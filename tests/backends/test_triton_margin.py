@@ -192,6 +192,52 @@ def test_retain_graph_second_backward():
         assert_close_to_oracle(a, r, tol=1e-5, name=f"{name}.grad")
 
 
+def _peak_torch_allocation(fn) -> int:
+    """Peak bytes of PyTorch CPU allocations while ``fn`` runs (the profiler's memory events; the
+    interpreter's own NumPy copies are not PyTorch allocations and do not count)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    if not events or not hasattr(events[0], "nbytes"):
+        pytest.skip("this torch's profiler gives no per-allocation sizes")
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.skipif(CUDA, reason="measures CPU allocations; the GPU test measures max_memory_allocated")
+@pytest.mark.parametrize("dtype, strategy, budget", [(torch.bfloat16, "recompute", 2**16),
+                                                     (torch.float32, "recompute", 2**16),
+                                                     (torch.bfloat16, "workspace", 2**19)], ids=str)
+def test_extra_memory_is_the_budget_plus_a_few_bytes_per_embedding_element(dtype, strategy, budget):
+    # one training step beyond its gradients: scratch within memory_budget, ~30 bytes per element of x
+    # (fp32 dxh, normalized rows, the target term's backward), a few C-sized vectors; never B x C
+    b, c, d = 128, 2048, 64
+    x, W, y = inputs(dtype, b=b, c=c, d=d)
+    x.requires_grad_()
+    W.requires_grad_()
+
+    def step():
+        x.grad = W.grad = None
+        mo.margin_cross_entropy(x, W, y, mo.ArcFace(0.5), backend="triton", memory_budget=budget,
+                                strategy=strategy).backward()
+
+    step()
+    extra = _peak_torch_allocation(step) - (b + c) * d * dtype.itemsize
+    print(f"{strategy} {dtype}: extra {extra / 2**20:.2f} MiB = {extra / (b * d):.1f} bytes per element of x")
+    bound = budget + 32 * b * d + 32 * c
+    if strategy == "workspace":
+        bound += c * d * 4  # it accumulates dW in fp32 across row blocks
+    else:
+        assert bound < b * c * dtype.itemsize  # the bound itself is below one B x C logits tensor
+    assert extra <= bound
+
+
 # -- prediction ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("chunk_size", [None, 64])
