@@ -148,8 +148,10 @@ class _TargetCosine(torch.autograd.Function):
 
     Its backward runs after the backend's (it needs ``dt``, which flows from
     the backend's ``dz`` through the margin), takes the backend's dense
-    ``dX``/``dW`` from the handoff and adds the target term in place: one
-    ``C x D`` gradient tensor per call.
+    gradients from the handoff (``dxh`` before the normalization backward,
+    ``dW`` complete), adds the target terms in place and runs the
+    normalization backward of ``x`` once for both: one ``C x D`` gradient
+    tensor per call.
     """
 
     @staticmethod
@@ -173,27 +175,33 @@ class _TargetCosine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dt: Tensor):
         x, W, y, *norm = ctx.saved_tensors
-        xh = x.to(ctx.acc)
-        wyh = W.index_select(0, y).to(ctx.acc)
+        acc = ctx.acc
+        # the rows again, one allocation each (copy=True: never write into x itself)
+        xh = x.to(acc, copy=True)
+        wyh = W.index_select(0, y).to(acc)
         if ctx.normalize:
             inv, clamped = norm
-            xh = xh * inv[0].unsqueeze(1)
-            wyh = wyh * inv[1].unsqueeze(1)
-        dxh = dt.unsqueeze(1) * wyh
-        dwyh = dt.unsqueeze(1) * xh
-        if ctx.normalize:
-            dxh = normalize_backward(xh, inv[0], clamped[0], dxh)
-            dwyh = normalize_backward(wyh, inv[1], clamped[1], dwyh)
-        dx_rest, dW_rest = ctx.handoff.take()
+            xh.mul_(inv[0].unsqueeze(1))
+            wyh.mul_(inv[1].unsqueeze(1))
+        dxh, dW_rest = ctx.handoff.take()  # dxh: w.r.t. the normalized rows, from every non-target class
         dx = dW = None
-        if ctx.needs_input_grad[0]:
-            dx = (dxh if dx_rest is None else dx_rest.add_(dxh.to(dx_rest.dtype))).to(x.dtype)
         if ctx.needs_input_grad[1]:
+            dwyh = dt.unsqueeze(1) * xh
+            if ctx.normalize:
+                dwyh = normalize_backward(wyh, inv[1], clamped[1], dwyh)
             if dW_rest is None:
                 dW_rest = torch.zeros(W.shape, dtype=dwyh.dtype, device=dwyh.device)
             # index_put_ accumulates duplicates with a sort on CUDA (index_add_ would use atomics),
             # so dW is reproducible run to run
             dW = dW_rest.index_put_((y,), dwyh.to(dW_rest.dtype), accumulate=True).to(W.dtype)
+        if ctx.needs_input_grad[0]:
+            if dxh is None:
+                dxh = dt.unsqueeze(1) * wyh
+            else:
+                dxh = dxh.to(acc).addcmul_(dt.unsqueeze(1), wyh)
+            if ctx.normalize:  # one normalization backward for the target and the non-target terms
+                dxh = normalize_backward(xh, inv[0], clamped[0], dxh)
+            dx = dxh.to(x.dtype)
         return dx, dW, None, None, None, None
 
 

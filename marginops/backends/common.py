@@ -15,11 +15,14 @@ log-sum-exp over all classes with ``z`` in the target column, and the argmax
 of the margin-free cosine.
 
 Its backward returns the gradient for ``z`` only and leaves the dense
-gradients of ``x`` and ``W`` from every non-target class in the
-:class:`GradHandoff` (in the accumulation dtype, or already in the input
-dtype). The target cosine's autograd Function runs next (it needs ``dz``
-first) and adds the target term in place, so ``W`` receives one ``C x D``
-gradient tensor and no second one is ever allocated.
+gradients from every non-target class in the :class:`GradHandoff`: for
+``x`` with respect to the normalized rows ``xh`` (before the normalization
+backward; ``x`` itself with ``normalize=False``) in the accumulation dtype,
+for ``W`` complete (in the accumulation or the input dtype). The target
+cosine's autograd Function runs next (it needs ``dz`` first), adds the
+target terms in place and runs the normalization backward of ``x`` once, so
+``W`` receives one ``C x D`` gradient tensor and no second one is ever
+allocated.
 
 :class:`Prepared` and the functions after it are the per-call math both
 backends share: norms, the normalization backward of ``x``, label
@@ -100,10 +103,13 @@ def normalize_backward(xh: Tensor, inv_norm: Tensor, clamped: Tensor, grad: Tens
 class Prepared:
     """Per-call quantities shared by a backend's forward and backward: dtypes, normalized rows, norms.
 
-    Holds the raw ``W`` and labels ``y`` of the call; ``xh`` is ``x`` normalized
-    (or ``x`` itself) in the accumulation dtype, ``inv_x``/``inv_w`` the inverse
-    norms ``1 / max(|.|, eps)`` (None with ``normalize=False``). Nothing here is
-    ``C x D``: passes over ``W`` walk it in chunks of :attr:`pass_chunk` classes.
+    Holds the raw ``x``, ``W`` and labels ``y`` of the call; ``xh`` is ``x``
+    normalized (or ``x`` itself) in the accumulation dtype, computed on first
+    use and dropped by :meth:`release` (a backend's backward calls it, so that
+    no ``B x D`` copy outlives the pass; a second backward recomputes it);
+    ``inv_x``/``inv_w`` the inverse norms ``1 / max(|.|, eps)`` (None with
+    ``normalize=False``). Nothing here is ``C x D``: passes over ``W`` walk it
+    in chunks of :attr:`pass_chunk` classes.
     """
 
     def __init__(self, x: Tensor, W: Tensor, y: Tensor, opts: FusedOptions):
@@ -115,20 +121,30 @@ class Prepared:
         self.C = W.shape[0]
         elt = torch.finfo(self.acc).bits // 8
         self.pass_chunk = max(1, min(self.C, PASS_CHUNK, opts.budget // max(1, 2 * self.D * elt)))
-        xf = x.to(self.acc)
+        self.x = x
         self.inv_x: Optional[Tensor] = None
         self.inv_w: Optional[Tensor] = None
         if opts.normalize:
-            norm_x = torch.linalg.vector_norm(xf, dim=1)
+            norm_x = torch.linalg.vector_norm(x, dim=1, dtype=self.acc)
             self.x_clamped = norm_x <= opts.eps  # F.normalize's clamp: no projection in backward
             self.inv_x = 1.0 / norm_x.clamp_min(opts.eps)
-            self.xh = xf * self.inv_x.unsqueeze(1)
             norm_w = torch.linalg.vector_norm(W, dim=1, dtype=self.acc)
             self.w_clamped = norm_w <= opts.eps
             self.inv_w = 1.0 / norm_w.clamp_min(opts.eps)
-        else:
-            self.xh = xf.contiguous()
+        self._xh: Optional[Tensor] = None
         self._class_sum: Optional[Tensor] = None
+
+    @property
+    def xh(self) -> Tensor:
+        """``x`` normalized (or ``x`` itself), accumulation dtype, contiguous; cached until :meth:`release`."""
+        if self._xh is None:
+            xh = self.x.to(self.acc, copy=True, memory_format=torch.contiguous_format)
+            self._xh = xh if self.inv_x is None else xh.mul_(self.inv_x.unsqueeze(1))
+        return self._xh
+
+    def release(self) -> None:
+        """Drop the cached ``B x D`` rows (recomputed if needed again)."""
+        self._xh = None
 
     def w_tile(self, c0: int, c1: int) -> Tensor:
         """Raw ``W[c0:c1]`` in the accumulation dtype."""
@@ -142,7 +158,7 @@ class Prepared:
     def class_sum(self) -> Tensor:
         """``sum_j wh_j`` (D,), for label smoothing's sum over all logits (computed once per call)."""
         if self._class_sum is None:
-            total = torch.zeros(self.D, device=self.xh.device, dtype=self.acc)
+            total = torch.zeros(self.D, device=self.W.device, dtype=self.acc)
             for c0, c1 in self.chunks():
                 wt = self.w_tile(c0, c1)
                 total += wt.sum(0) if self.inv_w is None else self.inv_w[c0:c1] @ wt
@@ -156,12 +172,6 @@ class Prepared:
             wy = wy * self.inv_w[self.y].unsqueeze(1)
         return self.opts.scale * (self.xh * wy).sum(1)
 
-    def finish_x_grad(self, dxh: Tensor) -> Tensor:
-        """``dxh`` (gradient w.r.t. the normalized rows) becomes ``dx`` in place: the backward of
-        ``x / max(|x|, eps)``."""
-        if self.inv_x is None:
-            return dxh
-        return normalize_backward(self.xh, self.inv_x, self.x_clamped, dxh)
 
 
 def loss_and_lse(prep: Prepared, N: Tensor, z: Tensor, target_logit: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -202,8 +212,9 @@ def fused_backward(ctx, grad_loss: Tensor, recompute: Callable) -> tuple:
     (the workspace strategies computed them for ``grad_output = 1``), they are
     scaled in place by ``grad_loss`` and handed over; they serve once (a second
     backward with ``retain_graph`` recomputes). Otherwise
-    ``recompute(ctx, x, lse, g)`` returns ``(dx, dW)`` for the per-row upstream
-    weights ``g``. Returns the gradients of the forward's inputs: ``dz`` only.
+    ``recompute(ctx, x, lse, g)`` returns ``(dxh, dW)`` for the per-row upstream
+    weights ``g`` (the handoff's contract: see the module docstring). Returns
+    the gradients of the forward's inputs: ``dz`` only.
     """
     x, W, zf, wf, lse = ctx.saved_tensors  # unpacking checks nobody modified x or W in place
     prep: Prepared = ctx.prep
@@ -221,6 +232,7 @@ def fused_backward(ctx, grad_loss: Tensor, recompute: Callable) -> tuple:
         if handoff.need_x or handoff.need_W:
             handoff.dx, handoff.dW = recompute(ctx, x, lse, g)
         dz = target_grad(prep, g, zf, lse)
+    prep.release()
     return None, None, None, dz.to(zf.dtype) if ctx.needs_input_grad[3] else None, None, None, None
 
 

@@ -98,9 +98,20 @@ class _Prepared(Prepared):
 
     def __init__(self, x: Tensor, W: Tensor, y: Tensor, opts: FusedOptions):
         super().__init__(x, W, y, opts)
-        self.xs = self.xh * opts.scale
         self.floor = _exp_floor(self.acc)
         self.tiny = torch.finfo(self.acc).tiny
+        self._xs: Optional[Tensor] = None
+
+    @property
+    def xs(self) -> Tensor:
+        """``s * xh``, the left operand of every logits GEMM; cached until :meth:`release`."""
+        if self._xs is None:
+            self._xs = self.xh * self.opts.scale
+        return self._xs
+
+    def release(self) -> None:
+        super().release()
+        self._xs = None
 
     def finish_w_grad(self, dD: Tensor, c0: int, c1: int) -> Tensor:
         """In place for classes ``[c0, c1)``: ``dD_j = inv_w_j * dwh_j`` becomes
@@ -206,7 +217,7 @@ def _row_block_stats(prep: _Prepared, r0: int, r1: int, cols, pl: Plan, store: O
     """
     R = r1 - r0
     T = len(cols)
-    dev, acc = prep.xh.device, prep.acc
+    dev, acc = prep.W.device, prep.acc
     m_tiles = torch.empty(R, T, device=dev, dtype=acc)
     s_tiles = torch.empty(R, T, device=dev, dtype=acc)
     target = torch.zeros(R, device=dev, dtype=acc)
@@ -259,7 +270,7 @@ def _forward(prep: _Prepared, pl: Plan, want_pred: bool, store: Optional[Tensor]
     next block overwrites them.
     """
     B = prep.B
-    N = torch.empty(B, device=prep.xh.device, dtype=prep.acc)
+    N = torch.empty(B, device=prep.W.device, dtype=prep.acc)
     target = torch.empty_like(N)
     pred = torch.empty(B, device=N.device, dtype=torch.int64) if want_pred else None
     for r0, r1, cols in prep.tiles(pl):
@@ -275,7 +286,7 @@ def _forward(prep: _Prepared, pl: Plan, want_pred: bool, store: Optional[Tensor]
 
 def _forward_fused(prep: _Prepared, pl: Plan, z: Tensor, w: Tensor, want_pred: bool, need_x: bool, need_W: bool):
     """Forward with gradients for weights ``w`` (grad_output = 1): three GEMMs."""
-    B, dev, acc = prep.B, prep.xh.device, prep.acc
+    B, dev, acc = prep.B, prep.W.device, prep.acc
     store = torch.empty(pl.workspace_bytes // (torch.finfo(acc).bits // 8), device=dev, dtype=acc)
     dxh = torch.zeros(B, prep.D, device=dev, dtype=acc) if need_x else None
     dD = torch.zeros(prep.C, prep.D, device=dev, dtype=acc) if need_W else None
@@ -322,10 +333,11 @@ class _MarginSoftmax(torch.autograd.Function):
         ctx.early = None
         if dxh is not None or dD is not None:
             ctx.early = (
-                prep.finish_x_grad(dxh) if dxh is not None else None,
+                dxh,
                 prep.finish_w_grads(dD) if dD is not None else None,
                 target_grad(prep, wf, zf, lse),
             )
+        prep.release()  # no B x D copy waits for the backward
         return forward_outputs(ctx, loss, lse, pred, x)
 
     @staticmethod
@@ -352,8 +364,7 @@ def _backward_grads(ctx, x: Tensor, lse: Tensor, g: Tensor) -> tuple[Optional[Te
             prep.grad_tile(tile, row_scale, c0, c1, wt, r0, r1, dxh, dD)
     del scratch
     _smoothing_grads(prep, g, dxh, dD)
-    return (prep.finish_x_grad(dxh) if dxh is not None else None,
-            prep.finish_w_grads(dD) if dD is not None else None)
+    return dxh, prep.finish_w_grads(dD) if dD is not None else None
 
 
 def margin_softmax(x: Tensor, W: Tensor, y: Tensor, z: Tensor, w: Tensor, handoff: GradHandoff,

@@ -397,7 +397,8 @@ def _chunk_grads(prep: "_Prepared", x: Tensor, xh_in: Optional[Tensor], lse: Ten
 
 def _recompute_grads(prep: "_Prepared", x: Tensor, lse: Tensor, coef: Tensor, need_x: bool,
                      need_W: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """``dx`` (accumulation dtype) and ``dW`` (input dtype) for per-row upstream weights ``coef / s``.
+    """``dxh`` (w.r.t. the normalized rows, accumulation dtype) and ``dW`` (input dtype) for per-row
+    upstream weights ``coef / s``.
 
     Class chunk by class chunk: the kernel recomputes the logits into ``G``,
     cuBLAS multiplies, and each chunk of ``dW`` is finished (normalization
@@ -420,7 +421,7 @@ def _recompute_grads(prep: "_Prepared", x: Tensor, lse: Tensor, coef: Tensor, ne
             _chunk_grads(prep, x, xh_in, lse, coef, r0, r1, c0, c1, G, dxh, w_rows, dD, accumulate=r0 > 0)
         if dW is not None:
             _finish_chunk(prep, dD if B > 0 else None, c0, c1, dW[c0:c1])
-    return (prep.finish_x_grad(dxh) if dxh is not None else None), dW
+    return dxh, dW
 
 
 def _finish_chunk(prep: "_Prepared", dD: Optional[Tensor], c0: int, c1: int, out: Tensor) -> None:
@@ -496,7 +497,7 @@ def _workspace_forward(prep: "_Prepared", x: Tensor, z: Tensor, w: Tensor, need_
     if dD is not None:
         for c0 in range(0, C, pl.chunk):
             _finish_chunk(prep, dD[c0:c0 + pl.chunk], c0, min(c0 + pl.chunk, C), dD[c0:c0 + pl.chunk])
-    return N, pred, (prep.finish_x_grad(dxh) if dxh is not None else None), dD
+    return N, pred, dxh, dD
 
 
 # -- the autograd Function ------------------------------------------------------------------------------
@@ -547,6 +548,7 @@ class _MarginSoftmax(torch.autograd.Function):
         ctx.prep = prep
         ctx.handoff = handoff
         ctx.save_for_backward(x, W, zf, wf, lse)
+        prep.release()  # no B x D copy waits for the backward
         return forward_outputs(ctx, weighted_loss(loss_rows, wf, opts.reduce), lse, pred, x)
 
     @staticmethod
