@@ -107,7 +107,7 @@ def _source(job: Job):
         pointers = dict(dd_ptr=acc, w_ptr=inp, coef_ptr=acc, pre_ptr=acc, out_ptr=inp)
         ints = dict(Cc="i32", D="i32", stride_dd="i32", stride_w="i32", stride_out="i32")
         divisible = {"D", "stride_dd", "stride_w", "stride_out"}
-        units = ()
+        units = ("stride_wd",)
     else:
         table = tk.WORKSPACE_GRAD_CONFIGS if job.variant == "workspace" else tk.GRAD_CONFIGS
         fn, cfg = tk._margin_grad_kernel, table[dtype]

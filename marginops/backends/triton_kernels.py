@@ -248,7 +248,7 @@ def _finish_w_kernel(
     coef_ptr,  # (Cc,) inv_w_j^2 (inv_w_j^3 with HAS_PRE), 0 where the norm was clamped
     pre_ptr,  # (Cc,) inv_w_j, a factor on dD_j (read only with HAS_PRE)
     out_ptr,  # (Cc, D) out: dW_j = pre_j dD_j - W_j coef_j (W_j . dD_j), any float dtype (may alias dd_ptr)
-    Cc, D, stride_dd, stride_w, stride_out,
+    Cc, D, stride_dd, stride_w, stride_wd, stride_out,  # dd and out have unit feature strides, W any
     HAS_PRE: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The normalization backward of ``W``, fused: one read of each operand for the row dots, one more
@@ -260,7 +260,8 @@ def _finish_w_kernel(
     for d0 in range(0, D, BLOCK_D):
         ok = row_ok[:, None] & (d0 + offs_d < D)[None, :]
         dd = tl.load(dd_ptr + rows[:, None] * stride_dd + (d0 + offs_d)[None, :], mask=ok, other=0.0).to(ACC)
-        w = tl.load(w_ptr + rows[:, None] * stride_w + (d0 + offs_d)[None, :], mask=ok, other=0.0).to(ACC)
+        w = tl.load(w_ptr + rows[:, None] * stride_w + (d0 + offs_d)[None, :] * stride_wd, mask=ok,
+                    other=0.0).to(ACC)
         dot += tl.sum(dd * w, axis=1)
     f = dot * tl.load(coef_ptr + rows, mask=row_ok, other=0.0).to(ACC)
     if HAS_PRE:
@@ -268,7 +269,8 @@ def _finish_w_kernel(
     for d0 in range(0, D, BLOCK_D):
         ok = row_ok[:, None] & (d0 + offs_d < D)[None, :]
         dd = tl.load(dd_ptr + rows[:, None] * stride_dd + (d0 + offs_d)[None, :], mask=ok, other=0.0).to(ACC)
-        w = tl.load(w_ptr + rows[:, None] * stride_w + (d0 + offs_d)[None, :], mask=ok, other=0.0).to(ACC)
+        w = tl.load(w_ptr + rows[:, None] * stride_w + (d0 + offs_d)[None, :] * stride_wd, mask=ok,
+                    other=0.0).to(ACC)
         if HAS_PRE:
             dd = dd * pre[:, None]
         out = dd - w * f[:, None]

@@ -288,15 +288,15 @@ def finish_w(dD: Tensor, W: Tensor, inv_w: Tensor, clamped: Tensor, out: Tensor,
     if W.shape != (Cc, D) or out.shape != (Cc, D) or inv_w.shape != (Cc,) or clamped.shape != (Cc,):
         raise ValueError(f"shapes dD {tuple(dD.shape)}, W {tuple(W.shape)}, inv_w {tuple(inv_w.shape)}, "
                          f"clamped {tuple(clamped.shape)}, out {tuple(out.shape)} do not fit (Cc, D), (Cc,)")
-    if min(dD.stride(1), W.stride(1), out.stride(1)) != 1 and D > 1:
-        raise ValueError("dD, W and out need unit feature strides")
+    if D > 1 and (dD.stride(1) != 1 or out.stride(1) != 1):
+        raise ValueError(f"dD and out need unit feature strides, got {dD.stride()} and {out.stride()}")
     if Cc == 0:
         return out
     coef = inv_w * inv_w if scaled else inv_w * inv_w * inv_w
     coef = torch.where(clamped, torch.zeros_like(coef), coef)
     cfg = FINISH_CONFIGS[W.dtype]
     _finish_w_kernel[(triton.cdiv(Cc, cfg.block_b),)](
-        dD, W, coef, inv_w, out, Cc, D, dD.stride(0), W.stride(0), out.stride(0), HAS_PRE=not scaled,
+        dD, W, coef, inv_w, out, Cc, D, dD.stride(0), W.stride(0), W.stride(1), out.stride(0), HAS_PRE=not scaled,
         ACC=tl.float64 if dD.dtype == torch.float64 else tl.float32, BLOCK_R=cfg.block_b, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -137,6 +137,18 @@ def test_scalar_and_per_row_upstream_gradients(reduction):
         assert_close_to_oracle(ours, ref, tol=1e-5, name=name)
 
 
+@pytest.mark.parametrize("strategy", ["recompute", "workspace"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_strided_inputs(dtype, strategy):
+    # transposed views (feature stride != 1), e.g. a weight stored as (D, C): every kernel takes strides
+    x, W, y = inputs(dtype, ignore=2)
+    x_t = x.t().contiguous().t()
+    W_t = W.t().contiguous().t()
+    assert x_t.stride(1) != 1 and W_t.stride(1) != 1
+    out = check(x_t, W_t, y, mo.ArcFace(0.5), label_smoothing=0.1, strategy=strategy, memory_budget=50_000)
+    assert out.W_grad.shape == W.shape
+
+
 def test_ignore_index_may_be_a_valid_class():
     x, W, y = inputs()
     y[[2, 5, 6]] = 3  # rows labelled 3 are ignored; class 3 still competes in every other row
