@@ -149,6 +149,19 @@ def test_strided_inputs(dtype, strategy):
     assert out.W_grad.shape == W.shape
 
 
+@pytest.mark.parametrize("strategy", ["recompute", "workspace"])
+@pytest.mark.parametrize("scale", [1e-3, 1e3], ids=["tiny-scale", "huge-scale"])
+def test_extreme_scales_and_cosines_of_plus_minus_one(scale, strategy):
+    # s = 1e3 drives most probabilities to 0 and a few rows' LSE to their largest logit; s = 1e-3 makes
+    # every class nearly equally likely. Rows 0-3 hold t = +-1 exactly (up to the norms' rounding).
+    x, W, y = inputs(torch.float64, ignore=2)
+    x[0] = 2.5 * W[y[0]]
+    x[2] = -W[y[2]]
+    x[3] = W[y[3]]
+    out = check(x, W, y, mo.CosFace(0.35), scale, label_smoothing=0.1, strategy=strategy)
+    assert all(bool(torch.isfinite(t).all()) for t in (out.loss, out.x_grad, out.W_grad))
+
+
 def test_ignore_index_may_be_a_valid_class():
     x, W, y = inputs()
     y[[2, 5, 6]] = 3  # rows labelled 3 are ignored; class 3 still competes in every other row
