@@ -165,13 +165,14 @@ class Prepared:
             self._class_sum = total
         return self._class_sum
 
-    def target_logit(self) -> Tensor:
-        """``s * t_i`` per row, from the labels' rows of ``W`` (B x D work)."""
+    def target_rows(self) -> Tensor:
+        """``wh_{y_i}`` (B, D): the labels' rows of ``W``, normalized (or raw), accumulation dtype."""
         wy = self.W.index_select(0, self.y).to(self.acc)
-        if self.inv_w is not None:
-            wy = wy * self.inv_w[self.y].unsqueeze(1)
-        return self.opts.scale * (self.xh * wy).sum(1)
+        return wy if self.inv_w is None else wy * self.inv_w[self.y].unsqueeze(1)
 
+    def target_logit(self) -> Tensor:
+        """``s * t_i`` per row (B x D work)."""
+        return self.opts.scale * (self.xh * self.target_rows()).sum(1)
 
 
 def loss_and_lse(prep: Prepared, N: Tensor, z: Tensor, target_logit: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:

@@ -249,10 +249,7 @@ def _smoothing_grads(prep: _Prepared, g: Tensor, dxh: Optional[Tensor], dD: Opti
     coef = -prep.opts.scale * eps / prep.C
     inv_w = prep.inv_w
     if dxh is not None:
-        wy = prep.W.index_select(0, prep.y).to(prep.acc)
-        if inv_w is not None:
-            wy = wy * inv_w[prep.y].unsqueeze(1)
-        dxh.add_((coef * g).unsqueeze(1) * (prep.class_sum().unsqueeze(0) - wy))
+        dxh.add_((coef * g).unsqueeze(1) * (prep.class_sum().unsqueeze(0) - prep.target_rows()))
     if dD is not None:
         gx = (coef * g).unsqueeze(1) * prep.xh  # (B, D)
         col = inv_w if inv_w is not None else torch.ones(prep.C, device=gx.device, dtype=gx.dtype)

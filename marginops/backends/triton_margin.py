@@ -376,23 +376,30 @@ def grad_plan(B: int, C: int, D: int, dtype: torch.dtype, budget: int, fixed: in
     return GradPlan(rows, chunk, rows * chunk * elt)
 
 
-def _chunk_grads(prep: "_Prepared", x: Tensor, xh_in: Optional[Tensor], lse: Tensor, coef: Tensor, r0: int,
-                 r1: int, c0: int, c1: int, G: Tensor, dxh: Optional[Tensor], w_rows: Optional[Tensor],
-                 dD: Optional[Tensor], accumulate: bool, workspace: Optional[ExpWorkspace] = None) -> None:
-    """One (row range, class chunk): ``G`` from the kernel, then ``dxh[r0:r1] += G @ w_rows`` and
-    ``dD (+)= G.T @ xh[r0:r1]`` (``dD``: the chunk's ``c1 - c0`` rows, accumulation dtype).
+def _chunk_grads(prep: "_Prepared", x: Tensor, xh_in: Optional[Tensor], lse: Tensor, coef: Tensor, b0: int,
+                 b1: int, c0: int, c1: int, buf: Tensor, row_step: int, dxh: Optional[Tensor],
+                 dD: Optional[Tensor], block: Optional[ExpWorkspace] = None) -> None:
+    """Classes ``[c0, c1)`` against rows ``[b0, b1)``, ``row_step`` rows of ``G`` (in ``buf``) at a time:
+    the kernel fills ``G``, then ``dxh[r0:r1] += G @ rows`` and ``dD (+)= G.T @ xh[r0:r1]``.
 
-    ``w_rows`` is ``W[c0:c1]``, or its normalized rows when ``G`` does not carry ``1 / |W_j|``
-    (:meth:`_Prepared.dx_rows`)."""
+    ``dD`` is the chunk's ``c1 - c0`` rows (accumulation dtype): the batch's first rows write it, later
+    ones add to it (no zeroing pass). ``rows`` is ``W[c0:c1]``, or its normalized rows when ``G`` does
+    not carry ``1 / |W_j|`` (:meth:`_Prepared.dx_rows`). ``block`` holds rows ``[b0, b1)``'s stored
+    exponentials (workspace strategy), else the logits are recomputed.
+    """
     W = prep.W
-    margin_grad(x[r0:r1], W[c0:c1], prep.y[r0:r1], prep.row_scale[r0:r1],
-                prep.inv_w[c0:c1] if prep.inv_w is not None else None, lse[r0:r1], coef[r0:r1], G,
-                label_offset=c0, smoothing=prep.opts.label_smoothing / prep.C, workspace=workspace,
-                scale_g=prep.scale_g)
-    if dxh is not None:
-        _gemm_into(dxh[r0:r1], G, w_rows, accumulate=True)
-    if dD is not None:
-        _gemm_into(dD, G.t(), xh_in[r0:r1], accumulate)
+    w_rows = prep.dx_rows(c0, c1) if dxh is not None else None
+    for r0 in range(b0, b1, row_step):
+        r1 = min(r0 + row_step, b1)
+        G = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+        margin_grad(x[r0:r1], W[c0:c1], prep.y[r0:r1], prep.row_scale[r0:r1],
+                    prep.inv_w[c0:c1] if prep.inv_w is not None else None, lse[r0:r1], coef[r0:r1], G,
+                    label_offset=c0, smoothing=prep.opts.label_smoothing / prep.C,
+                    workspace=block.rows(r0 - b0, r1 - b0) if block is not None else None, scale_g=prep.scale_g)
+        if dxh is not None:
+            _gemm_into(dxh[r0:r1], G, w_rows, accumulate=True)
+        if dD is not None:
+            _gemm_into(dD, G.t(), xh_in[r0:r1], accumulate=r0 > 0)
 
 
 def _recompute_grads(prep: "_Prepared", x: Tensor, lse: Tensor, coef: Tensor, need_x: bool,
@@ -414,11 +421,7 @@ def _recompute_grads(prep: "_Prepared", x: Tensor, lse: Tensor, coef: Tensor, ne
     for c0 in range(0, C, pl.chunk):
         c1 = min(c0 + pl.chunk, C)
         dD = dD_buf[: (c1 - c0) * D].view(c1 - c0, D) if dD_buf is not None else None
-        w_rows = prep.dx_rows(c0, c1) if need_x else None
-        for r0 in range(0, B, pl.rows):
-            r1 = min(r0 + pl.rows, B)
-            G = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-            _chunk_grads(prep, x, xh_in, lse, coef, r0, r1, c0, c1, G, dxh, w_rows, dD, accumulate=r0 > 0)
+        _chunk_grads(prep, x, xh_in, lse, coef, 0, B, c0, c1, buf, pl.rows, dxh, dD)
         if dW is not None:
             _finish_chunk(prep, dD if B > 0 else None, c0, c1, dW[c0:c1])
     return dxh, dW
@@ -486,14 +489,8 @@ def _workspace_forward(prep: "_Prepared", x: Tensor, z: Tensor, w: Tensor, need_
         lse[b0:b1] = torch.logaddexp(N[b0:b1], z[b0:b1])
         for c0 in range(0, C, pl.chunk):
             c1 = min(c0 + pl.chunk, C)
-            w_rows = prep.dx_rows(c0, c1) if need_x else None
-            for r0 in range(b0, b1, pl.rows):
-                r1 = min(r0 + pl.rows, b1)
-                G = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-                # the first rows write dD's chunk (no zeroing pass over C x D), later ones add to it
-                _chunk_grads(prep, x, xh_in, lse, coef, r0, r1, c0, c1, G, dxh, w_rows,
-                             dD[c0:c1] if dD is not None else None, accumulate=r0 > 0,
-                             workspace=block.rows(r0 - b0, r1 - b0))
+            _chunk_grads(prep, x, xh_in, lse, coef, b0, b1, c0, c1, buf, pl.rows, dxh,
+                         dD[c0:c1] if dD is not None else None, block=block)
     if dD is not None:
         for c0 in range(0, C, pl.chunk):
             _finish_chunk(prep, dD[c0:c0 + pl.chunk], c0, min(c0 + pl.chunk, C), dD[c0:c0 + pl.chunk])
