@@ -39,10 +39,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_isa() -> str:
+    """The widest x86 vector extensions the CPU reports (``avx512f``, ``avx2``, ``amx_tile``), or ``""``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return ""
+    return ",".join(name for name in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if name in flags)
+
+
 def machine_info() -> dict:
-    """Facts every record carries: CPU, cores, threads, versions."""
+    """Facts every record carries: CPU, its vector ISA, cores, threads, versions."""
     return {
         "cpu": cpu_model(),
+        "isa": cpu_isa(),
         "processor": platform.processor(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -54,7 +65,7 @@ def machine_info() -> dict:
 
 def describe_machine(info: dict) -> str:
     return (
-        f"{info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
+        f"{info['cpu']} ({info.get('isa') or 'ISA unknown'}), {info['cores']} cores ({info['torch_threads']} torch threads), "
         f"torch {info['torch']}, Python {info['python']}"
     )
 

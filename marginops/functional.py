@@ -1,4 +1,4 @@
-"""``margin_cross_entropy``: validation, backend dispatch and the autograd glue around the target logit."""
+"""``margin_cross_entropy``: validation, the dtype policy and the three steps of :mod:`marginops.ops`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from . import reference
-from .backends import FUSED_BACKENDS, FusedOptions, resolve_backend
-from .backends.common import GradHandoff, normalize_backward
+from . import ops, reference
+from .backends import FusedOptions, resolve_backend
+from .backends.common import acc_dtype
 from .margins import Margin, MarginLike, NoMargin
 
 __all__ = ["margin_cross_entropy", "MarginStats", "REDUCTIONS"]
@@ -80,9 +80,11 @@ def _validate(x, W, y, scale, reduction, ignore_index, label_smoothing, normaliz
     _check_tensor("weight", W, 2)
     _check_tensor("labels", y, 1)
     if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"embeddings must be a floating-point tensor, got dtype {x.dtype}")
-    if W.dtype != x.dtype:
-        raise TypeError(f"weight dtype {W.dtype} does not match embeddings dtype {x.dtype}")
+        raise TypeError(f"embeddings must be a floating-point tensor ({', '.join(map(str, _FLOAT_DTYPES))}), "
+                        f"got dtype {x.dtype}")
+    if W.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"weight must be a floating-point tensor ({', '.join(map(str, _FLOAT_DTYPES))}), "
+                        f"got dtype {W.dtype}")
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor of class indices, got dtype {y.dtype}")
     if W.device != x.device or y.device != x.device:
@@ -112,14 +114,8 @@ def _validate(x, W, y, scale, reduction, ignore_index, label_smoothing, normaliz
         raise ValueError("strategy='workspace' computes gradients during the forward pass for a scalar loss; "
                          "it needs reduction 'mean' or 'sum', got reduction='none'")
     memory_budget = _check_optional_int("memory_budget", memory_budget, 1)
-    if validate_labels and B > 0:
-        bad = ((y < 0) | (y >= C)) & (y != ignore_index)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"labels[{i}] = {int(y[i])} is outside [0, {C}) (num_classes = {C}) and is not "
-                f"ignore_index = {ignore_index}"
-            )
+    if not (isinstance(validate_labels, bool) or validate_labels in ("host", "device")):
+        raise ValueError(f"validate_labels must be True, False, 'host' or 'device', got {validate_labels!r}")
     return scale, label_smoothing, chunk_size, memory_budget
 
 
@@ -143,66 +139,22 @@ def _apply_margin(psi, t: Tensor) -> Tensor:
     return out.to(t.dtype)
 
 
-class _TargetCosine(torch.autograd.Function):
-    """``t_i = xh_i . wh_{y_i}`` (B x D work), and the owner of the gradients of ``x`` and ``W``.
+def _label_check(validate_labels, device: torch.device) -> str:
+    """The :data:`marginops.ops.LABEL_CHECKS` mode for the ``validate_labels`` option on ``device``."""
+    if validate_labels is False:
+        return "none"
+    if validate_labels is True:
+        return "device" if device.type == "cuda" else "host"
+    return validate_labels
 
-    Its backward runs after the backend's (it needs ``dt``, which flows from
-    the backend's ``dz`` through the margin), takes the backend's dense
-    gradients from the handoff (``dxh`` before the normalization backward,
-    ``dW`` complete), adds the target terms in place and runs the
-    normalization backward of ``x`` once for both: one ``C x D`` gradient
-    tensor per call.
-    """
 
-    @staticmethod
-    def forward(ctx, x: Tensor, W: Tensor, y: Tensor, handoff: GradHandoff, normalize: bool, acc: torch.dtype):
-        xf = x.to(acc)
-        wy = W.index_select(0, y).to(acc)
-        if normalize:
-            norms = torch.stack([torch.linalg.vector_norm(xf, dim=1), torch.linalg.vector_norm(wy, dim=1)])
-            inv = 1.0 / norms.clamp_min(EPS)
-            t = ((xf * inv[0].unsqueeze(1)) * (wy * inv[1].unsqueeze(1))).sum(1)  # exactly +-1 for parallel rows
-            ctx.save_for_backward(x, W, y, inv, norms <= EPS)
-        else:
-            t = (xf * wy).sum(1)
-            ctx.save_for_backward(x, W, y)
-        # x and W are saved as they are (no B x D copies live until backward; the rows are re-gathered there)
-        ctx.handoff = handoff
-        ctx.normalize = normalize
-        ctx.acc = acc
-        return t
-
-    @staticmethod
-    def backward(ctx, dt: Tensor):
-        x, W, y, *norm = ctx.saved_tensors
-        acc = ctx.acc
-        # the rows again, one allocation each (copy=True: never write into x itself)
-        xh = x.to(acc, copy=True)
-        wyh = W.index_select(0, y).to(acc)
-        if ctx.normalize:
-            inv, clamped = norm
-            xh.mul_(inv[0].unsqueeze(1))
-            wyh.mul_(inv[1].unsqueeze(1))
-        dxh, dW_rest = ctx.handoff.take()  # dxh: w.r.t. the normalized rows, from every non-target class
-        dx = dW = None
-        if ctx.needs_input_grad[1]:
-            dwyh = dt.unsqueeze(1) * xh
-            if ctx.normalize:
-                dwyh = normalize_backward(wyh, inv[1], clamped[1], dwyh)
-            if dW_rest is None:
-                dW_rest = torch.zeros(W.shape, dtype=dwyh.dtype, device=dwyh.device)
-            # index_put_ accumulates duplicates with a sort on CUDA (index_add_ would use atomics),
-            # so dW is reproducible run to run
-            dW = dW_rest.index_put_((y,), dwyh.to(dW_rest.dtype), accumulate=True).to(W.dtype)
-        if ctx.needs_input_grad[0]:
-            if dxh is None:
-                dxh = dt.unsqueeze(1) * wyh
-            else:
-                dxh = dxh.to(acc).addcmul_(dt.unsqueeze(1), wyh)
-            if ctx.normalize:  # one normalization backward for the target and the non-target terms
-                dxh = normalize_backward(xh, inv[0], clamped[0], dxh)
-            dx = dxh.to(x.dtype)
-        return dx, dW, None, None, None, None
+def loss_dtype(x_dtype: torch.dtype, W_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The loss comes in the wider input dtype, and in at least float32 under autocast (a loss, like
+    ``F.cross_entropy``, is computed and returned in full precision there)."""
+    dtype = torch.promote_types(x_dtype, W_dtype)
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        dtype = torch.promote_types(dtype, torch.float32)
+    return dtype
 
 
 def margin_cross_entropy(
@@ -221,7 +173,7 @@ def margin_cross_entropy(
     memory_budget: Optional[int] = None,
     strategy: str = "auto",
     return_stats: bool = False,
-    validate_labels: bool = True,
+    validate_labels: Union[bool, str] = True,
 ) -> Union[Tensor, tuple[Tensor, MarginStats]]:
     r"""Margin softmax cross-entropy over many classes without materializing ``B x C`` logits.
 
@@ -239,7 +191,8 @@ def margin_cross_entropy(
 
     Args:
         embeddings (Tensor): ``(B, D)`` features, float16/bfloat16/float32/float64.
-        weight (Tensor): ``(C, D)`` class weights in ``nn.Linear`` layout, same dtype.
+        weight (Tensor): ``(C, D)`` class weights in ``nn.Linear`` layout, float16/bfloat16/float32/float64;
+            its dtype may differ from the embeddings' (mixed precision: see *Dtypes* below).
         labels (Tensor): ``(B,)`` integer class indices in ``[0, C)`` or ``ignore_index``.
         margin (Margin, callable or None): ``psi``, applied to the target cosine.
             Any differentiable ``psi(t) -> Tensor`` of shape ``(B,)`` works. Default: None (no margin).
@@ -276,12 +229,19 @@ def margin_cross_entropy(
             when blocks of at least 128 rows fit the budget, the triton
             backend ``"recompute"``. Default: ``"auto"``.
         return_stats (bool): also return :class:`MarginStats`. Default: False.
-        validate_labels (bool): check that labels lie in ``[0, C)``; this reads
-            the labels on the host (a device sync on GPU). Default: True.
+        validate_labels (bool or str): check that labels lie in ``[0, C)`` or equal
+            ``ignore_index``. ``True``: on CPU the labels are read and a bad one raises a
+            ValueError naming it (also inside ``torch.compile``d code: the check runs inside
+            marginops' operator); on CUDA a device-side assert, with no host
+            synchronisation, as ``F.cross_entropy`` does. ``"host"``: the ValueError on any
+            device (a sync on GPUs). ``"device"``: the device-side assert on any device.
+            ``False``: no check (a bad label gives an undefined loss or an indexing error).
+            Default: True.
 
     Returns:
-        The loss (a scalar, or ``(B,)`` for ``reduction="none"``) in the
-        embeddings' dtype, or ``(loss, stats)`` with ``return_stats=True``.
+        The loss (a scalar, or ``(B,)`` for ``reduction="none"``) in the wider of the
+        two input dtypes (at least float32 under autocast), or ``(loss, stats)`` with
+        ``return_stats=True``.
         An empty batch, or one whose rows are all ignored, gives a zero loss
         and zero gradients (``F.cross_entropy`` would return NaN for ``mean``).
 
@@ -290,6 +250,25 @@ def margin_cross_entropy(
         - output: :math:`()` or :math:`(B)` for ``reduction="none"``
 
         where B = batch size, D = embedding size, C = number of classes.
+
+    Dtypes (mixed precision):
+        The two inputs may have different float dtypes, as under ``torch.autocast``,
+        where a backbone hands bf16/fp16 embeddings to a head whose weight stays
+        float32. Nothing is cast in place and the weight is never copied: the torch
+        backend converts each tile to the accumulation dtype (float32; float64 when an
+        input is float64) and multiplies it there, so 16-bit inputs cost no precision
+        beyond their own rounding; the Triton backend multiplies tiles in the
+        weight's dtype (the ``B x D`` embeddings are converted to it, never the
+        ``C x D`` weight) on tensor cores, accumulating in float32. Statistics, the
+        log-sum-exp and the gradient accumulators are float32 (float64 for float64
+        inputs); autocast is switched off inside marginops' operators so it cannot
+        recast their tiles. Each input's gradient comes in its own dtype.
+
+    Autograd:
+        One backward pass per graph as usual; a retained graph (``retain_graph=True``)
+        gives the same bits on every backward. Double backward (``create_graph=True``)
+        raises a RuntimeError. ``torch.compile(..., fullgraph=True)`` traces the call
+        without graph breaks: marginops' work runs in ``torch.library`` custom operators.
 
     Examples::
 
@@ -302,43 +281,52 @@ def margin_cross_entropy(
         >>> loss, stats = mo.margin_cross_entropy(x, W, y, mo.CosFace(0.35), 30.0, return_stats=True)
         >>> accuracy = (stats.prediction == y).float().mean()
     """
+    x, W = embeddings, weight
     scale, label_smoothing, chunk_size, memory_budget = _validate(
         embeddings, weight, labels, scale, reduction, ignore_index, label_smoothing, normalize, chunk_size,
         memory_budget, strategy, validate_labels,
     )
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
-    name = resolve_backend(backend, embeddings.device)
-    psi = _resolve_margin(margin, embeddings.shape[0])
+    name = resolve_backend(backend, x.device)
+    psi = _resolve_margin(margin, x.shape[0])
     labels = labels.long()
+    out_dtype = loss_dtype(x.dtype, W.dtype, x.device)
+    check = _label_check(validate_labels, x.device)
+    C = W.shape[0]
 
     if name == "reference":
+        ops.check_labels(labels, C, ignore_index, "host" if check != "none" else "none")
+        common = torch.promote_types(x.dtype, W.dtype)
         out = reference.margin_cross_entropy_reference(
-            embeddings, weight, labels, lambda t: _apply_margin(psi, t), scale, normalize=normalize,
+            x.to(common), W.to(common), labels, lambda t: _apply_margin(psi, t), scale, normalize=normalize,
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
         )
         stats = MarginStats(out.lse, out.target_logit, out.target_cos, out.prediction)
-        return (out.loss, stats) if return_stats else out.loss
+        return (out.loss.to(out_dtype), stats) if return_stats else out.loss.to(out_dtype)
 
-    acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
-    valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    acc = acc_dtype(x.dtype, W.dtype)
     grad_on = torch.is_grad_enabled()
-    handoff = GradHandoff(need_x=grad_on and embeddings.requires_grad, need_W=grad_on and weight.requires_grad)
-    t = _TargetCosine.apply(embeddings, weight, safe, handoff, normalize, acc)
-    z = scale * _apply_margin(psi, t)
-    if t.requires_grad:
-        # x and W receive their gradients in _TargetCosine.backward; keep it on the graph
-        # even when psi ignores t (constant or detached-t margins).
-        z = z + t * 0.0
-    w = valid.to(acc)
-    if reduction == "mean":
-        w = w / w.sum().clamp_min(1.0)
     opts = FusedOptions(
         scale=scale, normalize=normalize, label_smoothing=label_smoothing, reduce=reduction != "none", eps=EPS,
         chunk_size=chunk_size, memory_budget=memory_budget, want_prediction=return_stats, strategy=strategy,
+        need_x=grad_on and x.requires_grad, need_W=grad_on and W.requires_grad,
     )
-    loss, lse, prediction = FUSED_BACKENDS[name](embeddings.detach(), weight.detach(), safe, z, w, handoff, opts)
+    # row norms once per call, outside autograd (the operators' backwards own the normalization backward)
+    norm_x = torch.linalg.vector_norm(x.detach(), dim=1, dtype=acc) if normalize else None
+    norm_w = torch.linalg.vector_norm(W.detach(), dim=1, dtype=acc) if normalize else None
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    w = valid.to(acc)
+    if reduction == "mean":
+        w = w / w.sum().clamp_min(1.0)
+
+    t, carrier_x, carrier_W = ops.target_cosine(x, W, labels, norm_x, norm_w, ignore_index=ignore_index,
+                                                label_check=check, backend=name, opts=opts)
+    z = scale * _apply_margin(psi, t)
+    loss, lse, prediction = ops.margin_softmax(x, W, safe, norm_x, norm_w, z, w, carrier_x, carrier_W,
+                                               backend=name, opts=opts)
+    loss = loss.to(out_dtype)
     if not return_stats:
         return loss
     return loss, MarginStats(lse, z.detach(), t.detach(), prediction)

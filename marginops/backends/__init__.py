@@ -1,41 +1,51 @@
-"""Backend registry: one dict from name to implementation, one function that resolves ``"auto"``.
+"""Backend registry: names to modules implementing :class:`~marginops.backends.interface.Backend`.
 
-A fused backend is a callable following the contract in
-:mod:`marginops.backends.common`. ``"reference"`` is the naive materialized
-computation (:mod:`marginops.reference`) and is dispatched separately by
-:func:`marginops.margin_cross_entropy`.
+``"reference"`` is the naive materialized computation (:mod:`marginops.reference`)
+and is dispatched separately by :func:`marginops.margin_cross_entropy`.
 
-``"triton"`` (:mod:`marginops.backends.triton_margin`) is imported on its
-first call, so ``import marginops`` works without Triton and the Triton
-interpreter can be switched on (``TRITON_INTERPRET=1``) before its kernels are
-defined.
+``"triton"`` (:mod:`marginops.backends.triton_margin`) is imported on first use,
+so ``import marginops`` works without Triton and the Triton interpreter can be
+switched on (``TRITON_INTERPRET=1``) before its kernels are defined.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
-from typing import Callable
+from types import ModuleType
 
 import torch
 
-from . import torch_chunked
-from .common import DEFAULT_MEMORY_BUDGET, FusedOptions
+from .interface import DEFAULT_MEMORY_BUDGET, Backend, Call, FusedOptions, RowStats, check_backend, combine_stats
 
-
-def _triton_margin_softmax(*args):
-    """The Triton backend, imported on first use (see the module docstring)."""
-    try:
-        from . import triton_margin
-    except ImportError as e:
-        raise RuntimeError(f"backend='triton' needs the triton package, which failed to import: {e}") from e
-    return triton_margin.margin_softmax(*args)
-
-
-FUSED_BACKENDS: dict[str, Callable] = {
-    "torch": torch_chunked.margin_softmax,
-    "triton": _triton_margin_softmax,
+#: Fused backends: name -> module path (imported on first use by :func:`get_backend`).
+BACKENDS: dict[str, str] = {
+    "torch": "marginops.backends.torch_chunked",
+    "triton": "marginops.backends.triton_margin",
 }
-BACKEND_NAMES = ("auto", "reference", *FUSED_BACKENDS)
+BACKEND_NAMES = ("auto", "reference", *BACKENDS)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once: "auto" stays traceable
+_LOADED: dict[str, ModuleType] = {}
+
+
+def get_backend(name: str) -> ModuleType:
+    """The module of fused backend ``name`` (see :data:`BACKENDS`), imported on first use.
+
+    Raises:
+        ValueError: for a name that is not a fused backend.
+        RuntimeError: when the backend's module fails to import (Triton missing).
+    """
+    if name in _LOADED:
+        return _LOADED[name]
+    if name not in BACKENDS:
+        raise ValueError(f"fused backend must be one of {tuple(BACKENDS)}, got {name!r}")
+    try:
+        module = importlib.import_module(BACKENDS[name])
+    except ImportError as e:
+        raise RuntimeError(f"backend={name!r} failed to import: {e}") from e
+    check_backend(module)
+    _LOADED[name] = module
+    return module
 
 
 def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
@@ -58,15 +68,20 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
     if backend != "auto":
         return backend
-    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None:
+    if torch.device(device).type == "cuda" and _HAS_TRITON:
         return "triton"
     return "torch"
 
 
 __all__ = [
+    "BACKENDS",
     "BACKEND_NAMES",
     "DEFAULT_MEMORY_BUDGET",
-    "FUSED_BACKENDS",
+    "Backend",
+    "Call",
     "FusedOptions",
+    "RowStats",
+    "combine_stats",
+    "get_backend",
     "resolve_backend",
 ]

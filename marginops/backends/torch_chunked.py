@@ -19,7 +19,7 @@ Two strategies, picked per call by :func:`plan`:
 
 Probabilities below ``finfo.tiny`` are flushed to zero before any GEMM and
 ``exp`` is never fed arguments whose result would be subnormal: both are
-10-50x slow paths on some CPUs (``DESIGN.md`` section 4).
+10-50x slow paths on some CPUs (``docs/design.md``, numerics).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import (FusedOptions, GradHandoff, Prepared, forward_outputs, fused_backward, loss_and_lse,
-                     target_grad, weighted_loss)
+from .common import Prepared, acc_dtype
+from .interface import Call, FusedOptions, RowStats
 
 # Tile sizes, tuned on a 2-core AMD EPYC (Zen 5) at B=1024, D=512, C=100k fp32
 # (`python -m benchmarks.cpu_targets`); a tile of logits stays within a few MiB.
@@ -96,22 +96,18 @@ def _exp_floor(dtype: torch.dtype) -> float:
 class _Prepared(Prepared):
     """The shared per-call quantities plus this backend's tile operations."""
 
-    def __init__(self, x: Tensor, W: Tensor, y: Tensor, opts: FusedOptions):
-        super().__init__(x, W, y, opts)
+    def __init__(self, call: Call):
+        super().__init__(call)
         self.floor = _exp_floor(self.acc)
         self.tiny = torch.finfo(self.acc).tiny
         self._xs: Optional[Tensor] = None
 
     @property
     def xs(self) -> Tensor:
-        """``s * xh``, the left operand of every logits GEMM; cached until :meth:`release`."""
+        """``s * xh``, the left operand of every logits GEMM; cached for the call."""
         if self._xs is None:
             self._xs = self.xh * self.opts.scale
         return self._xs
-
-    def release(self) -> None:
-        super().release()
-        self._xs = None
 
     def finish_w_grad(self, dD: Tensor, c0: int, c1: int) -> Tensor:
         """In place for classes ``[c0, c1)``: ``dD_j = inv_w_j * dwh_j`` becomes
@@ -141,7 +137,7 @@ class _Prepared(Prepared):
         torch.mm(self.xs[r0:r1], wt.t(), out=out)
         if self.inv_w is not None:
             out.mul_(self.inv_w[c0:c1])
-        y = self.y[r0:r1]
+        y = self.y_local[r0:r1]
         idx = (y - c0).clamp_(0, c1 - c0 - 1).unsqueeze(1)
         in_tile = (y >= c0) & (y < c1)
         before = out.gather(1, idx).squeeze(1)
@@ -201,10 +197,10 @@ class _RunningPrediction:
         self.best = torch.where(better, values, self.best)
         self.index = torch.where(better, indices + c0, self.index)
 
-    def finish(self, target_logit_cos: Tensor, y: Tensor) -> Tensor:
-        tie_first = (target_logit_cos == self.best) & (y < self.index)
-        take_target = (target_logit_cos > self.best) | tie_first
-        return torch.where(take_target, y, self.index)
+    def finish(self, target: Tensor, y_local: Tensor, in_range: Tensor) -> tuple[Tensor, Tensor]:
+        """``(max, local argmax)`` with each row's target logit (where in range) taken into account."""
+        take = in_range & ((target > self.best) | ((target == self.best) & (y_local < self.index)))
+        return torch.where(take, target, self.best), torch.where(take, y_local, self.index)
 
 
 def _row_block_stats(prep: _Prepared, r0: int, r1: int, cols, pl: Plan, store: Optional[Tensor], want_pred: bool):
@@ -246,7 +242,7 @@ def _smoothing_grads(prep: _Prepared, g: Tensor, dxh: Optional[Tensor], dD: Opti
     eps = prep.opts.label_smoothing
     if eps <= 0:
         return
-    coef = -prep.opts.scale * eps / prep.C
+    coef = -prep.opts.scale * eps / prep.C_total
     inv_w = prep.inv_w
     if dxh is not None:
         dxh.add_((coef * g).unsqueeze(1) * (prep.class_sum().unsqueeze(0) - prep.target_rows()))
@@ -254,41 +250,46 @@ def _smoothing_grads(prep: _Prepared, g: Tensor, dxh: Optional[Tensor], dD: Opti
         gx = (coef * g).unsqueeze(1) * prep.xh  # (B, D)
         col = inv_w if inv_w is not None else torch.ones(prep.C, device=gx.device, dtype=gx.dtype)
         dD.addr_(col, gx.sum(0))
+        idx = prep.target_index()
+        own = col[idx] * prep.in_range.to(col.dtype)  # targets in another range are not among these rows
         # sort-based on CUDA (index_add_ would use atomics): reproducible with duplicate labels
-        dD.index_put_((prep.y,), -gx * col[prep.y].unsqueeze(1), accumulate=True)
+        dD.index_put_((idx,), -gx * own.unsqueeze(1), accumulate=True)
 
 
 def _forward(prep: _Prepared, pl: Plan, want_pred: bool, store: Optional[Tensor] = None, block_done=None):
     """One pass over all tiles, row block by row block.
 
-    Returns per-row ``N`` (non-target LSE), the target logit ``s * t`` and the
-    prediction (or None). With ``store`` the exp'd tiles of each block stay
-    there and ``block_done(r0, r1, cols, m_tiles, N_block)`` runs before the
-    next block overwrites them.
+    Returns the range's :class:`RowStats`. With ``store`` the exp'd tiles of
+    each block stay there and ``block_done(r0, r1, cols, m_tiles, N_block)``
+    runs before the next block overwrites them.
     """
     B = prep.B
     N = torch.empty(B, device=prep.W.device, dtype=prep.acc)
-    target = torch.empty_like(N)
-    pred = torch.empty(B, device=N.device, dtype=torch.int64) if want_pred else None
+    target = torch.empty_like(N)  # s * t as the GEMM produced it; 0 where the target is in another range
+    best = torch.empty_like(N) if want_pred else prep.empty()
+    arg = torch.empty(B, device=N.device, dtype=torch.int64) if want_pred else prep.empty(torch.int64)
     for r0, r1, cols in prep.tiles(pl):
         m_t, s_t, tgt, rp = _row_block_stats(prep, r0, r1, cols, pl, store, want_pred)
         N[r0:r1] = _combine(m_t, s_t)
         target[r0:r1] = tgt
         if rp is not None:
-            pred[r0:r1] = rp.finish(tgt, prep.y[r0:r1])
+            best[r0:r1], arg[r0:r1] = rp.finish(tgt, prep.y_local[r0:r1], prep.in_range[r0:r1])
         if block_done is not None:
             block_done(r0, r1, cols, m_t, N[r0:r1])
-    return N, target, pred
+    if want_pred:
+        arg += prep.opts.class_start
+    logit_sum = prep.logit_sum(target) if prep.opts.label_smoothing > 0 else prep.empty()
+    return RowStats(N, best, arg, logit_sum)
 
 
-def _forward_fused(prep: _Prepared, pl: Plan, z: Tensor, w: Tensor, want_pred: bool, need_x: bool, need_W: bool):
-    """Forward with gradients for weights ``w`` (grad_output = 1): three GEMMs."""
+def _forward_fused(prep: _Prepared, pl: Plan, z: Tensor, g: Tensor):
+    """Forward with gradients for upstream row weights ``g``: three GEMMs."""
     B, dev, acc = prep.B, prep.W.device, prep.acc
     store = torch.empty(pl.workspace_bytes // (torch.finfo(acc).bits // 8), device=dev, dtype=acc)
-    dxh = torch.zeros(B, prep.D, device=dev, dtype=acc) if need_x else None
-    dD = torch.zeros(prep.C, prep.D, device=dev, dtype=acc) if need_W else None
+    dxh = torch.zeros(B, prep.D, device=dev, dtype=acc) if prep.opts.need_x else None
+    dD = torch.zeros(prep.C, prep.D, device=dev, dtype=acc) if prep.opts.need_W else None
     zf = z.to(acc)
-    g = w.to(acc)
+    g = g.to(acc)
 
     def gradients(r0, r1, cols, m_t, N_block):
         lse = torch.logaddexp(N_block, zf[r0:r1])
@@ -298,61 +299,65 @@ def _forward_fused(prep: _Prepared, pl: Plan, z: Tensor, w: Tensor, want_pred: b
             row_scale = g[r0:r1] * prep.opts.scale * torch.exp(m_t[:, k] - lse)
             prep.grad_tile(tile, row_scale, c0, c1, prep.w_tile(c0, c1), r0, r1, dxh, dD)
 
-    N, target, pred = _forward(prep, pl, want_pred, store, gradients)
-    return N, target, pred, dxh, dD
+    stats = _forward(prep, pl, prep.opts.want_prediction, store, gradients)
+    _smoothing_grads(prep, g, dxh, dD)
+    return stats, dxh, prep.finish_w_grads(dD) if dD is not None else None
 
 
-class _MarginSoftmax(torch.autograd.Function):
-    """Non-target part of the margin softmax CE; the target logit ``z`` arrives as an input."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, W: Tensor, y: Tensor, z: Tensor, w: Tensor, handoff: GradHandoff,
-                opts: FusedOptions):
-        need_x, need_W = handoff.need_x, handoff.need_W
-        prep = _Prepared(x, W, y, opts)
-        elt = torch.finfo(prep.acc).bits // 8
-        pl = plan(prep.B, prep.C, elt, opts, fused_wanted=opts.reduce and (need_x or need_W))
-        zf = z.to(prep.acc)
-        wf = w.to(prep.acc)
-        if pl.strategy == "fused" and prep.B > 0:
-            N, target, pred, dxh, dD = _forward_fused(prep, pl, z, w, opts.want_prediction, need_x, need_W)
-            _smoothing_grads(prep, wf, dxh, dD)
-        else:
-            N, target, pred = _forward(prep, pl, opts.want_prediction)
-            dxh = dD = None
-        loss_rows, lse = loss_and_lse(prep, N, zf, target)
-        loss = weighted_loss(loss_rows, wf, opts.reduce)
-        ctx.prep = prep
-        ctx.plan = pl
-        ctx.handoff = handoff
-        ctx.save_for_backward(x, W, zf, wf, lse)
-        # Gradients computed during the forward pass (grad_output = 1), consumed by backward.
-        ctx.early = None
-        if dxh is not None or dD is not None:
-            ctx.early = (
-                dxh,
-                prep.finish_w_grads(dD) if dD is not None else None,
-                target_grad(prep, wf, zf, lse),
-            )
-        prep.release()  # no B x D copy waits for the backward
-        return forward_outputs(ctx, loss, lse, pred, x)
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor, _grad_lse, _grad_pred):
-        return fused_backward(ctx, grad_loss, _backward_grads)
+# -- the backend interface (marginops.backends.interface.Backend) -------------------------------------
 
 
-def _backward_grads(ctx, x: Tensor, lse: Tensor, g: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """Recompute every tile (four GEMMs) for per-row upstream weights ``g``."""
-    prep: _Prepared = ctx.prep
-    dxh = torch.zeros(prep.B, prep.D, device=x.device, dtype=prep.acc) if ctx.handoff.need_x else None
-    dD = torch.zeros(prep.C, prep.D, device=x.device, dtype=prep.acc) if ctx.handoff.need_W else None
-    pl = ctx.plan
-    if pl.strategy == "fused":  # second backward after a fused forward: recompute in small tiles
-        pl = Plan("recompute", min(prep.B, RECOMPUTE_ROWS), pl.chunk, 0)
+def weight_grad_dtype(x_dtype: torch.dtype, W_dtype: torch.dtype, opts: FusedOptions) -> torch.dtype:
+    """``dW`` is accumulated and returned in the accumulation dtype (float32, or float64)."""
+    return acc_dtype(x_dtype, W_dtype)
+
+
+def _plan(B: int, C: int, x_dtype: torch.dtype, W_dtype: torch.dtype, opts: FusedOptions, grads: bool) -> Plan:
+    elt = torch.finfo(acc_dtype(x_dtype, W_dtype)).bits // 8
+    fused_wanted = grads and opts.reduce and (opts.need_x or opts.need_W) and opts.is_full_range(C)
+    if opts.strategy == "workspace" and not opts.is_full_range(C) and grads:
+        raise ValueError("strategy='workspace' needs the whole class range (the gradients need the final "
+                         f"log-sum-exp during the pass), got classes [{opts.class_start}, "
+                         f"{opts.class_start + C}) of {opts.total_classes(C)}")
+    return plan(B, C, elt, opts, fused_wanted)
+
+
+def uses_workspace(B: int, C: int, D: int, x_dtype: torch.dtype, W_dtype: torch.dtype, opts: FusedOptions) -> bool:
+    """The fused strategy (three GEMMs) when :func:`plan` picks it for a call that wants gradients."""
+    return B > 0 and _plan(B, C, x_dtype, W_dtype, opts, grads=True).strategy == "fused"
+
+
+def forward_stats(call: Call) -> RowStats:
+    """One GEMM per tile; no gradients."""
+    prep = _Prepared(call)
+    return _forward(prep, _plan(prep.B, prep.C, call.x.dtype, call.W.dtype, call.opts, grads=False),
+                    call.opts.want_prediction)
+
+
+def forward_with_grads(call: Call, z: Tensor, g: Tensor) -> tuple[RowStats, Optional[Tensor], Optional[Tensor]]:
+    """The fused strategy: each row block's logits kept in the workspace, gradients formed in the pass."""
+    prep = _Prepared(call)
+    pl = _plan(prep.B, prep.C, call.x.dtype, call.W.dtype, call.opts, grads=True)
+    if pl.strategy != "fused":
+        raise ValueError(f"forward_with_grads called for a call planned as {pl.strategy!r}")
+    return _forward_fused(prep, pl, z, g)
+
+
+def recompute_grads(call: Call, lse: Tensor, g: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Recompute every tile (four GEMMs in all) for per-row upstream weights ``g``."""
+    prep = _Prepared(call)
+    opts = call.opts
+    x = call.x
+    pl = _plan(prep.B, prep.C, x.dtype, call.W.dtype, opts, grads=False)
+    lse = lse.to(prep.acc)
+    g = g.to(prep.acc)
+    dxh = torch.zeros(prep.B, prep.D, device=x.device, dtype=prep.acc) if opts.need_x else None
+    dD = torch.zeros(prep.C, prep.D, device=x.device, dtype=prep.acc) if opts.need_W else None
+    if dxh is None and dD is None:
+        return None, None
     scratch = torch.empty(pl.rows * pl.chunk, device=x.device, dtype=prep.acc)
     for r0, r1, cols in prep.tiles(pl):
-        row_scale = g[r0:r1] * prep.opts.scale
+        row_scale = g[r0:r1] * opts.scale
         for c0, c1 in cols:
             tile = scratch[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
             wt = prep.w_tile(c0, c1)
@@ -362,9 +367,3 @@ def _backward_grads(ctx, x: Tensor, lse: Tensor, g: Tensor) -> tuple[Optional[Te
     del scratch
     _smoothing_grads(prep, g, dxh, dD)
     return dxh, prep.finish_w_grads(dD) if dD is not None else None
-
-
-def margin_softmax(x: Tensor, W: Tensor, y: Tensor, z: Tensor, w: Tensor, handoff: GradHandoff,
-                   opts: FusedOptions):
-    """Backend entry point (see :mod:`marginops.backends.common` for the contract)."""
-    return _MarginSoftmax.apply(x, W, y, z, w, handoff, opts)

@@ -60,8 +60,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (FusedOptions, GradHandoff, Prepared, acc_dtype, forward_outputs, fused_backward,
-                     loss_and_lse, target_grad, weighted_loss)
+from .common import Prepared, acc_dtype
+from .interface import Call, FusedOptions, RowStats
 from .triton_kernels import (FINISH_CONFIGS, FWD_CONFIGS, GRAD_CONFIGS,
                              PROGRAMS_PER_SM, SUPPORTED_DTYPES, WORKSPACE_FWD_CONFIGS, WORKSPACE_GRAD_CONFIGS,
                              KernelConfig, _finish_w_kernel, _margin_fwd_kernel, _margin_grad_kernel)
@@ -130,7 +130,7 @@ def _constexprs(x: Tensor) -> dict:
     else:
         precision = "tf32"  # unused for 16-bit inputs
     return dict(
-        UPCAST=is_interpreted() and x.dtype == torch.bfloat16,  # DESIGN.md section 5: bf16 math is wrong there
+        UPCAST=is_interpreted() and x.dtype == torch.bfloat16,  # bf16 arithmetic is wrong in the interpreter
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
         DOT_PRECISION=precision,
     )
@@ -177,7 +177,7 @@ class ExpWorkspace:
 def margin_fwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Optional[Tensor], *,
                want_prediction: bool = False, classes: Optional[int] = None,
                config: Optional[KernelConfig] = None,
-               workspace: Optional[ExpWorkspace] = None) -> tuple[Tensor, Optional[Tensor]]:
+               workspace: Optional[ExpWorkspace] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Per-row log-sum-exp of ``row_scale_i * col_scale_j * (x_i . W_j)`` over ``j != y_i``, and the argmax.
 
     Args:
@@ -191,7 +191,8 @@ def margin_fwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Op
         workspace: optional :class:`ExpWorkspace` for ``B`` rows and ``C`` classes to fill.
 
     Returns:
-        ``N`` (B,) in the accumulation dtype (``-inf`` when ``C == 1``) and the prediction (B,) int64 or None.
+        ``N`` (B,) in the accumulation dtype (``-inf`` when ``C == 1``), the prediction (B,) int64 and
+        the largest logit (B,), target included (both None unless ``want_prediction``).
     """
     _check_inputs(x, W, y)
     B, D = x.shape
@@ -225,11 +226,12 @@ def margin_fwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Op
     M = m.amax(1, keepdim=True)
     M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))  # no non-target class at all (C == 1)
     N = M.squeeze(1) + torch.log((l * torch.exp(m - M)).sum(1))
-    pred = None
+    pred = top = None
     if want_prediction:
         top = pv.amax(1, keepdim=True)
         pred = torch.where(pv == top, pi, torch.full_like(pi, C)).amin(1)  # first class among the tied splits
-    return N, pred
+        top = top.squeeze(1)
+    return N, pred, top
 
 
 
@@ -392,9 +394,9 @@ def _chunk_grads(prep: "_Prepared", x: Tensor, xh_in: Optional[Tensor], lse: Ten
     for r0 in range(b0, b1, row_step):
         r1 = min(r0 + row_step, b1)
         G = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-        margin_grad(x[r0:r1], W[c0:c1], prep.y[r0:r1], prep.row_scale[r0:r1],
+        margin_grad(x[r0:r1], W[c0:c1], prep.y_local[r0:r1], prep.row_scale[r0:r1],
                     prep.inv_w[c0:c1] if prep.inv_w is not None else None, lse[r0:r1], coef[r0:r1], G,
-                    label_offset=c0, smoothing=prep.opts.label_smoothing / prep.C,
+                    label_offset=c0, smoothing=prep.opts.label_smoothing / prep.C_total,
                     workspace=block.rows(r0 - b0, r1 - b0) if block is not None else None, scale_g=prep.scale_g)
         if dxh is not None:
             _gemm_into(dxh[r0:r1], G, w_rows, accumulate=True)
@@ -457,7 +459,7 @@ def workspace_rows(B: int, C: int, dtype: torch.dtype, budget: int) -> int:
     return math.ceil(B / math.ceil(B / rows))
 
 
-def _workspace_forward(prep: "_Prepared", x: Tensor, z: Tensor, w: Tensor, need_x: bool, need_W: bool):
+def _workspace_forward(prep: "_Prepared", x: Tensor, z: Tensor, g: Tensor, need_x: bool, need_W: bool):
     """Forward with the gradients for ``grad_output = 1`` (three GEMMs).
 
     Per block of rows, the forward kernel keeps the exponentials of every tile
@@ -477,15 +479,18 @@ def _workspace_forward(prep: "_Prepared", x: Tensor, z: Tensor, w: Tensor, need_
     xh_in = prep.xh.to(x.dtype) if need_W else None
     N = torch.empty(B, device=x.device, dtype=acc)
     lse = torch.empty_like(N)
-    pred = torch.empty(B, device=x.device, dtype=torch.int64) if prep.opts.want_prediction else None
-    coef = w * prep.opts.scale
+    want = prep.opts.want_prediction
+    pred = torch.empty(B, device=x.device, dtype=torch.int64) if want else prep.empty(torch.int64)
+    best = torch.empty(B, device=x.device, dtype=acc) if want else prep.empty()
+    coef = g * prep.opts.scale
     for b0 in range(0, B, rows):
         b1 = min(b0 + rows, B)
         block = ws.rows(0, b1 - b0)
-        N[b0:b1], p = margin_fwd(x[b0:b1], prep.W, prep.y[b0:b1], prep.row_scale[b0:b1], prep.inv_w,
-                                 want_prediction=pred is not None, classes=prep.opts.chunk_size, workspace=block)
-        if pred is not None:
-            pred[b0:b1] = p
+        N[b0:b1], p, top = margin_fwd(x[b0:b1], prep.W, prep.y_local[b0:b1], prep.row_scale[b0:b1],
+                                      prep.inv_w, want_prediction=want, classes=prep.opts.chunk_size,
+                                      workspace=block)
+        if want:
+            pred[b0:b1], best[b0:b1] = p, top
         lse[b0:b1] = torch.logaddexp(N[b0:b1], z[b0:b1])
         for c0 in range(0, C, pl.chunk):
             c1 = min(c0 + pl.chunk, C)
@@ -494,25 +499,37 @@ def _workspace_forward(prep: "_Prepared", x: Tensor, z: Tensor, w: Tensor, need_
     if dD is not None:
         for c0 in range(0, C, pl.chunk):
             _finish_chunk(prep, dD[c0:c0 + pl.chunk], c0, min(c0 + pl.chunk, C), dD[c0:c0 + pl.chunk])
-    return N, pred, dxh, dD
+    return RowStats(N, best, pred, prep.logit_sum() if prep.opts.label_smoothing > 0 else prep.empty()), dxh, dD
 
 
-# -- the autograd Function ------------------------------------------------------------------------------
+# -- the backend interface (marginops.backends.interface.Backend) ---------------------------------------
 
 
 class _Prepared(Prepared):
-    """The shared per-call quantities plus the kernels' row factor and how ``G`` is scaled."""
+    """The shared per-call quantities plus the kernels' operand, row factor and how ``G`` is scaled.
 
-    def __init__(self, x: Tensor, W: Tensor, y: Tensor, opts: FusedOptions):
-        super().__init__(x, W, y, opts)
+    The kernels multiply tiles in the weight's dtype: ``xk`` is ``x`` in that
+    dtype (a ``B x D`` conversion when the embeddings differ, e.g. bf16
+    embeddings from an autocast backbone against an fp32 weight; the ``C x D``
+    weight is never copied).
+    """
+
+    def __init__(self, call: Call):
+        super().__init__(call)
+        opts = call.opts
+        _check_device(call.W)
+        if (call.x.dtype == torch.float64) != (call.W.dtype == torch.float64):
+            raise TypeError(f"backend='triton' does not mix float64 with other dtypes, got embeddings "
+                            f"{call.x.dtype} and weight {call.W.dtype}; convert one of them")
+        self.xk = call.x if call.x.dtype == call.W.dtype else call.x.to(call.W.dtype)
         if self.inv_x is not None:
             self.row_scale = self.inv_x * opts.scale
         else:
-            self.row_scale = torch.full((self.B,), opts.scale, device=x.device, dtype=self.acc)
+            self.row_scale = torch.full((self.B,), opts.scale, device=call.x.device, dtype=self.acc)
         # G carries 1 / |W_j| (dX multiplies raw W rows) unless that overflows the input dtype: float16
         # (max 65504) cannot hold s / |W_j| for tiny or zero rows (1 / eps = 1e12), so float16 keeps G
         # unscaled and multiplies normalized rows of each chunk instead.
-        self.scale_g = self.inv_w is None or x.dtype != torch.float16
+        self.scale_g = self.inv_w is None or call.W.dtype != torch.float16
 
     def dx_rows(self, c0: int, c1: int) -> Tensor:
         """The right operand of ``dxh += G @ rows`` for classes ``[c0, c1)``, in the input dtype."""
@@ -521,45 +538,58 @@ class _Prepared(Prepared):
         return (self.W[c0:c1] * self.inv_w[c0:c1].unsqueeze(1)).to(self.W.dtype)  # one fp32 temporary
 
 
-class _MarginSoftmax(torch.autograd.Function):
-    """Non-target part of the margin softmax CE on Triton kernels; the target logit ``z`` arrives as an input."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, W: Tensor, y: Tensor, z: Tensor, w: Tensor, handoff: GradHandoff,
-                opts: FusedOptions):
-        _check_inputs(x, W, y)
-        prep = _Prepared(x, W, y, opts)
-        zf = z.to(prep.acc)
-        wf = w.to(prep.acc)
-        ctx.early = None
-        need_x, need_W = handoff.need_x, handoff.need_W
-        early = opts.strategy == "workspace" and opts.reduce and (need_x or need_W) and prep.B > 0
-        if early:
-            N, pred, dx, dW = _workspace_forward(prep, x, zf, wf, need_x, need_W)
-        else:
-            N, pred = margin_fwd(x, W, y, prep.row_scale, prep.inv_w, want_prediction=opts.want_prediction,
-                                 classes=opts.chunk_size)
-        loss_rows, lse = loss_and_lse(prep, N, zf)
-        if early:
-            ctx.early = (dx, dW, target_grad(prep, wf, zf, lse))  # gradients for grad_output = 1
-        ctx.prep = prep
-        ctx.handoff = handoff
-        ctx.save_for_backward(x, W, zf, wf, lse)
-        prep.release()  # no B x D copy waits for the backward
-        return forward_outputs(ctx, weighted_loss(loss_rows, wf, opts.reduce), lse, pred, x)
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor, _grad_lse, _grad_pred):
-        return fused_backward(ctx, grad_loss, _backward_grads)
+def weight_grad_dtype(x_dtype: torch.dtype, W_dtype: torch.dtype, opts: FusedOptions) -> torch.dtype:
+    """The recompute strategy writes ``dW`` in the weight's dtype chunk by chunk (no fp32 ``C x D``
+    copy); the workspace strategy accumulates it across row blocks in the accumulation dtype."""
+    return acc_dtype(x_dtype, W_dtype) if _wants_workspace(opts) else W_dtype
 
 
-def _backward_grads(ctx, x: Tensor, lse: Tensor, g: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """The recompute strategy's gradients for per-row upstream weights ``g`` (four GEMMs in all)."""
-    prep: _Prepared = ctx.prep
-    return _recompute_grads(prep, x, lse, g * prep.opts.scale, ctx.handoff.need_x, ctx.handoff.need_W)
+def _wants_workspace(opts: FusedOptions) -> bool:
+    return opts.strategy == "workspace" and opts.reduce and (opts.need_x or opts.need_W)
 
 
-def margin_softmax(x: Tensor, W: Tensor, y: Tensor, z: Tensor, w: Tensor, handoff: GradHandoff,
-                   opts: FusedOptions):
-    """Backend entry point (see :mod:`marginops.backends.common` for the contract)."""
-    return _MarginSoftmax.apply(x, W, y, z, w, handoff, opts)
+def uses_workspace(B: int, C: int, D: int, x_dtype: torch.dtype, W_dtype: torch.dtype, opts: FusedOptions) -> bool:
+    """Only when asked for (``strategy="workspace"``, a scalar loss, gradients wanted): ``"auto"`` recomputes.
+
+    Raises:
+        ValueError: when the workspace cannot hold one row within the budget, or the weight is not
+            the whole class range.
+    """
+    if not _wants_workspace(opts) or B == 0:
+        return False
+    if not opts.is_full_range(C):
+        raise ValueError("strategy='workspace' needs the whole class range (the gradients need the final "
+                         f"log-sum-exp during the pass), got classes [{opts.class_start}, "
+                         f"{opts.class_start + C}) of {opts.total_classes(C)}")
+    workspace_rows(B, C, W_dtype, opts.budget)  # raises when not one row fits
+    return True
+
+
+def forward_stats(call: Call) -> RowStats:
+    """The forward kernel over all row blocks and class splits; no gradients."""
+    prep = _Prepared(call)
+    opts = call.opts
+    N, pred, best = margin_fwd(prep.xk, call.W, prep.y_local, prep.row_scale, prep.inv_w,
+                               want_prediction=opts.want_prediction, classes=opts.chunk_size)
+    if opts.want_prediction:
+        pred = pred + opts.class_start
+    else:
+        pred, best = prep.empty(torch.int64), prep.empty()
+    return RowStats(N, best, pred, prep.logit_sum() if opts.label_smoothing > 0 else prep.empty())
+
+
+def forward_with_grads(call: Call, z: Tensor, g: Tensor) -> tuple[RowStats, Optional[Tensor], Optional[Tensor]]:
+    """The workspace strategy: three GEMMs, gradients formed during the forward pass."""
+    prep = _Prepared(call)
+    opts = call.opts
+    return _workspace_forward(prep, prep.xk, z.to(prep.acc), g.to(prep.acc), opts.need_x, opts.need_W)
+
+
+def recompute_grads(call: Call, lse: Tensor, g: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The recompute strategy's gradients (four GEMMs in all): ``G`` chunks from the kernel, cuBLAS products."""
+    prep = _Prepared(call)
+    opts = call.opts
+    if not (opts.need_x or opts.need_W):
+        return None, None
+    return _recompute_grads(prep, prep.xk, lse.to(prep.acc), g.to(prep.acc) * opts.scale, opts.need_x,
+                            opts.need_W)

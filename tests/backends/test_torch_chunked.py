@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 import marginops as mo
 from marginops.backends import torch_chunked as tc
-from marginops.backends.common import DEFAULT_MEMORY_BUDGET, FusedOptions
+from marginops.backends.interface import DEFAULT_MEMORY_BUDGET, FusedOptions
 
 from ..conftest import assert_close_to_oracle, check_against_reference, make_inputs, run
+from .ranges import LABELS_13, check_ranges_match_whole
 
 B, C, D = 13, 37, 8
 #: 600 bytes: no 13-row block over all 37+ classes fits (>= 13 * 37 * 4 bytes), so recompute runs.
@@ -30,15 +31,15 @@ def opts(chunk_size=None, memory_budget=None, strategy="auto"):
 
 @pytest.fixture
 def plans(monkeypatch):
-    """Records every Plan the backend makes during the test."""
+    """Records the Plan of every forward pass the backend runs during the test."""
     made = []
 
-    def spy(*args, **kwargs):
-        made.append(real(*args, **kwargs))
-        return made[-1]
+    def spy(prep, pl, *args, **kwargs):
+        made.append(pl)
+        return real(prep, pl, *args, **kwargs)
 
-    real = tc.plan
-    monkeypatch.setattr(tc, "plan", spy)
+    real = tc._forward
+    monkeypatch.setattr(tc, "_forward", spy)
     return made
 
 
@@ -230,3 +231,41 @@ def test_multithreaded_matches_single_threaded(plans, _one_thread, strategy):
         torch.set_num_threads(1)
     for name, a, b in zip(("loss", "x.grad", "W.grad"), multi[:3], single[:3]):
         assert_close_to_oracle(a, b.double(), name=f"threads: {name}")
+
+
+# -- class ranges (the backend interface) ---------------------------------------------------------
+
+@pytest.mark.parametrize("normalize, label_smoothing", [(True, 0.1), (True, 0.0), (False, 0.1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_class_ranges_combine_to_the_whole(dtype, normalize, label_smoothing):
+    x, W, _ = make_inputs(13, 37, D, dtype)
+    y = torch.tensor(LABELS_13)
+    check_ranges_match_whole(tc, x, W, y, normalize=normalize, label_smoothing=label_smoothing,
+                             scale=30.0 if normalize else 1.0)
+
+
+def test_class_ranges_with_tiny_tiles_and_an_empty_batch():
+    x, W, _ = make_inputs(13, 37, D, torch.float32)
+    y = torch.tensor(LABELS_13)
+    check_ranges_match_whole(tc, x, W, y, chunk_size=3)  # ranges over several tiles, targets at tile edges
+    check_ranges_match_whole(tc, x[:0], W, y[:0])
+
+
+def test_workspace_needs_the_whole_class_range():
+    opts = FusedOptions(scale=1.0, strategy="workspace", class_start=5, num_classes=40)
+    with pytest.raises(ValueError, match="whole class range"):
+        tc.uses_workspace(13, 30, D, torch.float32, torch.float32, opts)
+    auto = FusedOptions(scale=1.0, class_start=5, num_classes=40)
+    assert not tc.uses_workspace(13, 30, D, torch.float32, torch.float32, auto)  # auto recomputes a range
+
+
+def test_both_backends_implement_the_interface():
+    from marginops.backends import get_backend
+    from marginops.backends.interface import check_backend
+
+    check_backend(tc)
+    assert get_backend("torch") is tc
+    with pytest.raises(TypeError, match="lacks"):
+        check_backend(math)
+    with pytest.raises(ValueError, match="fused backend must be one of"):
+        get_backend("reference")

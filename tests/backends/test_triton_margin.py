@@ -32,10 +32,11 @@ if not CUDA:
 import triton
 
 import marginops as mo
-from marginops.backends import FUSED_BACKENDS, resolve_backend
+from marginops.backends import BACKENDS, resolve_backend
 from marginops.backends import triton_margin as tm
 
 from ..conftest import assert_close_to_oracle, check_against_reference, make_inputs, run
+from .ranges import LABELS_13, check_ranges_match_whole
 
 DEVICE = "cuda" if CUDA else "cpu"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -298,7 +299,7 @@ def test_fwd_launcher_against_logsumexp(classes):
     x, W, y = x.to(DEVICE), W.to(DEVICE), y.to(DEVICE)
     inv_x = 1 / x.norm(dim=1)
     inv_w = 1 / W.norm(dim=1)
-    N, pred = tm.margin_fwd(x, W, y, 30.0 * inv_x, inv_w, want_prediction=True, classes=classes, config=SMALL)
+    N, pred, _ = tm.margin_fwd(x, W, y, 30.0 * inv_x, inv_w, want_prediction=True, classes=classes, config=SMALL)
     logits = _logits64(x.cpu(), W.cpu(), 30.0)
     masked = logits.scatter(1, y.cpu().unsqueeze(1), float("-inf"))
     assert_close_to_oracle(N, torch.logsumexp(masked, 1), tol=1e-6, name="N")
@@ -508,10 +509,53 @@ def test_launchers_reject_bad_inputs():
         tm.margin_fwd(x, W, torch.stack([y, y], 1)[:, 0], ones, None)
 
 
+# -- class ranges and mixed dtypes (the backend interface) ------------------------------------------------
+
+@pytest.mark.parametrize("normalize, label_smoothing", [(True, 0.1), (True, 0.0), (False, 0.1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_class_ranges_combine_to_the_whole(tiles, dtype, normalize, label_smoothing):
+    x, W, _ = make_inputs(13, 37, 8, dtype)
+    y = torch.tensor(LABELS_13)
+    check_ranges_match_whole(tm, x.to(DEVICE), W.to(DEVICE), y.to(DEVICE), normalize=normalize,
+                             label_smoothing=label_smoothing, scale=30.0 if normalize else 1.0)
+
+
+def test_workspace_needs_the_whole_class_range():
+    opts = tm.FusedOptions(scale=1.0, strategy="workspace", class_start=5, num_classes=400)
+    with pytest.raises(ValueError, match="whole class range"):
+        tm.uses_workspace(B, C, D, torch.float32, torch.float32, opts)
+    assert tm.weight_grad_dtype(torch.bfloat16, torch.bfloat16, opts) == torch.float32
+    assert tm.weight_grad_dtype(torch.bfloat16, torch.bfloat16, tm.FusedOptions(scale=1.0)) == torch.bfloat16
+
+
+@pytest.mark.parametrize("strategy", ["recompute", "workspace"])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_embeddings_against_a_float32_weight(x_dtype, strategy):
+    # autocast's setting: tiles multiplied in the weight's dtype, gradients in each input's own dtype
+    x, W, y = inputs(torch.float32, ignore=2)
+    xl = x.to(x_dtype).to(DEVICE).requires_grad_()
+    Wl = W.to(DEVICE).requires_grad_()
+    loss = mo.margin_cross_entropy(xl, Wl, y.to(DEVICE), mo.ArcFace(0.5), 30.0, backend="triton",
+                                   strategy=strategy)
+    loss.backward()
+    assert loss.dtype == torch.float32 and xl.grad.dtype == x_dtype and Wl.grad.dtype == torch.float32
+    ref = run(xl.detach().double(), Wl.detach(), y, mo.ArcFace(0.5), 30.0, dtype=torch.float64,
+              backend="reference")
+    assert_close_to_oracle(loss, ref.loss, tol=1e-5, name="loss")
+    assert_close_to_oracle(Wl.grad, ref.W_grad, tol=1e-5, atol=1e-6, name="W.grad")
+    assert_close_to_oracle(xl.grad, ref.x_grad, tol=2 * torch.finfo(x_dtype).eps, name="x.grad")
+
+
+def test_float64_does_not_mix_with_other_dtypes():
+    x, W, y = inputs(torch.float64)
+    with pytest.raises(TypeError, match="does not mix float64"):
+        mo.margin_cross_entropy(x.to(DEVICE), W.float().to(DEVICE), y.to(DEVICE), backend="triton")
+
+
 # -- registration -----------------------------------------------------------------------------------------
 
 def test_registered_and_auto_for_cuda_tensors():
-    assert "triton" in FUSED_BACKENDS and "triton" in mo.BACKEND_NAMES
+    assert "triton" in BACKENDS and "triton" in mo.BACKEND_NAMES
     assert resolve_backend("auto", "cuda") == "triton"
     assert resolve_backend("auto", torch.device("cuda", 0)) == "triton"
     assert resolve_backend("auto", "cpu") == "torch"

@@ -1,0 +1,64 @@
+"""One check for every backend: a weight split into class ranges gives what the whole weight gives.
+
+Used by each backend's tests (``check_ranges_match_whole(module, ...)``), at the
+level of the backend interface (:mod:`marginops.backends.interface`): per-range
+statistics combined with :func:`combine_stats` against the whole range's, and
+per-range gradients given the combined log-sum-exp against the whole range's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from marginops.backends import Call, FusedOptions, combine_stats
+from marginops.backends.common import acc_dtype
+
+from ..conftest import assert_close_to_oracle
+
+#: Three uneven ranges of 37 classes, one of a single class.
+BOUNDS_37 = ((0, 5), (5, 6), (6, 37))
+#: Labels that sit on every range boundary, with duplicates and an ignored row pointed at class 0.
+LABELS_13 = (4, 5, 5, 6, 36, 0, 0, 12, 30, 6, 4, 20, 1)
+
+
+def split_call(x, W, y, bounds, opts: FusedOptions):
+    """The whole :class:`Call` and one per range of ``bounds``."""
+    acc = acc_dtype(x.dtype, W.dtype)
+    norm_x = torch.linalg.vector_norm(x, dim=1, dtype=acc) if opts.normalize else None
+    norm_w = torch.linalg.vector_norm(W, dim=1, dtype=acc) if opts.normalize else None
+    whole = Call(x, W, y, norm_x, norm_w, opts)
+    parts = [Call(x, W[a:b], y, norm_x, norm_w[a:b] if norm_w is not None else None,
+                  replace(opts, class_start=a, num_classes=W.shape[0])) for a, b in bounds]
+    return whole, parts
+
+
+def check_ranges_match_whole(module, x, W, y, bounds=BOUNDS_37, *, scale=30.0, label_smoothing=0.1,
+                             normalize=True, tol=None, **options):
+    """Statistics (log-sum-exp, max, argmax, logit sum) and both gradients of the split call
+    match the whole call's (``tol``: the oracle tolerance for ``x``'s dtype; ``options``: more
+    :class:`FusedOptions` fields, e.g. ``chunk_size``)."""
+    opts = FusedOptions(scale=scale, normalize=normalize, label_smoothing=label_smoothing, reduce=False,
+                        want_prediction=True, strategy="recompute", **options)
+    whole, parts = split_call(x, W, y, bounds, opts)
+    ref = module.forward_stats(whole)
+    got = combine_stats([module.forward_stats(p) for p in parts])
+    assert_close_to_oracle(got.lse, ref.lse.double(), tol=tol, name="combined lse")
+    assert_close_to_oracle(got.max, ref.max.double(), tol=tol, name="combined max")
+    assert torch.equal(got.argmax, ref.argmax), (got.argmax, ref.argmax)
+    if label_smoothing > 0:
+        assert_close_to_oracle(got.logit_sum, ref.logit_sum.double(), tol=tol,
+                               atol=1e-5 * scale * W.shape[0], name="combined logit sum")
+    # backward: every range with the combined log-sum-exp (a margined target logit folded in)
+    z = ref.lse.new_empty(ref.lse.shape).uniform_(-scale, scale)
+    lse = torch.logaddexp(got.lse, z)
+    g = torch.rand_like(lse) + 0.5
+    dxh, dW = module.recompute_grads(whole, lse, g)
+    pieces = [module.recompute_grads(p, lse, g) for p in parts]
+    dxh_split = sum(p[0].to(dxh.dtype) for p in pieces)
+    dW_split = torch.cat([p[1] for p in pieces])
+    assert dW_split.dtype == dW.dtype
+    assert_close_to_oracle(dxh_split, dxh.double(), tol=tol, name="dxh, summed over ranges")
+    assert_close_to_oracle(dW_split, dW.double(), tol=tol, name="dW, ranges concatenated")
+    return got
