@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from . import ops, reference
-from .backends import FusedOptions, resolve_backend
-from .backends.common import acc_dtype
+from .backends import FusedOptions, get_backend, resolve_backend
+from .backends.common import acc_dtype, inverse_norms
 from .margins import Margin, MarginLike, NoMargin
 
 __all__ = ["margin_cross_entropy", "MarginStats", "REDUCTIONS"]
@@ -312,19 +312,22 @@ def margin_cross_entropy(
         chunk_size=chunk_size, memory_budget=memory_budget, want_prediction=return_stats, strategy=strategy,
         need_x=grad_on and x.requires_grad, need_W=grad_on and W.requires_grad,
     )
-    # row norms once per call, outside autograd (the operators' backwards own the normalization backward)
-    norm_x = torch.linalg.vector_norm(x.detach(), dim=1, dtype=acc) if normalize else None
-    norm_w = torch.linalg.vector_norm(W.detach(), dim=1, dtype=acc) if normalize else None
+    if strategy == "workspace" and opts.reduce and (opts.need_x or opts.need_W):
+        # a budget too small for the workspace is a bad static option: say so before any operator runs
+        get_backend(name).uses_workspace(x.shape[0], W.shape[0], x.shape[1], x.dtype, W.dtype, opts)
+    # inverse row norms once per call, outside autograd (the operators' backwards own the normalization backward)
+    inv_x = inverse_norms(x.detach(), acc, EPS) if normalize else None
+    inv_w = inverse_norms(W.detach(), acc, EPS) if normalize else None
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     w = valid.to(acc)
     if reduction == "mean":
         w = w / w.sum().clamp_min(1.0)
 
-    t, carrier_x, carrier_W = ops.target_cosine(x, W, labels, norm_x, norm_w, ignore_index=ignore_index,
+    t, carrier_x, carrier_W = ops.target_cosine(x, W, labels, inv_x, inv_w, ignore_index=ignore_index,
                                                 label_check=check, backend=name, opts=opts)
     z = scale * _apply_margin(psi, t)
-    loss, lse, prediction = ops.margin_softmax(x, W, safe, norm_x, norm_w, z, w, carrier_x, carrier_W,
+    loss, lse, prediction = ops.margin_softmax(x, W, safe, inv_x, inv_w, z, w, carrier_x, carrier_W,
                                                backend=name, opts=opts)
     loss = loss.to(out_dtype)
     if not return_stats:

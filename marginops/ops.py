@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .backends import get_backend
-from .backends.common import acc_dtype, inverse_norms, normalize_backward
+from .backends.common import acc_dtype, clamped, normalize_backward
 from .backends.interface import Call, FusedOptions
 
 __all__ = ["target_cosine", "margin_softmax", "LABEL_CHECKS"]
@@ -113,17 +113,17 @@ def _carriers(x: Tensor, W: Tensor, need_x: bool, need_W: bool, backend: str, st
 
 
 @torch.library.custom_op("marginops::target_cosine", mutates_args=())
-def _target_cosine(x: Tensor, W: Tensor, labels: Tensor, norm_x: Optional[Tensor], norm_w: Optional[Tensor],
+def _target_cosine(x: Tensor, W: Tensor, labels: Tensor, inv_x: Optional[Tensor], inv_w: Optional[Tensor],
                    ignore_index: int, label_check: str, need_x: bool, need_W: bool, backend: str,
                    strategy: str, reduce: bool) -> tuple[Tensor, Tensor, Tensor]:
     check_labels(labels, W.shape[0], ignore_index, label_check)
     with _no_autocast(x.device):
-        t = _target_dot(x, W, _safe(labels, ignore_index), norm_x, norm_w)
+        t = _target_dot(x, W, _safe(labels, ignore_index), inv_x, inv_w)
     return (t, *_carriers(x, W, need_x, need_W, backend, strategy, reduce))
 
 
 @_target_cosine.register_fake
-def _(x, W, labels, norm_x, norm_w, ignore_index, label_check, need_x, need_W, backend, strategy, reduce):
+def _(x, W, labels, inv_x, inv_w, ignore_index, label_check, need_x, need_W, backend, strategy, reduce):
     return (x.new_empty(x.shape[0], dtype=acc_dtype(x.dtype, W.dtype)),
             *_carriers(x, W, need_x, need_W, backend, strategy, reduce))
 
@@ -133,28 +133,27 @@ def _safe(labels: Tensor, ignore_index: int) -> Tensor:
     return torch.where(labels != ignore_index, labels, torch.zeros_like(labels))
 
 
-def _target_rows(x: Tensor, W: Tensor, y: Tensor, norm_x: Optional[Tensor], norm_w: Optional[Tensor]):
+def _target_rows(x: Tensor, W: Tensor, y: Tensor, inv_x: Optional[Tensor], inv_w: Optional[Tensor]):
     """``(xh, wh_y, (inv_x, clamped_x), (inv_w_y, clamped_w_y))`` in the accumulation dtype (fresh tensors)."""
     acc = acc_dtype(x.dtype, W.dtype)
     xh = x.to(acc, copy=True)
     wy = W.index_select(0, y).to(acc)
-    inv_x, clamped_x = inverse_norms(norm_x, 1e-12)
-    inv_w, clamped_w = inverse_norms(norm_w, 1e-12)
-    if inv_x is not None:
-        inv_w, clamped_w = inv_w[y], clamped_w[y]
-        xh.mul_(inv_x.unsqueeze(1))
-        wy.mul_(inv_w.unsqueeze(1))
-    return xh, wy, (inv_x, clamped_x), (inv_w, clamped_w)
+    if inv_x is None:
+        return xh, wy, (None, None), (None, None)
+    inv_w = inv_w[y]
+    xh.mul_(inv_x.unsqueeze(1))
+    wy.mul_(inv_w.unsqueeze(1))
+    return xh, wy, (inv_x, clamped(inv_x)), (inv_w, clamped(inv_w))
 
 
-def _target_dot(x, W, y, norm_x, norm_w) -> Tensor:
-    xh, wy, _, _ = _target_rows(x, W, y, norm_x, norm_w)
+def _target_dot(x, W, y, inv_x, inv_w) -> Tensor:
+    xh, wy, _, _ = _target_rows(x, W, y, inv_x, inv_w)
     return (xh * wy).sum(1)  # exactly +-1 for parallel normalized rows
 
 
 def _target_cosine_setup(ctx, inputs, output):
-    x, W, labels, norm_x, norm_w, ignore_index, *_ = inputs
-    ctx.save_for_backward(x, W, labels, norm_x, norm_w)
+    x, W, labels, inv_x, inv_w, ignore_index, *_ = inputs
+    ctx.save_for_backward(x, W, labels, inv_x, inv_w)
     ctx.ignore_index = ignore_index
     ctx.set_materialize_grads(False)
 
@@ -163,11 +162,11 @@ def _target_cosine_backward(ctx, dt: Optional[Tensor], d_carrier_x: Optional[Ten
                             d_carrier_W: Optional[Tensor]):
     """Add the target terms to the dense gradients the carriers bring, normalize ``x``'s once."""
     _no_double_backward("target_cosine")
-    x, W, labels, norm_x, norm_w = ctx.saved_tensors
+    x, W, labels, inv_x, inv_w = ctx.saved_tensors
     need_x, need_W = ctx.needs_input_grad[:2]
     dx = dW = None
     y = _safe(labels, ctx.ignore_index)
-    xh, wyh, (inv_x, clamped_x), (inv_w, clamped_w) = _target_rows(x, W, y, norm_x, norm_w)
+    xh, wyh, (inv_x, clamped_x), (inv_w, clamped_w) = _target_rows(x, W, y, inv_x, inv_w)
     if need_W:
         dW = d_carrier_W
         if dt is not None:
@@ -195,7 +194,7 @@ def _target_cosine_backward(ctx, dt: Optional[Tensor], d_carrier_x: Optional[Ten
 _target_cosine.register_autograd(_target_cosine_backward, setup_context=_target_cosine_setup)
 
 
-def target_cosine(x: Tensor, W: Tensor, labels: Tensor, norm_x: Optional[Tensor], norm_w: Optional[Tensor], *,
+def target_cosine(x: Tensor, W: Tensor, labels: Tensor, inv_x: Optional[Tensor], inv_w: Optional[Tensor], *,
                   ignore_index: int, label_check: str, backend: str, opts: FusedOptions) -> tuple[Tensor, Tensor,
                                                                                                 Tensor]:
     """``t_i = xh_i . wh_{y_i}`` (accumulation dtype; class 0 for ignored rows) and the carriers.
@@ -205,7 +204,7 @@ def target_cosine(x: Tensor, W: Tensor, labels: Tensor, norm_x: Optional[Tensor]
     shaped like ``x`` and ``W`` (``(0,)`` where no gradient is wanted), in the
     dtypes ``backend`` returns the gradients in, to pass to :func:`margin_softmax`.
     """
-    return _target_cosine(x, W, labels, norm_x, norm_w, ignore_index, label_check, opts.need_x, opts.need_W,
+    return _target_cosine(x, W, labels, inv_x, inv_w, ignore_index, label_check, opts.need_x, opts.need_W,
                           backend, opts.strategy, opts.reduce)
 
 
@@ -232,7 +231,7 @@ def target_grad(g: Tensor, z: Tensor, lse: Tensor, label_smoothing: float, num_c
 
 
 @torch.library.custom_op("marginops::margin_softmax", mutates_args=())
-def _margin_softmax(x: Tensor, W: Tensor, y: Tensor, norm_x: Optional[Tensor], norm_w: Optional[Tensor], z: Tensor,
+def _margin_softmax(x: Tensor, W: Tensor, y: Tensor, inv_x: Optional[Tensor], inv_w: Optional[Tensor], z: Tensor,
                     w: Tensor, carrier_x: Tensor, carrier_W: Tensor, backend: str, scale: float, normalize: bool,
                     label_smoothing: float, reduce: bool, chunk_size: Optional[int],
                     memory_budget: Optional[int], strategy: str, want_prediction: bool, need_x: bool,
@@ -240,7 +239,7 @@ def _margin_softmax(x: Tensor, W: Tensor, y: Tensor, norm_x: Optional[Tensor], n
     opts = _options(scale, normalize, label_smoothing, reduce, chunk_size, memory_budget, strategy, want_prediction,
                     need_x, need_W)
     module = get_backend(backend)
-    call = Call(x, W, y, norm_x, norm_w, opts)
+    call = Call(x, W, y, inv_x, inv_w, opts)
     acc = acc_dtype(x.dtype, W.dtype)
     zf, wf = z.to(acc), w.to(acc)
     dx = dW = dz = None
@@ -265,7 +264,7 @@ def _margin_softmax(x: Tensor, W: Tensor, y: Tensor, norm_x: Optional[Tensor], n
 
 
 @_margin_softmax.register_fake
-def _(x, W, y, norm_x, norm_w, z, w, carrier_x, carrier_W, backend, scale, normalize, label_smoothing, reduce,
+def _(x, W, y, inv_x, inv_w, z, w, carrier_x, carrier_W, backend, scale, normalize, label_smoothing, reduce,
       chunk_size, memory_budget, strategy, want_prediction, need_x, need_W):
     opts = _options(scale, normalize, label_smoothing, reduce, chunk_size, memory_budget, strategy, want_prediction,
                     need_x, need_W)
@@ -280,20 +279,20 @@ def _(x, W, y, norm_x, norm_w, z, w, carrier_x, carrier_W, backend, scale, norma
 
 
 @torch.library.custom_op("marginops::margin_softmax_grads", mutates_args=())
-def _margin_softmax_grads(x: Tensor, W: Tensor, y: Tensor, norm_x: Optional[Tensor], norm_w: Optional[Tensor],
+def _margin_softmax_grads(x: Tensor, W: Tensor, y: Tensor, inv_x: Optional[Tensor], inv_w: Optional[Tensor],
                           lse: Tensor, g: Tensor, backend: str, scale: float, normalize: bool,
                           label_smoothing: float, chunk_size: Optional[int], memory_budget: Optional[int],
                           strategy: str, need_x: bool, need_W: bool) -> tuple[Tensor, Tensor]:
     opts = _options(scale, normalize, label_smoothing, False, chunk_size, memory_budget, strategy, False,
                     need_x, need_W)
     with _no_autocast(x.device):
-        dxh, dW = get_backend(backend).recompute_grads(Call(x, W, y, norm_x, norm_w, opts), lse, g)
+        dxh, dW = get_backend(backend).recompute_grads(Call(x, W, y, inv_x, inv_w, opts), lse, g)
     return (dxh if dxh is not None else x.new_zeros(0, dtype=lse.dtype),
             dW if dW is not None else x.new_zeros(0, dtype=lse.dtype))
 
 
 @_margin_softmax_grads.register_fake
-def _(x, W, y, norm_x, norm_w, lse, g, backend, scale, normalize, label_smoothing, chunk_size, memory_budget,
+def _(x, W, y, inv_x, inv_w, lse, g, backend, scale, normalize, label_smoothing, chunk_size, memory_budget,
       strategy, need_x, need_W):
     opts = _options(scale, normalize, label_smoothing, False, chunk_size, memory_budget, strategy, False,
                     need_x, need_W)
@@ -306,9 +305,9 @@ _SOFTMAX_INPUTS = 20  # inputs of marginops::margin_softmax: one gradient (or No
 
 
 def _margin_softmax_setup(ctx, inputs, output):
-    x, W, y, norm_x, norm_w, z, w, carrier_x, carrier_W, backend, *options = inputs
+    x, W, y, inv_x, inv_w, z, w, carrier_x, carrier_W, backend, *options = inputs
     loss, lse, pred, early_dx, early_dW, early_dz = output
-    ctx.save_for_backward(x, W, y, norm_x, norm_w, z, w, lse, early_dx, early_dW, early_dz)
+    ctx.save_for_backward(x, W, y, inv_x, inv_w, z, w, lse, early_dx, early_dW, early_dz)
     ctx.backend = backend
     ctx.options = options
     ctx.early = early_dz.numel() > 0
@@ -321,7 +320,7 @@ def _margin_softmax_backward(ctx, grad_loss: Optional[Tensor], *unused):
     if grad_loss is None:
         return tuple(grads)
     _no_double_backward("margin_softmax")
-    x, W, y, norm_x, norm_w, z, w, lse, early_dx, early_dW, early_dz = ctx.saved_tensors
+    x, W, y, inv_x, inv_w, z, w, lse, early_dx, early_dW, early_dz = ctx.saved_tensors
     scale, normalize, label_smoothing, reduce, chunk_size, memory_budget, strategy, _, need_x, need_W = ctx.options
     g0 = grad_loss.to(lse.dtype)
     if ctx.early:
@@ -335,7 +334,7 @@ def _margin_softmax_backward(ctx, grad_loss: Optional[Tensor], *unused):
         g = w.to(lse.dtype) * g0
         dxh = dW = None
         if need_x or need_W:
-            dxh, dW = _margin_softmax_grads(x, W, y, norm_x, norm_w, lse, g, ctx.backend, scale, normalize,
+            dxh, dW = _margin_softmax_grads(x, W, y, inv_x, inv_w, lse, g, ctx.backend, scale, normalize,
                                             label_smoothing, chunk_size, memory_budget, strategy, need_x, need_W)
             dxh, dW = (dxh if need_x else None), (dW if need_W else None)
         dz = target_grad(g, z.to(lse.dtype), lse, label_smoothing, W.shape[0])
@@ -347,7 +346,7 @@ def _margin_softmax_backward(ctx, grad_loss: Optional[Tensor], *unused):
 _margin_softmax.register_autograd(_margin_softmax_backward, setup_context=_margin_softmax_setup)
 
 
-def margin_softmax(x: Tensor, W: Tensor, y: Tensor, norm_x: Optional[Tensor], norm_w: Optional[Tensor], z: Tensor,
+def margin_softmax(x: Tensor, W: Tensor, y: Tensor, inv_x: Optional[Tensor], inv_w: Optional[Tensor], z: Tensor,
                    w: Tensor, carrier_x: Tensor, carrier_W: Tensor, *, backend: str,
                    opts: FusedOptions) -> tuple[Tensor, Tensor, Tensor]:
     """The non-target part of the loss on fused backend ``backend``: ``(loss, lse, prediction)``.
@@ -363,7 +362,7 @@ def margin_softmax(x: Tensor, W: Tensor, y: Tensor, norm_x: Optional[Tensor], no
     if opts.class_start != 0 or opts.num_classes not in (None, W.shape[0]):
         raise ValueError("margin_softmax runs over the whole class range; a backend's class ranges are combined "
                          "with marginops.backends.combine_stats")
-    out = _margin_softmax(x, W, y, norm_x, norm_w, z, w, carrier_x, carrier_W, backend, opts.scale,
+    out = _margin_softmax(x, W, y, inv_x, inv_w, z, w, carrier_x, carrier_W, backend, opts.scale,
                           opts.normalize, opts.label_smoothing, opts.reduce, opts.chunk_size, opts.memory_budget,
                           opts.strategy, opts.want_prediction, opts.need_x, opts.need_W)
     return out[0], out[1], out[2]

@@ -25,7 +25,7 @@ BACKENDS: dict[str, str] = {
 }
 BACKEND_NAMES = ("auto", "reference", *BACKENDS)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once: "auto" stays traceable
-_LOADED: dict[str, ModuleType] = {}
+_LOADED: dict[str, ModuleType] = {}  # imported backends; "torch" up front, so that looking it up stays traceable
 
 
 def get_backend(name: str) -> ModuleType:
@@ -72,6 +72,8 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
         return "triton"
     return "torch"
 
+
+_LOADED["torch"] = get_backend("torch")
 
 __all__ = [
     "BACKENDS",

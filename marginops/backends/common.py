@@ -15,8 +15,8 @@ from torch import Tensor
 
 from .interface import DEFAULT_MEMORY_BUDGET, Call, FusedOptions
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "FusedOptions", "Call", "Prepared", "acc_dtype", "normalize_backward",
-           "PASS_CHUNK"]
+__all__ = ["DEFAULT_MEMORY_BUDGET", "FusedOptions", "Call", "Prepared", "acc_dtype", "clamped", "inverse_norms",
+           "normalize_backward", "PASS_CHUNK"]
 
 
 def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -39,11 +39,16 @@ def normalize_backward(xh: Tensor, inv_norm: Tensor, clamped: Tensor, grad: Tens
     return grad.addcmul_(xh, proj.unsqueeze(1), value=-1.0).mul_(inv_norm.unsqueeze(1))
 
 
-def inverse_norms(norm: Optional[Tensor], eps: float) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """``(1 / max(norm, eps), norm <= eps)``, or ``(None, None)`` without norms."""
-    if norm is None:
-        return None, None
-    return 1.0 / norm.clamp_min(eps), norm <= eps
+def inverse_norms(rows: Tensor, dtype: torch.dtype, eps: float = 1e-12) -> Tensor:
+    """``1 / max(|row|, eps)`` per row of ``rows`` in ``dtype``, with no temporary beyond the result."""
+    return torch.linalg.vector_norm(rows, dim=1, dtype=dtype).clamp_min_(eps).reciprocal_()
+
+
+def clamped(inv_norm: Tensor, eps: float = 1e-12) -> Tensor:
+    """Which rows had ``|row| <= eps``: their inverse norm is ``1 / eps`` exactly (``F.normalize``'s clamp,
+    where the normalization is linear and its backward drops the projection)."""
+    limit = torch.full((), eps, dtype=inv_norm.dtype, device=inv_norm.device).reciprocal_()
+    return inv_norm >= limit
 
 
 class Prepared:
@@ -51,7 +56,7 @@ class Prepared:
 
     ``xh`` is ``x`` normalized (or ``x`` itself) in the accumulation dtype,
     computed on first use; ``inv_x``/``inv_w`` the inverse norms
-    ``1 / max(|.|, eps)`` (None with ``normalize=False``). ``y`` holds the
+    ``1 / max(|.|, eps)`` that came with the call (None with ``normalize=False``). ``y`` holds the
     global labels, ``y_local`` the labels relative to the weight's first row
     and ``in_range`` which rows' targets are among this weight's rows.
     Nothing here is ``C x D``: passes over ``W`` walk it in chunks of
@@ -71,8 +76,8 @@ class Prepared:
         self.in_range = (self.y_local >= 0) & (self.y_local < self.C)
         elt = torch.finfo(self.acc).bits // 8
         self.pass_chunk = max(1, min(self.C, PASS_CHUNK, opts.budget // max(1, 2 * self.D * elt)))
-        self.inv_x, self.x_clamped = inverse_norms(call.norm_x, opts.eps)
-        self.inv_w, self.w_clamped = inverse_norms(call.norm_w, opts.eps)
+        self.inv_x, self.inv_w = call.inv_x, call.inv_w
+        self.x_clamped = clamped(self.inv_x, opts.eps) if self.inv_x is not None else None
         self._xh: Optional[Tensor] = None
         self._class_sum: Optional[Tensor] = None
 
@@ -102,6 +107,10 @@ class Prepared:
                 total += wt.sum(0) if self.inv_w is None else self.inv_w[c0:c1] @ wt
             self._class_sum = total
         return self._class_sum
+
+    def w_clamped(self, c0: int, c1: int) -> Tensor:
+        """:func:`clamped` for classes ``[c0, c1)`` (computed per chunk: no ``C``-sized mask)."""
+        return clamped(self.inv_w[c0:c1], self.opts.eps)
 
     def target_index(self) -> Tensor:
         """Each row's target row of ``W``, clamped into range (valid only where :attr:`in_range`)."""

@@ -81,16 +81,17 @@ class Call:
     ``x`` (B, D) and ``W`` (C_local, D) are the raw inputs (their dtypes may
     differ: the backend decides how it multiplies them, see
     :meth:`Backend.weight_grad_dtype`); ``y`` (B,) int64 global labels, ignored rows
-    already pointed at a valid class (their row weight is 0); ``norm_x``
-    (B,) and ``norm_w`` (C_local,) the row norms in the accumulation dtype, or
-    None when ``opts.normalize`` is False.
+    already pointed at a valid class (their row weight is 0); ``inv_x``
+    (B,) and ``inv_w`` (C_local,) the inverse row norms ``1 / max(|row|, eps)``
+    in the accumulation dtype (a row whose norm was clamped has exactly
+    ``1 / eps``), or None when ``opts.normalize`` is False.
     """
 
     x: Tensor
     W: Tensor
     y: Tensor
-    norm_x: Optional[Tensor]
-    norm_w: Optional[Tensor]
+    inv_x: Optional[Tensor]
+    inv_w: Optional[Tensor]
     opts: FusedOptions
 
 

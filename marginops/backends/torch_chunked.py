@@ -114,7 +114,7 @@ class _Prepared(Prepared):
         ``dW_j = dD_j - W_j inv_w_j^2 (W_j . dD_j)``."""
         if self.inv_w is not None:
             inv = self.inv_w[c0:c1]
-            coef = torch.where(self.w_clamped[c0:c1], torch.zeros_like(inv), inv * inv)
+            coef = torch.where(self.w_clamped(c0, c1), torch.zeros_like(inv), inv * inv)
             wt = self.w_tile(c0, c1)
             dots = torch.bmm(dD.unsqueeze(1), wt.unsqueeze(2)).view(-1)
             dD.addcmul_(wt, (dots * coef).unsqueeze(1), value=-1.0)

@@ -436,7 +436,7 @@ def _finish_chunk(prep: "_Prepared", dD: Optional[Tensor], c0: int, c1: int, out
     elif prep.inv_w is None:
         out.copy_(dD)
     else:
-        finish_w(dD, prep.W[c0:c1], prep.inv_w[c0:c1], prep.w_clamped[c0:c1], out, scaled=prep.scale_g)
+        finish_w(dD, prep.W[c0:c1], prep.inv_w[c0:c1], prep.w_clamped(c0, c1), out, scaled=prep.scale_g)
 
 
 #: Share of the budget the workspace strategy leaves for ``G`` chunks (the rest holds the exponentials).

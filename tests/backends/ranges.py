@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from marginops.backends import Call, FusedOptions, combine_stats
-from marginops.backends.common import acc_dtype
+from marginops.backends.common import acc_dtype, inverse_norms
 
 from ..conftest import assert_close_to_oracle
 
@@ -26,10 +26,10 @@ LABELS_13 = (4, 5, 5, 6, 36, 0, 0, 12, 30, 6, 4, 20, 1)
 def split_call(x, W, y, bounds, opts: FusedOptions):
     """The whole :class:`Call` and one per range of ``bounds``."""
     acc = acc_dtype(x.dtype, W.dtype)
-    norm_x = torch.linalg.vector_norm(x, dim=1, dtype=acc) if opts.normalize else None
-    norm_w = torch.linalg.vector_norm(W, dim=1, dtype=acc) if opts.normalize else None
-    whole = Call(x, W, y, norm_x, norm_w, opts)
-    parts = [Call(x, W[a:b], y, norm_x, norm_w[a:b] if norm_w is not None else None,
+    inv_x = inverse_norms(x, acc) if opts.normalize else None
+    inv_w = inverse_norms(W, acc) if opts.normalize else None
+    whole = Call(x, W, y, inv_x, inv_w, opts)
+    parts = [Call(x, W[a:b], y, inv_x, inv_w[a:b] if inv_w is not None else None,
                   replace(opts, class_start=a, num_classes=W.shape[0])) for a, b in bounds]
     return whole, parts
 
