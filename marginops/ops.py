@@ -50,8 +50,13 @@ LABEL_CHECKS = ("host", "device", "none")
 
 def _keep_graph() -> bool:
     """Whether the running backward keeps the graph (``retain_graph=True``); True when unknown."""
-    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return True if query is None else bool(query())
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)  # torch >= 2.4 has it
+    if query is None:
+        return True
+    try:
+        return bool(query())
+    except RuntimeError:  # not inside the autograd engine (e.g. a functorch transform)
+        return True
 
 
 def _owns_saved_tensors() -> bool:
