@@ -1,6 +1,6 @@
 """marginops: fused, memory-lean margin softmax losses for 100k-10M classes."""
 
-from .backends import BACKEND_NAMES, DEFAULT_MEMORY_BUDGET, resolve_backend
+from .backends import BACKEND_NAMES, DEFAULT_MEMORY_BUDGET, register_backend, resolve_backend
 from .functional import MarginStats, margin_cross_entropy
 from .margins import ArcFace, CombinedMargin, CosFace, Margin, NoMargin, SimplerASoftmax, SphereFace
 from .modules import MarginHead
@@ -19,6 +19,7 @@ __all__ = [
     "SimplerASoftmax",
     "CombinedMargin",
     "resolve_backend",
+    "register_backend",
     "BACKEND_NAMES",
     "DEFAULT_MEMORY_BUDGET",
 ]

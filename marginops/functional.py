@@ -152,9 +152,16 @@ def loss_dtype(x_dtype: torch.dtype, W_dtype: torch.dtype, device: torch.device)
     """The loss comes in the wider input dtype, and in at least float32 under autocast (a loss, like
     ``F.cross_entropy``, is computed and returned in full precision there)."""
     dtype = torch.promote_types(x_dtype, W_dtype)
-    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+    if device.type in ("cpu", "cuda") and _autocast_enabled(device.type):
         dtype = torch.promote_types(dtype, torch.float32)
     return dtype
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def margin_cross_entropy(

@@ -18,12 +18,13 @@ import torch
 
 from .interface import DEFAULT_MEMORY_BUDGET, Backend, Call, FusedOptions, RowStats, check_backend, combine_stats
 
-#: Fused backends: name -> module path (imported on first use by :func:`get_backend`).
+#: Fused backends: name -> module path (imported on first use by :func:`get_backend`); more with
+#: :func:`register_backend`.
 BACKENDS: dict[str, str] = {
     "torch": "marginops.backends.torch_chunked",
     "triton": "marginops.backends.triton_margin",
 }
-BACKEND_NAMES = ("auto", "reference", *BACKENDS)
+BACKEND_NAMES = ("auto", "reference", *BACKENDS)  # the built-in names
 _HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once: "auto" stays traceable
 _LOADED: dict[str, ModuleType] = {}  # imported backends; "torch" up front, so that looking it up stays traceable
 
@@ -48,6 +49,29 @@ def get_backend(name: str) -> ModuleType:
     return module
 
 
+def register_backend(name: str, module: "ModuleType | str") -> None:
+    """Make ``module`` available as ``backend=name`` (a module object, or its import path, imported on first use).
+
+    The module implements :class:`~marginops.backends.interface.Backend`; that is
+    checked now for a module object, on first use for a path.
+
+    Raises:
+        ValueError: for a name that is taken by ``"auto"`` or ``"reference"``, or not a non-empty string.
+        TypeError: for a module that lacks a function of the interface.
+    """
+    if not isinstance(name, str) or not name or name in ("auto", "reference"):
+        raise ValueError(f"backend name must be a non-empty string other than 'auto' and 'reference', got {name!r}")
+    if isinstance(module, ModuleType):
+        check_backend(module)
+        _LOADED[name] = module
+        BACKENDS[name] = module.__name__
+    elif isinstance(module, str):
+        _LOADED.pop(name, None)
+        BACKENDS[name] = module
+    else:
+        raise TypeError(f"module must be a module or an import path, got {type(module).__name__}")
+
+
 def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
     """The concrete backend that ``backend`` (possibly ``"auto"``) selects for tensors on ``device``.
 
@@ -64,8 +88,9 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
     Raises:
         ValueError: for an unknown backend name.
     """
-    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    names = ("auto", "reference", *BACKENDS)
+    if not isinstance(backend, str) or backend not in names:
+        raise ValueError(f"backend must be one of {names}, got {backend!r}")
     if backend != "auto":
         return backend
     if torch.device(device).type == "cuda" and _HAS_TRITON:
@@ -85,5 +110,6 @@ __all__ = [
     "RowStats",
     "combine_stats",
     "get_backend",
+    "register_backend",
     "resolve_backend",
 ]

@@ -26,8 +26,9 @@ non-target logits of the range, label smoothing's included:
   caller adds the target rows into it in place, so only one ``C x D``
   gradient exists per call.
 
-A new backend is one module implementing these functions, registered in
-:data:`marginops.backends.BACKENDS`, plus its tests.
+A new backend is one module implementing these functions, registered with
+:func:`marginops.register_backend` (the built-in ones are listed in
+:data:`marginops.backends.BACKENDS`), plus its tests.
 """
 
 from __future__ import annotations

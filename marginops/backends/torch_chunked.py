@@ -5,7 +5,10 @@ tile (``rows x chunk_size``) with ``torch.mm`` against the raw weight, the
 inverse class norms are folded into each tile (no normalized copy of ``W`` is
 written), and every elementwise step runs on a tile while it is in cache.
 
-Two strategies, picked per call by :func:`plan`:
+The module-level functions at the end implement
+:class:`marginops.backends.interface.Backend`, class ranges included (a
+label outside the weight's range never matches a column). Two strategies,
+picked per call by :func:`plan`:
 
 * ``"fused"`` (three GEMMs): for ``reduction`` ``"mean"``/``"sum"`` with
   gradients required, each row block's logits over *all* classes are kept in

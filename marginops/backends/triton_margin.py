@@ -3,8 +3,11 @@
 The kernels and their pinned configs are in :mod:`marginops.backends.triton_kernels`.
 This module reads top to bottom: their launchers (check, allocate, launch;
 no autograd), the gradient passes that pair the gradient kernel with cuBLAS
-GEMMs, then the autograd Function and the backend entry point
-:func:`margin_softmax` (contract: :mod:`marginops.backends.common`).
+GEMMs, then the functions of the backend interface
+(:class:`marginops.backends.interface.Backend`; autograd lives in
+:mod:`marginops.ops`). Labels outside the weight's class range never match a
+column, so a range is just a weight slice with ``class_start`` subtracted from
+the labels.
 
 * ``_margin_fwd_kernel``: one program per (row block, class split). Each class
   tile of logits is a ``tl.dot`` of *raw* ``x`` and ``W`` tiles, scaled by
@@ -34,10 +37,11 @@ three GEMMs, workspace bounded by the budget, ``dD`` accumulated in the
 accumulation dtype across row blocks.
 
 The normalization backward of ``W`` is a third kernel (``_finish_w_kernel``);
-everything of size ``B`` or ``D`` around the kernels (norms, the loss, the
-normalization backward of ``x``) runs in PyTorch with the formulas of
-:mod:`marginops.backends.common`, shared with the torch backend. Label
-smoothing's gradient is the ``- eps/C`` inside ``G``.
+everything of size ``B`` or ``D`` around the kernels (the label-smoothing
+sum, the target rows) runs in PyTorch with :mod:`marginops.backends.common`,
+shared with the torch backend; the loss and the normalization backward of
+``x`` are :mod:`marginops.ops`'. Label smoothing's gradient is the ``- eps/C``
+inside ``G``.
 
 ``opts.chunk_size`` means classes per forward program here (the class
 split; rounded up to whole tiles); by default the classes are split so that

@@ -269,3 +269,31 @@ def test_both_backends_implement_the_interface():
         check_backend(math)
     with pytest.raises(ValueError, match="fused backend must be one of"):
         get_backend("reference")
+
+
+def test_a_registered_backend_module_serves_every_call(monkeypatch):
+    """Adding a backend is one module: here one that wraps this backend's functions and counts calls."""
+    import types
+
+    from marginops import backends
+
+    monkeypatch.setattr(backends, "BACKENDS", dict(backends.BACKENDS))
+    monkeypatch.setattr(backends, "_LOADED", dict(backends._LOADED))
+    calls = []
+    toy = types.ModuleType("toy_backend")
+    for name in ("weight_grad_dtype", "uses_workspace", "forward_stats", "forward_with_grads", "recompute_grads"):
+        setattr(toy, name, (lambda f, n: lambda *a, **k: calls.append(n) or f(*a, **k))(getattr(tc, name), name))
+    mo.register_backend("toy", toy)
+    x, W, y = make_inputs(B, C, D, ignore=2)
+    for strategy, expected in (("auto", "forward_with_grads"), ("recompute", "recompute_grads")):
+        calls.clear()
+        ours = run(x, W, y, mo.ArcFace(0.5), backend="toy", strategy=strategy, label_smoothing=0.1)
+        ref = run(x, W, y, mo.ArcFace(0.5), backend="torch", strategy=strategy, label_smoothing=0.1)
+        assert expected in calls
+        for a, b in zip(ours[:3], ref[:3]):
+            assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="lacks"):
+        mo.register_backend("broken", types.ModuleType("broken"))
+    for bad in ("auto", "reference", ""):
+        with pytest.raises(ValueError, match="backend name"):
+            mo.register_backend(bad, toy)
