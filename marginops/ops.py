@@ -32,6 +32,7 @@ so a second backward gives the same bits.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -72,15 +73,7 @@ def _no_double_backward(op: str) -> None:
 
 def _no_autocast(device: torch.device):
     """The operators pick their own dtypes; autocast must not recast the tiles inside them."""
-    return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else _nullcontext()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else nullcontext()
 
 
 # -- labels --------------------------------------------------------------------------------------------
@@ -306,7 +299,8 @@ def _(x, W, y, inv_x, inv_w, lse, g, backend, scale, normalize, label_smoothing,
             W.new_empty(W.shape, dtype=W_grad_dtype) if need_W else x.new_empty(0, dtype=lse.dtype))
 
 
-_SOFTMAX_INPUTS = 20  # inputs of marginops::margin_softmax: one gradient (or None) each
+#: inputs of marginops::margin_softmax: its backward returns one gradient (or None) each
+_SOFTMAX_INPUTS = len(torch.ops.marginops.margin_softmax.default._schema.arguments)
 
 
 def _margin_softmax_setup(ctx, inputs, output):
