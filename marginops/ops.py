@@ -42,7 +42,8 @@ from .backends import get_backend
 from .backends.common import acc_dtype, clamped, normalize_backward
 from .backends.interface import Call, FusedOptions
 
-__all__ = ["target_cosine", "margin_softmax", "LABEL_CHECKS"]
+__all__ = ["target_cosine", "margin_softmax", "LABEL_CHECKS", "add_target_terms", "loss_from_stats", "target_grad",
+           "check_labels"]
 
 #: How ``target_cosine`` checks labels: ``"host"`` reads them (a ValueError; a device sync on GPUs),
 #: ``"device"`` asserts on the device without a sync (as ``F.cross_entropy`` does), ``"none"`` trusts them.
@@ -162,11 +163,25 @@ def _target_cosine_backward(ctx, dt: Optional[Tensor], d_carrier_x: Optional[Ten
     _no_double_backward("target_cosine")
     x, W, labels, inv_x, inv_w = ctx.saved_tensors
     need_x, need_W = ctx.needs_input_grad[:2]
-    dx = dW = None
-    y = _safe(labels, ctx.ignore_index)
-    xh, wyh, (inv_x, clamped_x), (inv_w, clamped_w) = _target_rows(x, W, y, inv_x, inv_w)
+    dx, dW = add_target_terms(x, W, _safe(labels, ctx.ignore_index), inv_x, inv_w, dt, d_carrier_x, d_carrier_W,
+                              need_x, need_W)
+    return dx, dW, None, None, None, None, None, None, None, None, None, None
+
+
+def add_target_terms(x: Tensor, W: Tensor, rows: Tensor, inv_x: Optional[Tensor], inv_w: Optional[Tensor],
+                     dt: Optional[Tensor], dxh: Optional[Tensor], dW: Optional[Tensor], need_x: bool,
+                     need_W: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The backward of ``t_i = xh_i . wh_{rows_i}`` added to the dense gradients ``dxh`` and ``dW``.
+
+    ``dxh`` (w.r.t. the normalized ``x``, or None) and ``dW`` (complete, or None)
+    come from the non-target classes; the target rows are added into ``dW`` in
+    place and the normalization backward of ``x`` runs once for both terms.
+    ``dt`` may be None (the margin ignores ``t``); rows whose target is not
+    among ``W``'s rows carry ``dt_i = 0``. Returns ``(dx, dW)`` in the inputs' dtypes.
+    """
+    dx = None
+    xh, wyh, (inv_x, clamped_x), (inv_w, clamped_w) = _target_rows(x, W, rows, inv_x, inv_w)
     if need_W:
-        dW = d_carrier_W
         if dt is not None:
             dwyh = dt.unsqueeze(1) * xh
             if inv_w is not None:
@@ -175,18 +190,19 @@ def _target_cosine_backward(ctx, dt: Optional[Tensor], d_carrier_x: Optional[Ten
                 dW = torch.zeros(W.shape, dtype=dwyh.dtype, device=W.device)
             # index_put_ accumulates duplicates with a sort on CUDA (index_add_ would use atomics),
             # so dW is reproducible run to run
-            dW = dW.index_put_((y,), dwyh.to(dW.dtype), accumulate=True)
+            dW = dW.index_put_((rows,), dwyh.to(dW.dtype), accumulate=True)
         if dW is not None:
             dW = dW.to(W.dtype)
+    else:
+        dW = None
     if need_x:
-        dxh = d_carrier_x
         if dt is not None:
             dxh = dt.unsqueeze(1) * wyh if dxh is None else dxh.to(wyh.dtype).addcmul_(dt.unsqueeze(1), wyh)
         if dxh is not None:
             if inv_x is not None:  # one normalization backward for the target and the non-target terms
                 dxh = normalize_backward(xh, inv_x, clamped_x, dxh)
             dx = dxh.to(x.dtype)
-    return dx, dW, None, None, None, None, None, None, None, None, None, None
+    return dx, dW
 
 
 _target_cosine.register_autograd(_target_cosine_backward, setup_context=_target_cosine_setup)
@@ -223,6 +239,19 @@ def _early_shapes(x: Tensor, W: Tensor, backend: str, opts: FusedOptions):
     return early, module.weight_grad_dtype(x.dtype, W.dtype, opts)
 
 
+def loss_from_stats(stats, z: Tensor, w: Tensor, label_smoothing: float, num_classes: int,
+                    reduce: bool) -> tuple[Tensor, Tensor]:
+    """The weighted loss (summed, or per row) and the per-row log-sum-exp from the statistics of all
+    classes (:class:`~marginops.backends.RowStats`) and the margined target logits ``z``."""
+    lse = torch.logaddexp(stats.lse, z)
+    loss = lse - z
+    if label_smoothing > 0:  # PyTorch's definition: (1 - eps) CE + eps mean_j (lse - logit_j)
+        loss = loss + label_smoothing * (z - (stats.logit_sum + z) / num_classes)
+    # ignored rows (w = 0) are exactly 0 even where their loss is inf
+    loss = torch.where(w != 0, loss * w, torch.zeros_like(loss))
+    return (loss.sum() if reduce else loss), lse
+
+
 def target_grad(g: Tensor, z: Tensor, lse: Tensor, label_smoothing: float, num_classes: int) -> Tensor:
     """``dloss/dz`` per row for upstream weights ``g``: ``g (p_target - (1 - eps) - eps / C)``."""
     return g * (torch.exp(z - lse) - (1.0 - label_smoothing) - label_smoothing / num_classes)
@@ -246,14 +275,7 @@ def _margin_softmax(x: Tensor, W: Tensor, y: Tensor, inv_x: Optional[Tensor], in
             stats, dx, dW = module.forward_with_grads(call, zf, wf)  # gradients for grad_output = 1
         else:
             stats = module.forward_stats(call)
-        lse = torch.logaddexp(stats.lse, zf)
-        loss = lse - zf
-        if label_smoothing > 0:  # PyTorch's definition: (1 - eps) CE + eps mean_j (lse - logit_j)
-            loss = loss + label_smoothing * (zf - (stats.logit_sum + zf) / W.shape[0])
-        # ignored rows (w = 0) are exactly 0 even where their loss is inf
-        loss = torch.where(wf != 0, loss * wf, torch.zeros_like(loss))
-        if reduce:
-            loss = loss.sum()
+        loss, lse = loss_from_stats(stats, zf, wf, label_smoothing, W.shape[0], reduce)
         if dx is not None or dW is not None:
             dz = target_grad(wf, zf, lse, label_smoothing, W.shape[0])
     pred = stats.argmax if want_prediction else x.new_zeros(0, dtype=torch.int64)
