@@ -1,0 +1,208 @@
+"""What each rank runs in the distributed tests (imported by spawned processes, so a plain module).
+
+:func:`spawn` starts ``world`` processes on 127.0.0.1 with gloo and runs one
+of the case functions below on each; every case returns a picklable result
+per rank, or the exception it raised, as text. Cases compare
+:class:`marginops.distributed.ShardedMarginHead` with a single-process
+:func:`marginops.margin_cross_entropy` on the concatenated batch and the full
+weight, computed inside the same process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import marginops as mo
+from marginops.distributed import ShardedMarginHead
+
+#: A generous bound on one collective: a rank that died must not keep the others waiting longer.
+COLLECTIVE_TIMEOUT = timedelta(seconds=30)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, case: str, kwargs: dict, queue) -> None:
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=COLLECTIVE_TIMEOUT)
+        torch.set_num_threads(1)
+        try:
+            result = globals()[case](rank, world, **kwargs)
+        finally:
+            dist.destroy_process_group()
+        queue.put((rank, "ok", result))
+    except BaseException as e:  # noqa: BLE001 (reported to the test, which decides)
+        queue.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"))
+
+
+def spawn(world: int, case: str, timeout: float = 240.0, **kwargs) -> list[tuple[str, object]]:
+    """Run ``case(rank, world, **kwargs)`` on ``world`` gloo ranks; ``[(status, result)]`` in rank order.
+
+    Raises:
+        TimeoutError: when the ranks have not all finished within ``timeout`` seconds (they are killed).
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, case, kwargs, queue), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    results: dict[int, tuple[str, object]] = {}
+    while len(results) < world and time.monotonic() < deadline:
+        if not queue.empty():
+            rank, status, value = queue.get()
+            results[rank] = (status, value)
+        elif not any(p.is_alive() for p in procs) and queue.empty():
+            break
+        else:
+            time.sleep(0.05)
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+    if len(results) < world:
+        raise TimeoutError(f"{case}: only ranks {sorted(results)} of {world} reported within {timeout} s")
+    return [results[r] for r in range(world)]
+
+
+# -- the problems ----------------------------------------------------------------------------------------
+
+def problem(world: int, *, C: int = 23, D: int = 6, sizes=(5, 3, 7), dtype=torch.float64, seed: int = 0,
+            ignore=((0, 1),)):
+    """The same full problem on every rank: per-rank batches ``sizes[:world]``, the full weight, labels
+    with the given (rank, row) pairs set to -100 and the second row sharing the first one's label."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(C, D, generator=g, dtype=torch.float64).to(dtype)
+    xs, ys = [], []
+    for n in sizes[:world]:
+        xs.append(torch.randn(n, D, generator=g, dtype=torch.float64).to(dtype))
+        ys.append(torch.randint(0, C, (n,), generator=g))
+    for r, i in ignore:
+        if r < world and i < len(ys[r]):
+            ys[r][i] = -100
+    if len(ys[0]) >= 2:
+        ys[0][1] = ys[0][0] if ys[0][0] != -100 else ys[0][1]
+    return W, xs, ys
+
+
+def _margin(kind: str, batch: int):
+    if kind == "per-row":
+        return mo.CosFace(torch.linspace(0.1, 0.4, batch, dtype=torch.float64))
+    if kind == "callable":
+        return lambda t: t - 0.2 * t * t
+    return {"none": None, "cosface": mo.CosFace(0.35), "arcface": mo.ArcFace(0.5), "sphereface": mo.SphereFace(4),
+            }[kind]
+
+
+def compare_with_single_process(rank: int, world: int, *, margin: str = "arcface", dtype=torch.float64,
+                                sizes=(5, 3, 7), C: int = 23, **options) -> dict:
+    """Max |difference| of loss, local embedding gradient, weight block gradient; whether argmax matches."""
+    W, xs, ys = problem(world, C=C, sizes=sizes, dtype=dtype)
+    B = sum(len(x) for x in xs)
+    scale = options.pop("scale", 16.0)
+    head = ShardedMarginHead(W.shape[1], C, margin=_margin(margin, B), scale=scale, dtype=dtype, return_stats=True,
+                             **options)
+    head.load_full_state_dict({"weight": W})
+    x = xs[rank].clone().requires_grad_()
+    loss, stats = head(x, ys[rank])
+    loss.sum().backward()
+    xa, Wa = torch.cat(xs).requires_grad_(), W.clone().requires_grad_()
+    ref, ref_stats = mo.margin_cross_entropy(xa, Wa, torch.cat(ys), _margin(margin, B), scale, return_stats=True,
+                                             **options)
+    ref.sum().backward()
+    start = sum(len(v) for v in xs[:rank])
+    mine = slice(head.class_start, head.class_start + head.num_local)
+
+    def err(a, b):
+        if a.numel() == 0:
+            return 0.0
+        return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+    return {
+        "loss": err(loss.detach(), ref.detach()),
+        "x.grad": err(x.grad, xa.grad[start:start + len(xs[rank])]),
+        "W.grad": err(head.weight.grad, Wa.grad[mine]),
+        "lse": err(stats.lse, ref_stats.lse),
+        "prediction": bool(torch.equal(stats.prediction, ref_stats.prediction)),
+        "loss_dtype": str(loss.dtype),
+        "range": (head.class_start, head.num_local),
+    }
+
+
+def compare_many(rank: int, world: int, *, configs: list[dict]) -> list[dict]:
+    """:func:`compare_with_single_process` for each config, in one process group (spawning is slow)."""
+    return [compare_with_single_process(rank, world, **dict(config)) for config in configs]
+
+
+def checkpoint_across_world_sizes(rank: int, world: int, *, path: str, steps: int, load: bool) -> dict:
+    """``load``: start from the full weight in ``path``; train ``steps`` SGD steps on the fixed
+    problem; rank 0 saves the full weight to ``path``. Returns the losses seen."""
+    W, xs, ys = problem(world, sizes=(4, 4, 4), seed=1)
+    D, C = W.shape[1], W.shape[0]
+    # the global batch is the same 12 rows whatever the world size: split it evenly
+    x_all, y_all = torch.cat(problem(3, sizes=(4, 4, 4), seed=1)[1]), torch.cat(problem(3, sizes=(4, 4, 4), seed=1)[2])
+    rows = torch.tensor_split(torch.arange(len(x_all)), world)[rank]
+    head = ShardedMarginHead(D, C, margin=mo.ArcFace(0.5), scale=16.0, dtype=torch.float64)
+    head.load_full_state_dict(torch.load(path) if load else {"weight": W})
+    opt = torch.optim.SGD(head.parameters(), lr=0.5, momentum=0.0)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = head(x_all[rows], y_all[rows])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    state = head.full_state_dict()
+    if rank == 0:
+        torch.save(state, path)
+    dist.barrier()
+    return {"losses": losses}
+
+
+def bad_label_on_one_rank(rank: int, world: int) -> str:
+    W, xs, ys = problem(world)
+    if rank == world - 1:
+        ys[rank][0] = W.shape[0] + 3
+    head = ShardedMarginHead(W.shape[1], W.shape[0], margin=mo.ArcFace(0.5), dtype=torch.float64)
+    head(xs[rank], ys[rank])
+    return "no error"
+
+
+def sizes_differ_across_ranks(rank: int, world: int) -> str:
+    ShardedMarginHead(6, 23 + rank, margin=mo.ArcFace(0.5))
+    return "no error"
+
+
+def one_rank_raises(rank: int, world: int) -> dict:
+    """Rank 1 fails before the step; the others must get an error, not wait forever."""
+    W, xs, ys = problem(world)
+    head = ShardedMarginHead(W.shape[1], W.shape[0], dtype=torch.float64)
+    if rank == 1:
+        raise RuntimeError("rank 1 failed on purpose")
+    t0 = time.monotonic()
+    try:
+        head(xs[rank], ys[rank]).backward()
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}", "seconds": time.monotonic() - t0}
+    return {"error": None, "seconds": time.monotonic() - t0}
+
+
+def tmp_path() -> str:
+    fd, path = tempfile.mkstemp(suffix=".pt")
+    os.close(fd)
+    return path

@@ -1,0 +1,115 @@
+"""ShardedMarginHead on CPU with gloo: world sizes 1, 2 and 3 in spawned processes against one process.
+
+Each test spawns one process group (:func:`tests.dist_cases.spawn`) and runs
+many cases in it; the cases themselves live in :mod:`tests.dist_cases`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import marginops as mo
+from marginops.distributed import ShardedMarginHead, shard_range
+
+from . import dist_cases
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+CONFIGS = [
+    dict(margin="arcface"),
+    dict(margin="none", reduction="sum"),
+    dict(margin="cosface", reduction="none", label_smoothing=0.1),
+    dict(margin="sphereface", label_smoothing=0.2),
+    dict(margin="callable"),
+    dict(margin="per-row", reduction="sum"),
+    dict(margin="arcface", normalize=False, scale=1.0),
+    dict(margin="arcface", sizes=(6, 0, 4)),  # a rank with no rows
+    dict(margin="cosface", C=7, sizes=(2, 5, 1)),  # few classes, uneven blocks
+    dict(margin="arcface", chunk_size=3),  # tiles inside each rank's block
+    dict(margin="arcface", dtype=torch.float32),
+]
+IDS = ["arcface-mean", "plain-sum", "cosface-none-smoothing", "sphereface-smoothing", "callable", "per-row-margin",
+       "unnormalized", "empty-rank", "few-classes", "small-tiles", "float32"]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sharded_head_matches_one_process(world):
+    results = dist_cases.spawn(world, "compare_many", configs=CONFIGS)
+    for rank, (status, value) in enumerate(results):
+        assert status == "ok", f"rank {rank}: {value}"
+        for name, config, got in zip(IDS, CONFIGS, value):
+            tol = 1e-5 if config.get("dtype") == torch.float32 else 1e-12
+            for key in ("loss", "x.grad", "W.grad", "lse"):
+                assert got[key] <= tol, f"{name}, rank {rank} of {world}: {key} relative error {got[key]:.2e}"
+            assert got["prediction"], f"{name}, rank {rank} of {world}: prediction differs"
+            start, count = got["range"]
+            assert (start, count) == shard_range(config.get("C", 23), world, rank)
+
+
+def test_checkpoint_moves_between_world_sizes(tmp_path):
+    """Train on 3 ranks, evaluate on 1 (a plain MarginHead), resume on 2: the same run as one process."""
+    path = str(tmp_path / "head.pt")
+    first = dist_cases.spawn(3, "checkpoint_across_world_sizes", path=path, steps=2, load=False)
+    assert all(status == "ok" for status, _ in first), first
+    state = torch.load(path)
+    W0, xs, ys = dist_cases.problem(3, sizes=(4, 4, 4), seed=1)
+    assert state["weight"].shape == W0.shape
+    # one process, same data and optimizer: the reference trajectory
+    head = mo.MarginHead(W0.shape[1], W0.shape[0], margin=mo.ArcFace(0.5), scale=16.0, dtype=torch.float64)
+    head.load_state_dict({"weight": W0})
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    x_all, y_all = torch.cat(xs), torch.cat(ys)
+    losses = []
+    for _ in range(4):
+        opt.zero_grad()
+        loss = head(x_all, y_all)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if len(losses) == 2:
+            torch.testing.assert_close(head.weight.detach(), state["weight"], rtol=1e-12, atol=1e-12)
+    for rank, (_, value) in enumerate(first):
+        torch.testing.assert_close(value["losses"], losses[:2], rtol=1e-12, atol=0)
+    resumed = dist_cases.spawn(2, "checkpoint_across_world_sizes", path=path, steps=2, load=True)
+    for rank, (status, value) in enumerate(resumed):
+        assert status == "ok", value
+        torch.testing.assert_close(value["losses"], losses[2:], rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.load(path)["weight"], head.weight.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_bad_label_on_one_rank_raises_on_every_rank():
+    results = dist_cases.spawn(2, "bad_label_on_one_rank")
+    for rank, (status, value) in enumerate(results):
+        assert status == "error" and value.startswith("ValueError") and "is outside [0, 23)" in value, (rank, value)
+
+
+def test_sizes_that_differ_across_ranks_raise_on_every_rank():
+    results = dist_cases.spawn(2, "sizes_differ_across_ranks")
+    for rank, (status, value) in enumerate(results):
+        assert status == "error" and value.startswith("ValueError") and "differ across ranks" in value, (rank, value)
+
+
+def test_a_failing_rank_leaves_no_other_rank_waiting():
+    results = dist_cases.spawn(3, "one_rank_raises", timeout=150)
+    assert results[1][0] == "error" and "failed on purpose" in results[1][1]
+    for rank in (0, 2):
+        status, value = results[rank]
+        assert status == "ok" and value["error"] is not None, (rank, value)
+        assert value["seconds"] < dist_cases.COLLECTIVE_TIMEOUT.total_seconds() + 30, value
+
+
+def test_needs_an_initialised_process_group_and_valid_options():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ShardedMarginHead(8, 100)
+
+
+@pytest.mark.parametrize("classes, world", [(23, 1), (23, 2), (23, 3), (7, 3), (1_000_003, 8)])
+def test_shard_ranges_tile_the_classes(classes, world):
+    ranges = [shard_range(classes, world, r) for r in range(world)]
+    assert ranges[0][0] == 0 and sum(n for _, n in ranges) == classes
+    assert all(a + n == b for (a, n), (b, _) in zip(ranges, ranges[1:]))
+    assert max(n for _, n in ranges) - min(n for _, n in ranges) <= 1
