@@ -50,7 +50,7 @@ from .modules import _OPTIONS
 __all__ = ["ShardedMarginHead", "shard_range"]
 
 #: Options of :func:`marginops.margin_cross_entropy` the sharded head does not take (it plans its own passes).
-_UNSUPPORTED = ("strategy", "backend_kwargs")
+_UNSUPPORTED = ("strategy",)
 
 
 def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:

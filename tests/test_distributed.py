@@ -113,3 +113,25 @@ def test_shard_ranges_tile_the_classes(classes, world):
     assert ranges[0][0] == 0 and sum(n for _, n in ranges) == classes
     assert all(a + n == b for (a, n), (b, _) in zip(ranges, ranges[1:]))
     assert max(n for _, n in ranges) - min(n for _, n in ranges) <= 1
+
+
+def test_the_example_trains_under_torchrun(tmp_path):
+    """``examples/train_sharded.py`` as the README runs it, shortened: 2 ranks, a few steps, a checkpoint."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    ckpt = tmp_path / "head.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+           str(dist_cases.free_port()), str(root / "examples" / "train_sharded.py"), "--steps", "6",
+           "--classes", "300", "--batch", "16", "--log-every", "3", "--checkpoint", str(ckpt)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step     6  loss" in proc.stdout and "saved" in proc.stdout, proc.stdout[-2000:]
+    state = torch.load(ckpt)
+    assert state["head"]["weight"].shape == (300, 128)
+    head = mo.MarginHead(128, 300)
+    head.load_state_dict(state["head"])  # a plain head on one process

@@ -1,0 +1,127 @@
+"""Per-rank memory and step time of ``ShardedMarginHead`` for several world sizes, on CPU with gloo.
+
+    python -m benchmarks.distributed --classes 2000000 --dim 128 --batch 512 --worlds 1 2 4
+
+The global batch (``--batch`` rows) is split evenly over the ranks; every
+world size trains the same problem (same weights, same batch, so the same
+loss). Each rank, in its own fresh process: one warm-up step on one row,
+then the peak resident set size is reset (``clear_refs``)
+with the weight and a gradient-sized buffer in memory, the buffer is freed
+and one measured step runs. Reported per rank: the bytes of its weight block
+plus its gradient (what sharding divides), the extra peak of the step beyond
+them (the gathered batch, tiles, statistics) and the step time. On a 2-core
+machine the ranks share the cores (threads per rank = cores / world), so the
+times say little about speed-up; the memory is the point. Records go to
+``benchmarks/results/distributed.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .harness import RESULTS_DIR, describe_machine, machine_info
+from .memory import peak_rss_bytes, reset_peak_rss
+
+
+def _rank(rank: int, world: int, port: int, args: dict, queue) -> None:
+    import marginops as mo
+    from marginops.distributed import ShardedMarginHead
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    B, D, C = args["batch"], args["dim"], args["classes"]
+    g = torch.Generator().manual_seed(0)  # the same global batch for every world size
+    mine = torch.tensor_split(torch.arange(B), world)[rank]
+    rows = len(mine)
+    x = torch.randn(B, D, generator=g)[mine].requires_grad_()
+    y = torch.randint(0, C, (B,), generator=g)[mine]
+    head = ShardedMarginHead(D, C, margin=mo.ArcFace(0.5), scale=30.0)
+    torch.manual_seed(1)
+    full = torch.empty(C, D).normal_(std=0.01)  # the same weights for every world size
+    head.load_full_state_dict({"weight": full})
+    del full
+
+    def step(rows: slice = slice(None)):
+        loss = head(x[rows], y[rows])
+        loss.backward()
+        return loss.item()
+
+    step(slice(0, 1))  # warm-up on one row: thread pools, libraries and the gradients, not the step's scratch
+    dist.barrier()
+    reset_peak_rss()
+    base, source = peak_rss_bytes()
+    head.weight.grad = x.grad = None  # the baseline held them; the step allocates them again
+    t0 = time.perf_counter()
+    loss = step()
+    seconds = time.perf_counter() - t0
+    peak, _ = peak_rss_bytes()
+    grad_bytes = head.weight.numel() * head.weight.element_size()
+    queue.put({"rank": rank, "world": world, "rows": rows, "num_local": head.num_local, "loss": loss,
+               "seconds": seconds, "weight_and_grad_bytes": 2 * grad_bytes,
+               "extra_peak_bytes": peak - base, "rss_source": source})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_world(world: int, args: dict, timeout: float = 1800.0) -> list[dict]:
+    """One fresh process per rank; their records in rank order."""
+    from tests.dist_cases import free_port  # noqa: PLC0415  (one helper for free ports)
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank, args=(r, world, port, args, queue), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    records = []
+    while not queue.empty():
+        records.append(queue.get())
+    if len(records) != world:
+        raise RuntimeError(f"world {world}: {len(records)} of {world} ranks reported (exit codes "
+                           f"{[p.exitcode for p in procs]})")
+    return sorted(records, key=lambda r: r["rank"])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.distributed", description=__doc__.split("\n")[0])
+    p.add_argument("--classes", type=int, default=2_000_000)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--batch", type=int, default=512, help="global batch, split evenly over the ranks")
+    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--output", type=Path, default=RESULTS_DIR / "distributed.json")
+    a = p.parse_args(argv)
+    args = {"batch": a.batch, "dim": a.dim, "classes": a.classes}
+    rows = []
+    for world in a.worlds:
+        recs = run_world(world, args)
+        rows.append({"world": world, "ranks": recs})
+    record = {"args": args, "results": rows, "machine": machine_info()}
+    a.output.parent.mkdir(parents=True, exist_ok=True)
+    a.output.write_text(json.dumps(record, indent=1) + "\n")
+    mib = 2**20
+    print(f"ShardedMarginHead, ArcFace, fp32, global batch {a.batch}, D={a.dim}, C={a.classes:,}; "
+          f"{describe_machine(record['machine'])}")
+    print("| world | weight + grad per rank (MiB) | extra peak per rank, max (MiB) | step (s), max over ranks | loss |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        r = row["ranks"]
+        print(f"| {row['world']} | {max(x['weight_and_grad_bytes'] for x in r) / mib:.0f} | "
+              f"{max(x['extra_peak_bytes'] for x in r) / mib:.1f} | {max(x['seconds'] for x in r):.2f} | "
+              f"{r[0]['loss']:.4f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
