@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -75,11 +76,11 @@ def _rank(rank: int, world: int, port: int, args: dict, queue) -> None:
 
 def run_world(world: int, args: dict, timeout: float = 1800.0) -> list[dict]:
     """One fresh process per rank; their records in rank order."""
-    from tests.dist_cases import free_port  # noqa: PLC0415  (one helper for free ports)
-
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    port = free_port()
+    with socket.socket() as sock:  # a free port on the loopback address
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     procs = [ctx.Process(target=_rank, args=(r, world, port, args, queue), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
