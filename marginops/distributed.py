@@ -32,7 +32,6 @@ if you compare the two.)
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any, Optional
 
@@ -45,7 +44,7 @@ from .backends import Call, FusedOptions, RowStats, combine_stats, get_backend, 
 from .backends.common import acc_dtype, inverse_norms
 from .functional import MarginStats, _apply_margin, _label_check, _resolve_margin, _validate, loss_dtype
 from .margins import MarginLike
-from .modules import _OPTIONS
+from .modules import _OPTIONS, init_class_weights
 
 __all__ = ["ShardedMarginHead", "shard_range"]
 
@@ -304,11 +303,7 @@ class ShardedMarginHead(nn.Module):
 
     def reset_parameters(self) -> None:
         """As :meth:`marginops.MarginHead.reset_parameters`, for this rank's rows."""
-        if self.options.get("normalize", True):
-            nn.init.normal_(self.weight, std=0.01)
-        else:
-            bound = 1.0 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.weight, -bound, bound)
+        init_class_weights(self.weight, self.options.get("normalize", True))
 
     # -- the step ------------------------------------------------------------------------------------
 

@@ -20,6 +20,16 @@ _OPTIONS = tuple(
 )
 
 
+def init_class_weights(weight: Tensor, normalize: bool) -> None:
+    """In place: ``N(0, 0.01^2)`` for normalized heads (only directions matter), else ``nn.Linear``'s
+    ``U(-1/sqrt(D), 1/sqrt(D))``."""
+    if normalize:
+        nn.init.normal_(weight, std=0.01)
+    else:
+        bound = 1.0 / math.sqrt(weight.shape[1])
+        nn.init.uniform_(weight, -bound, bound)
+
+
 class MarginHead(nn.Module):
     r"""Classification head with a margin softmax loss, computed without ``B x C`` logits.
 
@@ -73,11 +83,7 @@ class MarginHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.options.get("normalize", True):
-            nn.init.normal_(self.weight, std=0.01)
-        else:
-            bound = 1.0 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.weight, -bound, bound)
+        init_class_weights(self.weight, self.options.get("normalize", True))
 
     def forward(self, embeddings: Tensor, labels: Tensor):
         return margin_cross_entropy(embeddings, self.weight, labels, self.margin, self.scale, **self.options)
