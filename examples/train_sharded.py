@@ -12,6 +12,8 @@ chance towards 100%. Rank 0 shows a progress bar, prints the loss and the
 accuracy every ``--log-every`` steps, and saves one checkpoint at the end:
 the encoder and the head's *full* weight, loadable on any world size
 (``ShardedMarginHead.load_full_state_dict``) or by a plain ``MarginHead``.
+With ``--sample-rate 0.1`` each step runs over the batch's classes plus a
+random 10% of the others (the loss and the accuracy are then over those).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def parse_args():
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--sample-rate", type=float, default=1.0,
+                   help="share of each rank's classes per step (Partial FC's class sampling); 1: all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default="sharded_head.pt")
     return p.parse_args()
@@ -54,8 +58,9 @@ def main() -> None:
     encoder = DistributedDataParallel(nn.Sequential(
         nn.Linear(args.input_dim, 256), nn.ReLU(), nn.Linear(256, args.embedding_dim)))
     head = ShardedMarginHead(args.embedding_dim, args.classes, margin=mo.ArcFace(0.3), scale=30.0,
-                             return_stats=True)
+                             sample_rate=args.sample_rate, seed=args.seed, return_stats=True)
     optimizer = torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=args.lr, momentum=0.9)
+    head.attach_optimizer(optimizer)  # with sampling: unsampled class rows keep their weights and momentum
     data = torch.Generator().manual_seed(args.seed * 1000 + rank + 1)  # each rank draws its own batches
     bar = tqdm(range(args.steps), disable=rank != 0, desc=f"{world} ranks, {args.classes} classes")
     start = time.perf_counter()

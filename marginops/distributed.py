@@ -14,6 +14,11 @@ rank. One step, on every rank::
     loss     = the same global loss on every rank
     backward: dW_r stays local; the partial dX of every rank is all-reduced and each rank keeps its own rows
 
+With ``sample_rate < 1`` (training mode) each step runs over every class of
+the global batch plus a uniform draw of the others (Partial FC's class
+sampling); :meth:`ShardedMarginHead.attach_optimizer` keeps the unsampled
+rows' weights and optimizer state untouched.
+
 So per step a rank sends ``B_total * D`` floats twice (the gather and the
 gradient reduction) plus ``O(world * B_total)`` scalars, independent of the
 number of classes. Partial FC (InsightFace) all-gathers the same embeddings
@@ -32,6 +37,7 @@ if you compare the two.)
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Optional
 
@@ -235,8 +241,15 @@ class ShardedMarginHead(nn.Module):
         scale (float): ``s``. Default: 64.0.
         process_group: the group whose ranks share the classes. Default: the default group
             (``torch.distributed.init_process_group`` must have run).
-        sample_rate (float): 1.0 (every class). Class sampling is not implemented yet; other
-            values raise NotImplementedError.
+        sample_rate (float): in training mode, the share of this rank's classes each step runs over
+            (Partial FC's class sampling): every class that is a label of the global batch is kept, the
+            rest of the share is drawn uniformly from the other classes, and only the sampled rows of
+            ``weight`` get a gradient. ``0`` keeps the batch's classes only; ``1`` (default) samples
+            nothing. In eval mode every class is used. With a stateful optimizer, call
+            :meth:`attach_optimizer` so that the rows a step did not sample keep their weights *and*
+            optimizer state. Default: 1.0.
+        seed (int): seed of the class sampling; the draw of step ``n`` on rank ``r`` depends only on
+            ``(seed, n, r)``. Default: 0.
         device, dtype: factory arguments for ``weight``.
         **options: keyword options of :func:`marginops.margin_cross_entropy` (``normalize``,
             ``reduction``, ``ignore_index``, ``label_smoothing``, ``backend``, ``chunk_size``,
@@ -257,8 +270,8 @@ class ShardedMarginHead(nn.Module):
     """
 
     def __init__(self, in_features: int, num_classes: int, margin: MarginLike = None, scale: float = 64.0, *,
-                 process_group=None, sample_rate: float = 1.0, device: Optional[torch.device] = None,
-                 dtype: Optional[torch.dtype] = None, **options: Any):
+                 process_group=None, sample_rate: float = 1.0, seed: int = 0,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, **options: Any):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ShardedMarginHead needs torch.distributed initialised first "
@@ -268,8 +281,10 @@ class ShardedMarginHead(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real) or not 0 <= sample_rate <= 1:
             raise ValueError(f"sample_rate must be a number in [0, 1], got {sample_rate!r}")
-        if sample_rate != 1.0:
-            raise NotImplementedError("class sampling (sample_rate < 1) is not implemented yet; use 1.0")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+        self.sample_rate, self.seed = float(sample_rate), int(seed)
+        self.sample_step = 0  # training forwards that sampled so far: the draw's counter
         unknown = sorted(set(options) - set(_OPTIONS))
         if unknown:
             raise TypeError(f"unknown option(s) {unknown}; valid options are {list(_OPTIONS)}")
@@ -287,6 +302,9 @@ class ShardedMarginHead(nn.Module):
         self.class_start, self.num_local = shard_range(self.num_classes, self.world_size, self.rank)
         self.margin, self.scale, self.options = margin, scale, dict(options)
         self.weight = nn.Parameter(torch.empty(self.num_local, self.in_features, device=device, dtype=dtype))
+        # rows sampled by the forwards since the last optimizer step (see attach_optimizer)
+        self.register_buffer("sampled_rows", torch.zeros(self.num_local, dtype=torch.bool, device=device),
+                             persistent=False)
         self._check_same_on_every_rank()
         self.reset_parameters()
 
@@ -341,13 +359,18 @@ class ShardedMarginHead(nn.Module):
         if name == "reference":
             raise ValueError("ShardedMarginHead runs a fused backend; backend='reference' is single-process only")
         psi = _resolve_margin(self.margin, x.shape[0])
+        class_start, num_classes, index = self.class_start, self.num_classes, None
+        if self.sample_rate < 1 and self.training:
+            # 1b. class sampling: this step runs over the sampled classes of every rank, renumbered
+            index, class_start, num_classes, y = self._sample(y, ignore_index)
+            W = W.index_select(0, index)  # its backward scatters the sampled rows' gradient into weight
         acc = acc_dtype(x.dtype, W.dtype)
         grad_on = torch.is_grad_enabled()
         opts = FusedOptions(scale=scale, normalize=normalize, label_smoothing=label_smoothing,
                             reduce=reduction != "none", chunk_size=chunk_size, memory_budget=memory_budget,
                             want_prediction=return_stats, strategy="recompute",
                             need_x=grad_on and x.requires_grad, need_W=grad_on and W.requires_grad,
-                            class_start=self.class_start, num_classes=self.num_classes)
+                            class_start=class_start, num_classes=num_classes)
         inv_x = inverse_norms(x.detach(), acc) if normalize else None
         inv_w = inverse_norms(W.detach(), acc) if normalize else None
         valid = y != ignore_index
@@ -357,7 +380,7 @@ class ShardedMarginHead(nn.Module):
             w = w / w.sum().clamp_min(1.0)
         # 2. the target cosine from the rank that owns each label, shared
         W_grad_dtype = get_backend(name).weight_grad_dtype(x.dtype, W.dtype, opts)
-        t_mine, carrier_x, carrier_W = _ShardTarget.apply(x, W, safe, inv_x, inv_w, self.class_start, W_grad_dtype)
+        t_mine, carrier_x, carrier_W = _ShardTarget.apply(x, W, safe, inv_x, inv_w, class_start, W_grad_dtype)
         t = _SumOverRanks.apply(t_mine, group)
         z = scale * _apply_margin(psi, t)
         # 3. the non-target part over this rank's classes, statistics combined over all ranks
@@ -366,7 +389,96 @@ class ShardedMarginHead(nn.Module):
         loss = loss.to(loss_dtype(x.dtype, W.dtype, x.device))
         if not return_stats:
             return loss
+        if index is not None:  # back from the sampled numbering to class indices
+            mine = (prediction >= class_start) & (prediction < class_start + len(index))
+            picked = index[(prediction - class_start).clamp(0, len(index) - 1)] + self.class_start
+            prediction = torch.where(mine, picked, torch.zeros_like(picked))
+            dist.all_reduce(prediction, group=group)
         return loss, MarginStats(lse, z.detach(), t.detach(), prediction)
+
+    # -- class sampling ------------------------------------------------------------------------------
+
+    def _sample(self, y: Tensor, ignore_index: int) -> tuple[Tensor, int, int, Tensor]:
+        """Draw this step's classes: ``(index, class_start, num_classes, labels)``.
+
+        ``index`` (sorted) are this rank's sampled rows: every class of the global batch ``y`` that
+        lives here, then uniform draws among the others up to ``ceil(sample_rate * num_local)``.
+        The sampled classes of all ranks, in rank order, are the step's classes; ``class_start`` is
+        where this rank's start, ``num_classes`` how many there are, and ``labels`` is ``y``
+        renumbered into them (ignored rows unchanged; every rank computes the same).
+        """
+        group, device = self.process_group, y.device
+        valid = y != ignore_index
+        local = y - self.class_start
+        mine = valid & (local >= 0) & (local < self.num_local)
+        positive = torch.zeros(self.num_local, dtype=torch.bool, device=device)
+        positive[local[mine]] = True
+        k = max(int(positive.sum()), min(self.num_local, math.ceil(self.sample_rate * self.num_local)))
+        g = torch.Generator().manual_seed((self.seed * 0x9E3779B1 + self.sample_step * 1_000_003
+                                           + self.rank * 7919) % 2**62)
+        self.sample_step += 1
+        scores = torch.rand(self.num_local, generator=g).to(device)
+        scores = torch.where(positive, torch.full_like(scores, 2.0), scores)  # positives first, then the draws
+        index = scores.topk(k).indices.sort().values
+        counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(self.world_size)]
+        dist.all_gather(counts, torch.tensor([k], dtype=torch.int64, device=device), group=group)
+        counts = [int(c) for c in torch.cat(counts).tolist()]
+        start = sum(counts[: self.rank])
+        position = torch.full((self.num_local,), -1, dtype=torch.int64, device=device)
+        position[index] = torch.arange(k, device=device)
+        renumbered = torch.where(mine, start + position[local.clamp(0, self.num_local - 1)], torch.zeros_like(y))
+        dist.all_reduce(renumbered, group=group)  # each label renumbered by the rank that owns it
+        with torch.no_grad():
+            self.sampled_rows[index] = True
+        return index, start, sum(counts), torch.where(valid, renumbered, y)
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer):
+        """Make ``optimizer`` update only the rows that this step sampled, leaving the others' weights
+        *and* optimizer state (momentum, Adam moments, ...) as they were.
+
+        Around each ``optimizer.step()`` the weight, its gradient and every per-element state tensor
+        shaped like it are narrowed to the sampled rows, then scattered back (hooks on the
+        optimizer; scalar state such as Adam's step count is shared by all rows). Rows sampled for
+        the first time start from zero state. Without sampling the hooks do nothing. Returns the two
+        hook handles.
+        """
+        p = self.weight
+        if not any(q is p for group in optimizer.param_groups for q in group["params"]):
+            raise ValueError("attach_optimizer: the optimizer does not hold this head's weight")
+        stash: dict = {}
+
+        def narrow(opt, args, kwargs):
+            rows = self.sampled_rows.nonzero().squeeze(1)
+            if self.sample_rate >= 1 or len(rows) == self.num_local:
+                return
+            state = opt.state.get(p, {})
+            full = {k: v for k, v in state.items() if isinstance(v, Tensor) and v.shape == p.shape}
+            stash.update(rows=rows, data=p.data, grad=p.grad, state=full)
+            p.data = p.data.index_select(0, rows)
+            if p.grad is not None:
+                p.grad = p.grad.index_select(0, rows)
+            for k, v in full.items():
+                state[k] = v.index_select(0, rows)
+
+        def widen(opt, args, kwargs):
+            if stash:
+                rows, data, grad, full = stash["rows"], stash["data"], stash["grad"], stash["state"]
+                stash.clear()
+                with torch.no_grad():
+                    data.index_copy_(0, rows, p.data)
+                    p.data, p.grad = data, grad
+                    state = opt.state.get(p, {})
+                    narrowed = (len(rows), *data.shape[1:])
+                    for k, v in list(state.items()):
+                        if isinstance(v, Tensor) and tuple(v.shape) == narrowed:
+                            whole = full.get(k)
+                            if whole is None:
+                                whole = torch.zeros_like(data, dtype=v.dtype)
+                            state[k] = whole.index_copy_(0, rows, v)
+            with torch.no_grad():
+                self.sampled_rows.zero_()
+
+        return optimizer.register_step_pre_hook(narrow), optimizer.register_step_post_hook(widen)
 
     # -- checkpoints ---------------------------------------------------------------------------------
 

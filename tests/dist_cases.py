@@ -10,12 +10,15 @@ weight, computed inside the same process.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import tempfile
 import time
 import traceback
 from datetime import timedelta
+
+from torch import Tensor
 
 import torch
 import torch.distributed as dist
@@ -206,3 +209,104 @@ def tmp_path() -> str:
     fd, path = tempfile.mkstemp(suffix=".pt")
     os.close(fd)
     return path
+
+
+def sampled_step(rank: int, world: int, *, sample_rate: float, margin: str = "arcface", **options) -> dict:
+    """One sampled step against one process on the sampled classes only."""
+    from marginops.distributed import _all_gather_rows, shard_range
+
+    W, xs, ys = problem(world, C=41, sizes=(6, 5, 4))
+    B = sum(len(x) for x in xs)
+    head = ShardedMarginHead(W.shape[1], 41, margin=_margin(margin, B), scale=16.0, dtype=torch.float64,
+                             sample_rate=sample_rate, seed=3, return_stats=True, **options)
+    head.load_full_state_dict({"weight": W})
+    x = xs[rank].clone().requires_grad_()
+    loss, stats = head(x, ys[rank])
+    loss.sum().backward()
+    rows = head.sampled_rows.nonzero().squeeze(1)
+    k = torch.tensor([len(rows)])
+    every = [torch.zeros_like(k) for _ in range(world)]
+    dist.all_gather(every, k)
+    sampled = _all_gather_rows(rows + head.class_start, [int(c) for c in torch.cat(every)], None)
+    # one process over the sampled classes only, labels renumbered
+    y_all = torch.cat(ys)
+    lookup = torch.full((41,), -1, dtype=torch.int64)
+    lookup[sampled] = torch.arange(len(sampled))
+    y_sub = torch.where(y_all != -100, lookup[y_all.clamp(0, 40)], y_all)
+    xa, Ws = torch.cat(xs).requires_grad_(), W[sampled].clone().requires_grad_()
+    ref, ref_stats = mo.margin_cross_entropy(xa, Ws, y_sub, _margin(margin, B), 16.0, return_stats=True, **options)
+    ref.sum().backward()
+    start = sum(len(v) for v in xs[:rank])
+    mine = (sampled >= head.class_start) & (sampled < head.class_start + head.num_local)
+    full_grad = torch.zeros_like(head.weight)
+    full_grad[sampled[mine] - head.class_start] = Ws.grad[mine]
+    positives = {int(c) for c in y_all[y_all != -100]}
+    return {
+        "loss": ((loss - ref).abs().max() / ref.abs().max()).item(),
+        "x.grad": ((x.grad - xa.grad[start:start + len(xs[rank])]).abs().max() / xa.grad.abs().max()).item(),
+        "W.grad": ((head.weight.grad - full_grad).abs().max() / Ws.grad.abs().max()).item(),
+        "prediction": bool(torch.equal(stats.prediction, sampled[ref_stats.prediction])),
+        "sampled": sorted(int(c) for c in sampled),
+        "positives_kept": positives <= {int(c) for c in sampled},
+        "expected_count": sum(max(len({c for c in positives if a <= c < a + n}), math.ceil(sample_rate * n))
+                              for a, n in (shard_range(41, world, r) for r in range(world))),
+    }
+
+
+def sampling_many(rank: int, world: int, *, configs: list[dict]) -> list[dict]:
+    """:func:`sampled_step` for each config in one process group."""
+    return [sampled_step(rank, world, **dict(config)) for config in configs]
+
+
+def eval_mode_uses_every_class(rank: int, world: int) -> float:
+    """With ``head.eval()`` a sampling head gives the loss of all classes."""
+    W, xs, ys = problem(world, C=41, sizes=(6, 5, 4))
+    heads = [ShardedMarginHead(W.shape[1], 41, margin=mo.ArcFace(0.5), scale=16.0, dtype=torch.float64,
+                               sample_rate=rate) for rate in (0.2, 1.0)]
+    for head in heads:
+        head.load_full_state_dict({"weight": W})
+    heads[0].eval()
+    with torch.no_grad():
+        a, b = (head(xs[rank], ys[rank]) for head in heads)
+    return (a - b).abs().item()
+
+
+def sampled_optimizer_steps(rank: int, world: int, *, optimizer: str, steps: int = 3) -> dict:
+    """Rows a step did not sample keep their weight and optimizer state; sampled rows move as an
+    optimizer over just those rows would move them."""
+    W, xs, ys = problem(world, C=41, sizes=(6, 5, 4))
+    head = ShardedMarginHead(W.shape[1], 41, margin=mo.ArcFace(0.5), scale=16.0, dtype=torch.float64,
+                             sample_rate=0.25, seed=5)
+    head.load_full_state_dict({"weight": W})
+    make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.3, momentum=0.9, weight_decay=1e-3),
+            "adam": lambda ps: torch.optim.Adam(ps, lr=0.05, weight_decay=1e-3)}[optimizer]
+    opt = make([head.weight])
+    head.attach_optimizer(opt)
+    report = {"unsampled_weight_unchanged": True, "unsampled_state_unchanged": True, "sampled_match": True,
+              "sampled_counts": []}
+    for step in range(steps):
+        before = head.weight.detach().clone()
+        state_before = {k: v.clone() for k, v in opt.state.get(head.weight, {}).items() if isinstance(v, Tensor)}
+        opt.zero_grad()
+        head(xs[rank], ys[rank]).backward()
+        rows = head.sampled_rows.nonzero().squeeze(1)
+        grad_rows = head.weight.grad[rows].clone()
+        opt.step()
+        after = head.weight.detach()
+        others = torch.ones(head.num_local, dtype=torch.bool)
+        others[rows] = False
+        report["sampled_counts"].append(len(rows))
+        report["unsampled_weight_unchanged"] &= bool(torch.equal(after[others], before[others]))
+        for k, v in opt.state[head.weight].items():
+            if isinstance(v, Tensor) and v.shape == head.weight.shape and k in state_before:
+                report["unsampled_state_unchanged"] &= bool(torch.equal(v[others], state_before[k][others]))
+        # the same optimizer, fresh, over just the sampled rows with their state
+        sub = torch.nn.Parameter(before[rows].clone())
+        ref_opt = make([sub])
+        if state_before:
+            ref_opt.state[sub] = {k: (v[rows].clone() if v.shape == head.weight.shape else v.clone())
+                                  for k, v in state_before.items()}
+        sub.grad = grad_rows
+        ref_opt.step()
+        report["sampled_match"] &= bool(torch.allclose(after[rows], sub.detach(), rtol=1e-12, atol=1e-15))
+    return report

@@ -126,7 +126,7 @@ def test_the_example_trains_under_torchrun(tmp_path):
     ckpt = tmp_path / "head.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
            str(dist_cases.free_port()), str(root / "examples" / "train_sharded.py"), "--steps", "6",
-           "--classes", "300", "--batch", "16", "--log-every", "3", "--checkpoint", str(ckpt)]
+           "--classes", "300", "--batch", "16", "--log-every", "3", "--sample-rate", "0.5", "--checkpoint", str(ckpt)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -135,3 +135,41 @@ def test_the_example_trains_under_torchrun(tmp_path):
     assert state["head"]["weight"].shape == (300, 128)
     head = mo.MarginHead(128, 300)
     head.load_state_dict(state["head"])  # a plain head on one process
+
+
+# -- class sampling ----------------------------------------------------------------------------------------
+
+SAMPLING = [dict(sample_rate=0.3), dict(sample_rate=0.0), dict(sample_rate=0.5, margin="cosface",
+                                                                label_smoothing=0.1, reduction="sum")]
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_sampled_step_is_the_loss_over_the_sampled_classes(world):
+    """Positives kept, the share drawn, the loss and gradients those of one process over the sampled
+    classes (only their rows get a gradient), predictions among them; the same draw for the same seed."""
+    first = dist_cases.spawn(world, "sampling_many", configs=SAMPLING)
+    again = dist_cases.spawn(world, "sampling_many", configs=SAMPLING)
+    for rank, ((status, value), (_, repeat)) in enumerate(zip(first, again)):
+        assert status == "ok", value
+        for config, got, rerun in zip(SAMPLING, value, repeat):
+            for key in ("loss", "x.grad", "W.grad"):
+                assert got[key] <= 1e-12, (config, rank, key, got[key])
+            assert got["prediction"] and got["positives_kept"], (config, got)
+            assert len(got["sampled"]) == got["expected_count"], (config, got)
+            assert got["sampled"] == rerun["sampled"], "the same seed drew different classes"
+    assert first[0][1][0]["sampled"] != first[0][1][1]["sampled"]  # a share of 0.3 draws more than the positives
+
+
+def test_eval_mode_runs_over_every_class():
+    results = dist_cases.spawn(2, "eval_mode_uses_every_class")
+    assert all(status == "ok" and value == 0.0 for status, value in results), results
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_attached_optimizer_updates_only_sampled_rows(optimizer):
+    results = dist_cases.spawn(2, "sampled_optimizer_steps", optimizer=optimizer)
+    for rank, (status, value) in enumerate(results):
+        assert status == "ok", value
+        assert value["unsampled_weight_unchanged"] and value["unsampled_state_unchanged"], value
+        assert value["sampled_match"], value
+        assert all(0 < k < 21 for k in value["sampled_counts"]), value
