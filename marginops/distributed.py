@@ -250,6 +250,13 @@ class ShardedMarginHead(nn.Module):
             optimizer state. Default: 1.0.
         seed (int): seed of the class sampling; the draw of step ``n`` on rank ``r`` depends only on
             ``(seed, n, r)``. Default: 0.
+        max_local_batch (int, optional): a bound on every rank's local batch. Without it, the
+            gathered batch sizes (and, when sampling, the sampled counts) are read on the host each
+            step, a synchronisation on GPUs. With it, every rank pads its batch to the bound with
+            ignored rows and each rank samples a fixed number of classes (at least
+            ``world * max_local_batch``, so that every label fits), so the step never waits for
+            the host; the global batch and ``stats`` are then in the padded layout (rank ``r``'s rows
+            at ``[r * max_local_batch, r * max_local_batch + B_r)``). Default: None.
         device, dtype: factory arguments for ``weight``.
         **options: keyword options of :func:`marginops.margin_cross_entropy` (``normalize``,
             ``reduction``, ``ignore_index``, ``label_smoothing``, ``backend``, ``chunk_size``,
@@ -271,7 +278,8 @@ class ShardedMarginHead(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, margin: MarginLike = None, scale: float = 64.0, *,
                  process_group=None, sample_rate: float = 1.0, seed: int = 0,
-                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, **options: Any):
+                 max_local_batch: Optional[int] = None, device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None, **options: Any):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ShardedMarginHead needs torch.distributed initialised first "
@@ -284,6 +292,11 @@ class ShardedMarginHead(nn.Module):
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
         self.sample_rate, self.seed = float(sample_rate), int(seed)
+        if max_local_batch is not None and (isinstance(max_local_batch, bool)
+                                            or not isinstance(max_local_batch, numbers.Integral)
+                                            or max_local_batch < 1):
+            raise ValueError(f"max_local_batch must be a positive int or None, got {max_local_batch!r}")
+        self.max_local_batch = None if max_local_batch is None else int(max_local_batch)
         self.sample_step = 0  # training forwards that sampled so far: the draw's counter
         unknown = sorted(set(options) - set(_OPTIONS))
         if unknown:
@@ -340,13 +353,22 @@ class ShardedMarginHead(nn.Module):
                              f"{tuple(x_local.shape) if isinstance(x_local, Tensor) else type(x_local).__name__}")
         group = self.process_group
         # 1. the global batch: sizes first (ragged local batches), then rows and labels
-        n = torch.tensor([x_local.shape[0]], dtype=torch.int64, device=x_local.device)
-        every = [torch.empty_like(n) for _ in range(self.world_size)]
-        dist.all_gather(every, n, group=group)
-        sizes = [int(s) for s in torch.cat(every).tolist()]
         if not isinstance(y_local, Tensor) or y_local.shape != (x_local.shape[0],):
             raise ValueError(f"local_labels must be ({x_local.shape[0]},), got "
                              f"{tuple(y_local.shape) if isinstance(y_local, Tensor) else type(y_local).__name__}")
+        cap = self.max_local_batch
+        if cap is None:  # ragged sizes, read on the host: one synchronisation on GPUs
+            n = torch.tensor([x_local.shape[0]], dtype=torch.int64, device=x_local.device)
+            every = [torch.empty_like(n) for _ in range(self.world_size)]
+            dist.all_gather(every, n, group=group)
+            sizes = [int(s) for s in torch.cat(every).tolist()]
+        else:  # every rank pads to the bound: padding rows are ignored rows, no size to read
+            if x_local.shape[0] > cap:
+                raise ValueError(f"local batch of {x_local.shape[0]} rows exceeds max_local_batch = {cap}")
+            pad = cap - x_local.shape[0]
+            x_local = torch.cat([x_local, x_local.new_zeros(pad, self.in_features)])
+            y_local = torch.cat([y_local.long(), y_local.new_full((pad,), ignore_index, dtype=torch.int64)])
+            sizes = [cap] * self.world_size
         y = _all_gather_rows(y_local.long(), sizes, group)
         x = _GatherRows.apply(x_local, sizes, self.rank, group)
         # the same checks as margin_cross_entropy, on the global batch (every rank sees the same data,
@@ -411,18 +433,20 @@ class ShardedMarginHead(nn.Module):
         valid = y != ignore_index
         local = y - self.class_start
         mine = valid & (local >= 0) & (local < self.num_local)
-        positive = torch.zeros(self.num_local, dtype=torch.bool, device=device)
-        positive[local[mine]] = True
-        k = max(int(positive.sum()), min(self.num_local, math.ceil(self.sample_rate * self.num_local)))
-        g = torch.Generator().manual_seed((self.seed * 0x9E3779B1 + self.sample_step * 1_000_003
-                                           + self.rank * 7919) % 2**62)
+        hits = torch.zeros(self.num_local, dtype=torch.int64, device=device)
+        positive = hits.scatter_add_(0, local.clamp(0, self.num_local - 1), mine.long()) > 0
+        counts = self._sample_counts()
+        k = counts[self.rank] if counts is not None else max(int(positive.sum()), self._draws(self.num_local))
+        g = torch.Generator(device=device).manual_seed((self.seed * 0x9E3779B1 + self.sample_step * 1_000_003
+                                                        + self.rank * 7919) % 2**62)
         self.sample_step += 1
-        scores = torch.rand(self.num_local, generator=g).to(device)
+        scores = torch.rand(self.num_local, generator=g, device=device)
         scores = torch.where(positive, torch.full_like(scores, 2.0), scores)  # positives first, then the draws
         index = scores.topk(k).indices.sort().values
-        counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(self.world_size)]
-        dist.all_gather(counts, torch.tensor([k], dtype=torch.int64, device=device), group=group)
-        counts = [int(c) for c in torch.cat(counts).tolist()]
+        if counts is None:  # how many each rank drew, read on the host: one synchronisation on GPUs
+            every = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(self.world_size)]
+            dist.all_gather(every, torch.tensor([k], dtype=torch.int64, device=device), group=group)
+            counts = [int(c) for c in torch.cat(every).tolist()]
         start = sum(counts[: self.rank])
         position = torch.full((self.num_local,), -1, dtype=torch.int64, device=device)
         position[index] = torch.arange(k, device=device)
@@ -431,6 +455,17 @@ class ShardedMarginHead(nn.Module):
         with torch.no_grad():
             self.sampled_rows[index] = True
         return index, start, sum(counts), torch.where(valid, renumbered, y)
+
+    def _draws(self, num_local: int) -> int:
+        return min(num_local, math.ceil(self.sample_rate * num_local))
+
+    def _sample_counts(self) -> Optional[list[int]]:
+        """Classes each rank samples when that is fixed in advance (with ``max_local_batch``: enough
+        for every label of the padded global batch, so no count has to be read), else None."""
+        if self.max_local_batch is None:
+            return None
+        sizes = [shard_range(self.num_classes, self.world_size, r)[1] for r in range(self.world_size)]
+        return [min(n, max(self._draws(n), self.world_size * self.max_local_batch)) for n in sizes]
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer):
         """Make ``optimizer`` update only the rows that this step sampled, leaving the others' weights

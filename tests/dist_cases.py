@@ -112,14 +112,21 @@ def _margin(kind: str, batch: int):
             }[kind]
 
 
+def padded_rows(sizes, cap) -> torch.Tensor:
+    """Where each row of the global batch sits in the padded layout of ``max_local_batch = cap``."""
+    return torch.cat([torch.arange(r * cap, r * cap + n) for r, n in enumerate(sizes)])
+
+
 def compare_with_single_process(rank: int, world: int, *, margin: str = "arcface", dtype=torch.float64,
-                                sizes=(5, 3, 7), C: int = 23, **options) -> dict:
+                                sizes=(5, 3, 7), C: int = 23, max_local_batch=None, **options) -> dict:
     """Max |difference| of loss, local embedding gradient, weight block gradient; whether argmax matches."""
     W, xs, ys = problem(world, C=C, sizes=sizes, dtype=dtype)
     B = sum(len(x) for x in xs)
     scale = options.pop("scale", 16.0)
+    if max_local_batch is not None and margin == "per-row":
+        raise ValueError("per-row margins cover the padded batch with max_local_batch")
     head = ShardedMarginHead(W.shape[1], C, margin=_margin(margin, B), scale=scale, dtype=dtype, return_stats=True,
-                             **options)
+                             max_local_batch=max_local_batch, **options)
     head.load_full_state_dict({"weight": W})
     x = xs[rank].clone().requires_grad_()
     loss, stats = head(x, ys[rank])
@@ -130,6 +137,11 @@ def compare_with_single_process(rank: int, world: int, *, margin: str = "arcface
     ref.sum().backward()
     start = sum(len(v) for v in xs[:rank])
     mine = slice(head.class_start, head.class_start + head.num_local)
+    if max_local_batch is not None:  # stats come in the padded layout
+        at = padded_rows([len(v) for v in xs], max_local_batch)
+        stats = type(stats)(*(f[at] for f in stats))
+        if options.get("reduction") == "none":
+            loss = loss[at]
 
     def err(a, b):
         if a.numel() == 0:
@@ -211,14 +223,16 @@ def tmp_path() -> str:
     return path
 
 
-def sampled_step(rank: int, world: int, *, sample_rate: float, margin: str = "arcface", **options) -> dict:
+def sampled_step(rank: int, world: int, *, sample_rate: float, margin: str = "arcface", max_local_batch=None,
+                 C: int = 41, **options) -> dict:
     """One sampled step against one process on the sampled classes only."""
     from marginops.distributed import _all_gather_rows, shard_range
 
-    W, xs, ys = problem(world, C=41, sizes=(6, 5, 4))
+    W, xs, ys = problem(world, C=C, sizes=(6, 5, 4))
     B = sum(len(x) for x in xs)
-    head = ShardedMarginHead(W.shape[1], 41, margin=_margin(margin, B), scale=16.0, dtype=torch.float64,
-                             sample_rate=sample_rate, seed=3, return_stats=True, **options)
+    head = ShardedMarginHead(W.shape[1], C, margin=_margin(margin, B), scale=16.0, dtype=torch.float64,
+                             sample_rate=sample_rate, seed=3, return_stats=True, max_local_batch=max_local_batch,
+                             **options)
     head.load_full_state_dict({"weight": W})
     x = xs[rank].clone().requires_grad_()
     loss, stats = head(x, ys[rank])
@@ -230,13 +244,15 @@ def sampled_step(rank: int, world: int, *, sample_rate: float, margin: str = "ar
     sampled = _all_gather_rows(rows + head.class_start, [int(c) for c in torch.cat(every)], None)
     # one process over the sampled classes only, labels renumbered
     y_all = torch.cat(ys)
-    lookup = torch.full((41,), -1, dtype=torch.int64)
+    lookup = torch.full((C,), -1, dtype=torch.int64)
     lookup[sampled] = torch.arange(len(sampled))
-    y_sub = torch.where(y_all != -100, lookup[y_all.clamp(0, 40)], y_all)
+    y_sub = torch.where(y_all != -100, lookup[y_all.clamp(0, C - 1)], y_all)
     xa, Ws = torch.cat(xs).requires_grad_(), W[sampled].clone().requires_grad_()
     ref, ref_stats = mo.margin_cross_entropy(xa, Ws, y_sub, _margin(margin, B), 16.0, return_stats=True, **options)
     ref.sum().backward()
     start = sum(len(v) for v in xs[:rank])
+    if max_local_batch is not None:
+        stats = type(stats)(*(f[padded_rows([len(v) for v in xs], max_local_batch)] for f in stats))
     mine = (sampled >= head.class_start) & (sampled < head.class_start + head.num_local)
     full_grad = torch.zeros_like(head.weight)
     full_grad[sampled[mine] - head.class_start] = Ws.grad[mine]
@@ -248,8 +264,10 @@ def sampled_step(rank: int, world: int, *, sample_rate: float, margin: str = "ar
         "prediction": bool(torch.equal(stats.prediction, sampled[ref_stats.prediction])),
         "sampled": sorted(int(c) for c in sampled),
         "positives_kept": positives <= {int(c) for c in sampled},
-        "expected_count": sum(max(len({c for c in positives if a <= c < a + n}), math.ceil(sample_rate * n))
-                              for a, n in (shard_range(41, world, r) for r in range(world))),
+        "expected_count": sum(
+            max(len({c for c in positives if a <= c < a + n}), math.ceil(sample_rate * n)) if max_local_batch is None
+            else min(n, max(math.ceil(sample_rate * n), world * max_local_batch))
+            for a, n in (shard_range(C, world, r) for r in range(world))),
     }
 
 
@@ -310,3 +328,31 @@ def sampled_optimizer_steps(rank: int, world: int, *, optimizer: str, steps: int
         ref_opt.step()
         report["sampled_match"] &= bool(torch.allclose(after[rows], sub.detach(), rtol=1e-12, atol=1e-15))
     return report
+
+
+def no_host_reads(rank: int, world: int, *, sample_rate: float, max_local_batch=8) -> dict:
+    """With ``max_local_batch`` (and device-side label checks) a training step reads no tensor on the
+    host: every way a value reaches Python (item, tolist, bool, int, float, index) raises while it runs."""
+    W, xs, ys = problem(world, C=60, sizes=(6, 5, 4))
+    head = ShardedMarginHead(W.shape[1], 60, margin=mo.ArcFace(0.5), scale=16.0, dtype=torch.float64,
+                             max_local_batch=max_local_batch, sample_rate=sample_rate, validate_labels="device")
+    head.load_full_state_dict({"weight": W})
+    x = xs[rank].clone().requires_grad_()
+    reads = []
+    names = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+
+    def trap(name):
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return saved[name](self, *args, **kwargs)
+        return read
+
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, trap(name))
+        head(x, ys[rank]).backward()
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+    return {"reads": reads, "grad": x.grad is not None and bool(torch.isfinite(x.grad).all())}

@@ -30,9 +30,12 @@ CONFIGS = [
     dict(margin="cosface", C=7, sizes=(2, 5, 1)),  # few classes, uneven blocks
     dict(margin="arcface", chunk_size=3),  # tiles inside each rank's block
     dict(margin="arcface", dtype=torch.float32),
+    dict(margin="arcface", max_local_batch=8, label_smoothing=0.1),  # padded to a static bound: no host reads
+    dict(margin="cosface", max_local_batch=7, reduction="none"),
 ]
 IDS = ["arcface-mean", "plain-sum", "cosface-none-smoothing", "sphereface-smoothing", "callable", "per-row-margin",
-       "unnormalized", "empty-rank", "few-classes", "small-tiles", "float32"]
+       "unnormalized", "empty-rank", "few-classes", "small-tiles", "float32", "bounded-batch",
+       "bounded-batch-none"]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -140,7 +143,8 @@ def test_the_example_trains_under_torchrun(tmp_path):
 # -- class sampling ----------------------------------------------------------------------------------------
 
 SAMPLING = [dict(sample_rate=0.3), dict(sample_rate=0.0), dict(sample_rate=0.5, margin="cosface",
-                                                                label_smoothing=0.1, reduction="sum")]
+                                                                label_smoothing=0.1, reduction="sum"),
+            dict(sample_rate=0.1, C=200, max_local_batch=6)]  # a fixed number of classes per rank
 
 
 @pytest.mark.parametrize("world", [1, 3])
@@ -173,3 +177,15 @@ def test_attached_optimizer_updates_only_sampled_rows(optimizer):
         assert value["unsampled_weight_unchanged"] and value["unsampled_state_unchanged"], value
         assert value["sampled_match"], value
         assert all(0 < k < 21 for k in value["sampled_counts"]), value
+
+
+@pytest.mark.parametrize("sample_rate", [1.0, 0.2])
+def test_a_bounded_batch_step_reads_nothing_on_the_host(sample_rate):
+    """With max_local_batch no value goes to Python during forward and backward (a GPU never waits);
+    without it, the ragged sizes are read (the control shows the trap works)."""
+    bounded = dist_cases.spawn(2, "no_host_reads", sample_rate=sample_rate)
+    ragged = dist_cases.spawn(2, "no_host_reads", sample_rate=sample_rate, max_local_batch=None)
+    for (status, value), (status_r, value_r) in zip(bounded, ragged):
+        assert status == "ok" and status_r == "ok", (value, value_r)
+        assert value["reads"] == [] and value["grad"], value
+        assert "tolist" in value_r["reads"], value_r
