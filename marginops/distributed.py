@@ -6,7 +6,7 @@ blocks, one per rank of a process group (sizes differ by at most one), and
 computes the loss of the *global* batch without any ``B x C`` tensor on any
 rank. One step, on every rank::
 
-    sizes    = all_gather(local batch size)                     world int64
+    sizes    = all_gather(local batch size)                     world int64 (none with max_local_batch)
     x, y     = all_gather(local embeddings, local labels)       B x D floats, B labels (ragged: padded to the largest)
     stats_r  = backend.forward_stats(x, W_r, y)                 this rank's classes only
     stats    = combine(all_gather(stats_r))                     world x B x 4 scalars, log-add-exp
