@@ -4,6 +4,7 @@ from .backends import BACKEND_NAMES, DEFAULT_MEMORY_BUDGET, register_backend, re
 from .functional import MarginStats, margin_cross_entropy
 from .margins import ArcFace, CombinedMargin, CosFace, Margin, NoMargin, SimplerASoftmax, SphereFace
 from .modules import MarginHead
+from .schedule import MarginScheduler
 
 __version__ = "0.1.0"
 
@@ -11,6 +12,7 @@ __all__ = [
     "margin_cross_entropy",
     "MarginStats",
     "MarginHead",
+    "MarginScheduler",
     "Margin",
     "NoMargin",
     "CosFace",
