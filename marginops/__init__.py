@@ -4,6 +4,7 @@ from .backends import BACKEND_NAMES, DEFAULT_MEMORY_BUDGET, register_backend, re
 from .functional import MarginStats, margin_cross_entropy
 from .margins import ArcFace, CombinedMargin, CosFace, Margin, NoMargin, SimplerASoftmax, SphereFace
 from .modules import MarginHead
+from .retrieval import answer_or_abstain, topk_cosine
 from .schedule import MarginScheduler
 
 __version__ = "0.1.0"
@@ -13,6 +14,8 @@ __all__ = [
     "MarginStats",
     "MarginHead",
     "MarginScheduler",
+    "topk_cosine",
+    "answer_or_abstain",
     "Margin",
     "NoMargin",
     "CosFace",

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import margin_cross_entropy
+from .retrieval import topk_cosine
 from .margins import MarginLike
 
 __all__ = ["MarginHead"]
@@ -87,6 +88,14 @@ class MarginHead(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor):
         return margin_cross_entropy(embeddings, self.weight, labels, self.margin, self.scale, **self.options)
+
+    def topk(self, embeddings: Tensor, k: int, *, chunk_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
+        """The ``k`` classes whose centres (rows of ``weight``) are closest to each embedding:
+        ``(cosines, indices)``, each ``(B, k)``, by :func:`marginops.topk_cosine` (chunked over
+        classes, no ``B x C`` matrix; ties go to the lower class index). With ``normalize=False`` the
+        scores are plain dot products, as in the head's logits."""
+        return topk_cosine(embeddings, self.weight, k, chunk_size=chunk_size,
+                           normalize=self.options.get("normalize", True))
 
     def extra_repr(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())

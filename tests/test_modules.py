@@ -125,3 +125,16 @@ def test_factory_kwargs_and_training_step():
         head(x, y).backward()
         opt.step()
     assert head(x, y).item() < first
+
+
+def test_head_topk_is_topk_cosine_over_its_weight():
+    head = mo.MarginHead(6, 50, margin=mo.ArcFace(0.5))
+    q = torch.randn(7, 6)
+    values, classes = head.topk(q, 3, chunk_size=8)
+    ref = torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(head.weight.detach(), dim=1).t()
+    top = ref.topk(3, dim=1)
+    torch.testing.assert_close(values, top.values)
+    assert torch.equal(classes, top.indices)
+    raw = mo.MarginHead(6, 50, normalize=False, scale=1.0)
+    v, c = raw.topk(q, 2)
+    assert torch.equal(c, (q @ raw.weight.detach().t()).topk(2, dim=1).indices)
