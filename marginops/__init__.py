@@ -2,6 +2,7 @@
 
 from .backends import BACKEND_NAMES, DEFAULT_MEMORY_BUDGET, register_backend, resolve_backend
 from .functional import MarginStats, margin_cross_entropy
+from .adaptive import AdaFace, ElasticFace, MagFace
 from .margins import ArcFace, CombinedMargin, CosFace, Margin, NoMargin, SimplerASoftmax, SphereFace
 from .modules import MarginHead
 from .retrieval import answer_or_abstain, topk_cosine
@@ -23,6 +24,9 @@ __all__ = [
     "SphereFace",
     "SimplerASoftmax",
     "CombinedMargin",
+    "ElasticFace",
+    "AdaFace",
+    "MagFace",
     "resolve_backend",
     "register_backend",
     "BACKEND_NAMES",

@@ -48,7 +48,8 @@ from torch import Tensor, nn
 from . import ops
 from .backends import Call, FusedOptions, RowStats, combine_stats, get_backend, resolve_backend
 from .backends.common import acc_dtype, inverse_norms
-from .functional import MarginStats, _apply_margin, _label_check, _resolve_margin, _validate, loss_dtype
+from .functional import (MarginStats, _add_row_terms, _apply_margin, _label_check, _resolve_margin, _validate,
+                         loss_dtype)
 from .margins import MarginLike
 from .modules import _OPTIONS, init_class_weights
 
@@ -112,6 +113,20 @@ class _SumOverRanks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         return grad, None
+
+
+class _Replicated(torch.autograd.Function):
+    """Identity for a quantity every rank computes identically from the gathered batch: each rank's
+    gradient is ``1 / world`` of the whole, so the gather's sum across ranks counts it once."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, world: int) -> Tensor:
+        ctx.world = world
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad / ctx.world, None
 
 
 # -- the two halves of the loss on one rank's classes -----------------------------------------------------
@@ -381,6 +396,13 @@ class ShardedMarginHead(nn.Module):
         if name == "reference":
             raise ValueError("ShardedMarginHead runs a fused backend; backend='reference' is single-process only")
         psi = _resolve_margin(self.margin, x.shape[0])
+        extra = None
+        if hasattr(psi, "for_batch"):  # adaptive margins see the global batch, identically on every rank
+            if hasattr(psi, "seed") and psi.seed is None:
+                raise ValueError(f"{type(psi).__name__} draws random margins: give it an int seed so that every "
+                                 "rank draws the same ones (seed=None draws from each process's own RNG)")
+            psi, extra = psi.for_batch(_Replicated.apply(x, self.world_size))
+            psi = _resolve_margin(psi, x.shape[0])
         class_start, num_classes, index = self.class_start, self.num_classes, None
         if self.sample_rate < 1 and self.training:
             # 1b. class sampling: this step runs over the sampled classes of every rank, renumbered
@@ -408,7 +430,7 @@ class ShardedMarginHead(nn.Module):
         # 3. the non-target part over this rank's classes, statistics combined over all ranks
         loss, lse, prediction = _ShardSoftmax.apply(x, W, safe, inv_x, inv_w, z, w, carrier_x, carrier_W, name,
                                                     opts, group)
-        loss = loss.to(loss_dtype(x.dtype, W.dtype, x.device))
+        loss = _add_row_terms(loss, extra, valid, reduction).to(loss_dtype(x.dtype, W.dtype, x.device))
         if not return_stats:
             return loss
         if index is not None:  # back from the sampled numbering to class indices

@@ -139,6 +139,18 @@ def _apply_margin(psi, t: Tensor) -> Tensor:
     return out.to(t.dtype)
 
 
+def _add_row_terms(loss: Tensor, extra: Optional[Tensor], valid: Tensor, reduction: str) -> Tensor:
+    """``loss`` plus a margin's per-row loss term (MagFace's regularizer), weighted and reduced like
+    the rows of the loss: ignored rows add nothing, ``"mean"`` averages over the others."""
+    if extra is None:
+        return loss
+    terms = torch.where(valid, extra, torch.zeros_like(extra)).to(loss.dtype)
+    if reduction == "none":
+        return loss + terms
+    total = terms.sum()
+    return loss + (total / valid.sum().clamp_min(1).to(total.dtype) if reduction == "mean" else total)
+
+
 def _label_check(validate_labels, device: torch.device) -> str:
     """The :data:`marginops.ops.LABEL_CHECKS` mode for the ``validate_labels`` option on ``device``."""
     if validate_labels is False:
@@ -297,6 +309,10 @@ def margin_cross_entropy(
         raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
     name = resolve_backend(backend, x.device)
     psi = _resolve_margin(margin, x.shape[0])
+    extra = None
+    if hasattr(psi, "for_batch"):  # adaptive margins: per-row margins (and a loss term) from this batch
+        psi, extra = psi.for_batch(x)
+        psi = _resolve_margin(psi, x.shape[0])
     labels = labels.long()
     out_dtype = loss_dtype(x.dtype, W.dtype, x.device)
     check = _label_check(validate_labels, x.device)
@@ -310,7 +326,8 @@ def margin_cross_entropy(
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
         )
         stats = MarginStats(out.lse, out.target_logit, out.target_cos, out.prediction)
-        return (out.loss.to(out_dtype), stats) if return_stats else out.loss.to(out_dtype)
+        loss = _add_row_terms(out.loss, extra, labels != ignore_index, reduction).to(out_dtype)
+        return (loss, stats) if return_stats else loss
 
     acc = acc_dtype(x.dtype, W.dtype)
     grad_on = torch.is_grad_enabled()
@@ -336,7 +353,7 @@ def margin_cross_entropy(
     z = scale * _apply_margin(psi, t)
     loss, lse, prediction = ops.margin_softmax(x, W, safe, inv_x, inv_w, z, w, carrier_x, carrier_W,
                                                backend=name, opts=opts)
-    loss = loss.to(out_dtype)
+    loss = _add_row_terms(loss, extra, valid, reduction).to(out_dtype)
     if not return_stats:
         return loss
     return loss, MarginStats(lse, z.detach(), t.detach(), prediction)

@@ -103,7 +103,20 @@ def problem(world: int, *, C: int = 23, D: int = 6, sizes=(5, 3, 7), dtype=torch
     return W, xs, ys
 
 
+class NormAdaptive(mo.Margin):
+    """A stand-in adaptive margin: per-row CosFace margins and a loss term from the embedding norms
+    (both differentiable), through the ``for_batch`` hook."""
+
+    params: dict = {}
+
+    def for_batch(self, x):
+        norms = x.norm(dim=1)
+        return mo.CosFace(0.1 + 0.2 * torch.sigmoid(norms - 2.5)), 0.05 * norms
+
+
 def _margin(kind: str, batch: int):
+    if kind == "norm-adaptive":
+        return NormAdaptive()
     if kind == "per-row":
         return mo.CosFace(torch.linspace(0.1, 0.4, batch, dtype=torch.float64))
     if kind == "callable":
@@ -356,3 +369,10 @@ def no_host_reads(rank: int, world: int, *, sample_rate: float, max_local_batch=
         for name, fn in saved.items():
             setattr(torch.Tensor, name, fn)
     return {"reads": reads, "grad": x.grad is not None and bool(torch.isfinite(x.grad).all())}
+
+
+def unseeded_random_margin(rank: int, world: int) -> str:
+    W, xs, ys = problem(world)
+    head = ShardedMarginHead(W.shape[1], W.shape[0], margin=mo.ElasticFace(seed=None), dtype=torch.float64)
+    head(xs[rank], ys[rank])
+    return "no error"

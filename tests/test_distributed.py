@@ -32,10 +32,11 @@ CONFIGS = [
     dict(margin="arcface", dtype=torch.float32),
     dict(margin="arcface", max_local_batch=8, label_smoothing=0.1),  # padded to a static bound: no host reads
     dict(margin="cosface", max_local_batch=7, reduction="none"),
+    dict(margin="norm-adaptive"),  # per-row margins and a loss term computed from the gathered batch
 ]
 IDS = ["arcface-mean", "plain-sum", "cosface-none-smoothing", "sphereface-smoothing", "callable", "per-row-margin",
        "unnormalized", "empty-rank", "few-classes", "small-tiles", "float32", "bounded-batch",
-       "bounded-batch-none"]
+       "bounded-batch-none", "norm-adaptive"]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -189,3 +190,10 @@ def test_a_bounded_batch_step_reads_nothing_on_the_host(sample_rate):
         assert status == "ok" and status_r == "ok", (value, value_r)
         assert value["reads"] == [] and value["grad"], value
         assert "tolist" in value_r["reads"], value_r
+
+
+def test_an_unseeded_random_margin_is_refused_on_every_rank():
+    """ElasticFace draws margins: unseeded, each rank would draw its own and the replicated loss would differ."""
+    results = dist_cases.spawn(2, "unseeded_random_margin")
+    for rank, (status, value) in enumerate(results):
+        assert status == "error" and value.startswith("ValueError") and "int seed" in value, (rank, value)
