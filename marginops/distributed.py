@@ -49,7 +49,7 @@ from . import ops
 from .backends import Call, FusedOptions, RowStats, combine_stats, get_backend, resolve_backend
 from .backends.common import acc_dtype, inverse_norms
 from .functional import (MarginStats, _add_row_terms, _apply_margin, _label_check, _resolve_margin, _validate,
-                         loss_dtype)
+                         loss_dtype, row_weights)
 from .margins import MarginLike
 from .modules import _OPTIONS, init_class_weights
 
@@ -206,32 +206,16 @@ class _ShardSoftmax(torch.autograd.Function):
 def _combine_over_ranks(mine: RowStats, group, opts: FusedOptions) -> RowStats:
     """Every rank's :class:`RowStats` gathered (``world x B`` scalars each) and combined exactly."""
     world = dist.get_world_size(group)
-    B = mine.lse.shape[0]
-    floats = [mine.lse]
-    if opts.want_prediction:
-        floats.append(mine.max)
-    if opts.label_smoothing > 0:
-        floats.append(mine.logit_sum)
-    packed = torch.stack(floats)
+    # the statistics this call has: one float collective for them, one int64 one for the argmax
+    names = ["lse", *(["max"] if opts.want_prediction else []), *(["logit_sum"] if opts.label_smoothing > 0 else [])]
+    packed = torch.stack([getattr(mine, name) for name in names])
     gathered = [torch.empty_like(packed) for _ in range(world)]
     dist.all_gather(gathered, packed, group=group)
-    args = None
+    args = [mine.argmax] * world  # empty without prediction
     if opts.want_prediction:
         args = [torch.empty_like(mine.argmax) for _ in range(world)]
         dist.all_gather(args, mine.argmax.contiguous(), group=group)
-    empty = mine.lse.new_zeros(0)
-    parts = []
-    for r, p in enumerate(gathered):
-        k = 1
-        best = arg = logit_sum = empty
-        if opts.want_prediction:
-            best, arg, k = p[k], args[r], k + 1
-        if opts.label_smoothing > 0:
-            logit_sum = p[k]
-        parts.append(RowStats(p[0], best, arg if opts.want_prediction else mine.argmax.new_zeros(0), logit_sum))
-    if B == 0:
-        return mine
-    return combine_stats(parts)
+    return combine_stats([mine._replace(argmax=arg, **dict(zip(names, p))) for p, arg in zip(gathered, args)])
 
 
 # -- the module ------------------------------------------------------------------------------------------
@@ -417,11 +401,7 @@ class ShardedMarginHead(nn.Module):
                             class_start=class_start, num_classes=num_classes)
         inv_x = inverse_norms(x.detach(), acc) if normalize else None
         inv_w = inverse_norms(W.detach(), acc) if normalize else None
-        valid = y != ignore_index
-        safe = torch.where(valid, y, torch.zeros_like(y))
-        w = valid.to(acc)
-        if reduction == "mean":
-            w = w / w.sum().clamp_min(1.0)
+        valid, safe, w = row_weights(y, ignore_index, reduction, acc)
         # 2. the target cosine from the rank that owns each label, shared
         W_grad_dtype = get_backend(name).weight_grad_dtype(x.dtype, W.dtype, opts)
         t_mine, carrier_x, carrier_W = _ShardTarget.apply(x, W, safe, inv_x, inv_w, class_start, W_grad_dtype)

@@ -151,6 +151,17 @@ def _add_row_terms(loss: Tensor, extra: Optional[Tensor], valid: Tensor, reducti
     return loss + (total / valid.sum().clamp_min(1).to(total.dtype) if reduction == "mean" else total)
 
 
+def row_weights(labels: Tensor, ignore_index: int, reduction: str, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """``(valid, safe, w)``: which rows count, the labels with ignored rows pointed at class 0, and each
+    row's loss weight (0 for ignored rows; ``1 / n_valid`` for ``"mean"``, else 1)."""
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    w = valid.to(acc)
+    if reduction == "mean":
+        w = w / w.sum().clamp_min(1.0)
+    return valid, safe, w
+
+
 def _label_check(validate_labels, device: torch.device) -> str:
     """The :data:`marginops.ops.LABEL_CHECKS` mode for the ``validate_labels`` option on ``device``."""
     if validate_labels is False:
@@ -342,11 +353,7 @@ def margin_cross_entropy(
     # inverse row norms once per call, outside autograd (the operators' backwards own the normalization backward)
     inv_x = inverse_norms(x.detach(), acc, EPS) if normalize else None
     inv_w = inverse_norms(W.detach(), acc, EPS) if normalize else None
-    valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels))
-    w = valid.to(acc)
-    if reduction == "mean":
-        w = w / w.sum().clamp_min(1.0)
+    valid, safe, w = row_weights(labels, ignore_index, reduction, acc)
 
     t, carrier_x, carrier_W = ops.target_cosine(x, W, labels, inv_x, inv_w, ignore_index=ignore_index,
                                                 label_check=check, backend=name, opts=opts)

@@ -180,10 +180,10 @@ def compare_many(rank: int, world: int, *, configs: list[dict]) -> list[dict]:
 def checkpoint_across_world_sizes(rank: int, world: int, *, path: str, steps: int, load: bool) -> dict:
     """``load``: start from the full weight in ``path``; train ``steps`` SGD steps on the fixed
     problem; rank 0 saves the full weight to ``path``. Returns the losses seen."""
-    W, xs, ys = problem(world, sizes=(4, 4, 4), seed=1)
-    D, C = W.shape[1], W.shape[0]
     # the global batch is the same 12 rows whatever the world size: split it evenly
-    x_all, y_all = torch.cat(problem(3, sizes=(4, 4, 4), seed=1)[1]), torch.cat(problem(3, sizes=(4, 4, 4), seed=1)[2])
+    W, xs, ys = problem(3, sizes=(4, 4, 4), seed=1)
+    D, C = W.shape[1], W.shape[0]
+    x_all, y_all = torch.cat(xs), torch.cat(ys)
     rows = torch.tensor_split(torch.arange(len(x_all)), world)[rank]
     head = ShardedMarginHead(D, C, margin=mo.ArcFace(0.5), scale=16.0, dtype=torch.float64)
     head.load_full_state_dict(torch.load(path) if load else {"weight": W})

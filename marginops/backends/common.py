@@ -77,7 +77,6 @@ class Prepared:
         elt = torch.finfo(self.acc).bits // 8
         self.pass_chunk = max(1, min(self.C, PASS_CHUNK, opts.budget // max(1, 2 * self.D * elt)))
         self.inv_x, self.inv_w = call.inv_x, call.inv_w
-        self.x_clamped = clamped(self.inv_x, opts.eps) if self.inv_x is not None else None
         self._xh: Optional[Tensor] = None
         self._class_sum: Optional[Tensor] = None
 
@@ -131,11 +130,14 @@ class Prepared:
         return self.opts.scale * (self.xh * self.target_rows()).sum(1)
 
     def logit_sum(self, target_logit: Optional[Tensor] = None) -> Tensor:
-        """Sum of the range's non-target logits per row: ``s xh . sum_j wh_j`` less the target's.
+        """Sum of the range's non-target logits per row: ``s xh . sum_j wh_j`` less the target's; an
+        empty (0,) tensor without label smoothing (the statistic is only needed for it).
 
         ``target_logit`` (``s * t`` where in range, 0 elsewhere) is taken from the
         caller when it has it, else recomputed.
         """
+        if self.opts.label_smoothing <= 0:
+            return self.empty()
         if target_logit is None:
             target_logit = self.target_logit()
         return self.opts.scale * (self.xh @ self.class_sum()) - target_logit

@@ -74,6 +74,13 @@ class FusedOptions:
     def is_full_range(self, local: int) -> bool:
         return self.class_start == 0 and self.total_classes(local) == local
 
+    def require_full_range(self, local: int) -> None:
+        """Raise the workspace strategy's ValueError unless a weight of ``local`` rows is every class."""
+        if not self.is_full_range(local):
+            raise ValueError("strategy='workspace' needs the whole class range (the gradients need the final "
+                             f"log-sum-exp during the pass), got classes [{self.class_start}, "
+                             f"{self.class_start + local}) of {self.total_classes(local)}")
+
 
 @dataclass(frozen=True)
 class Call:

@@ -281,8 +281,7 @@ def _forward(prep: _Prepared, pl: Plan, want_pred: bool, store: Optional[Tensor]
             block_done(r0, r1, cols, m_t, N[r0:r1])
     if want_pred:
         arg += prep.opts.class_start
-    logit_sum = prep.logit_sum(target) if prep.opts.label_smoothing > 0 else prep.empty()
-    return RowStats(N, best, arg, logit_sum)
+    return RowStats(N, best, arg, prep.logit_sum(target))
 
 
 def _forward_fused(prep: _Prepared, pl: Plan, z: Tensor, g: Tensor):
@@ -318,10 +317,8 @@ def weight_grad_dtype(x_dtype: torch.dtype, W_dtype: torch.dtype, opts: FusedOpt
 def _plan(B: int, C: int, x_dtype: torch.dtype, W_dtype: torch.dtype, opts: FusedOptions, grads: bool) -> Plan:
     elt = torch.finfo(acc_dtype(x_dtype, W_dtype)).bits // 8
     fused_wanted = grads and opts.reduce and (opts.need_x or opts.need_W) and opts.is_full_range(C)
-    if opts.strategy == "workspace" and not opts.is_full_range(C) and grads:
-        raise ValueError("strategy='workspace' needs the whole class range (the gradients need the final "
-                         f"log-sum-exp during the pass), got classes [{opts.class_start}, "
-                         f"{opts.class_start + C}) of {opts.total_classes(C)}")
+    if opts.strategy == "workspace" and grads:
+        opts.require_full_range(C)
     return plan(B, C, elt, opts, fused_wanted)
 
 

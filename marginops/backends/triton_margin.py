@@ -503,7 +503,7 @@ def _workspace_forward(prep: "_Prepared", x: Tensor, z: Tensor, g: Tensor, need_
     if dD is not None:
         for c0 in range(0, C, pl.chunk):
             _finish_chunk(prep, dD[c0:c0 + pl.chunk], c0, min(c0 + pl.chunk, C), dD[c0:c0 + pl.chunk])
-    return RowStats(N, best, pred, prep.logit_sum() if prep.opts.label_smoothing > 0 else prep.empty()), dxh, dD
+    return RowStats(N, best, pred, prep.logit_sum()), dxh, dD
 
 
 # -- the backend interface (marginops.backends.interface.Backend) ---------------------------------------
@@ -561,10 +561,7 @@ def uses_workspace(B: int, C: int, D: int, x_dtype: torch.dtype, W_dtype: torch.
     """
     if not _wants_workspace(opts) or B == 0:
         return False
-    if not opts.is_full_range(C):
-        raise ValueError("strategy='workspace' needs the whole class range (the gradients need the final "
-                         f"log-sum-exp during the pass), got classes [{opts.class_start}, "
-                         f"{opts.class_start + C}) of {opts.total_classes(C)}")
+    opts.require_full_range(C)
     workspace_rows(B, C, W_dtype, opts.budget)  # raises when not one row fits
     return True
 
@@ -579,7 +576,7 @@ def forward_stats(call: Call) -> RowStats:
         pred = pred + opts.class_start
     else:
         pred, best = prep.empty(torch.int64), prep.empty()
-    return RowStats(N, best, pred, prep.logit_sum() if opts.label_smoothing > 0 else prep.empty())
+    return RowStats(N, best, pred, prep.logit_sum())
 
 
 def forward_with_grads(call: Call, z: Tensor, g: Tensor) -> tuple[RowStats, Optional[Tensor], Optional[Tensor]]:
