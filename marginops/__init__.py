@@ -3,6 +3,8 @@
 from .backends import BACKEND_NAMES, DEFAULT_MEMORY_BUDGET, register_backend, resolve_backend
 from .functional import MarginStats, margin_cross_entropy
 from .adaptive import AdaFace, ElasticFace, MagFace
+from .adacos import AdaCos
+from .subcenter import DominantSubCenters, SubCenter, drop_non_dominant_sub_centers
 from .margins import ArcFace, CombinedMargin, CosFace, Margin, NoMargin, SimplerASoftmax, SphereFace
 from .modules import MarginHead
 from .retrieval import answer_or_abstain, topk_cosine
@@ -27,6 +29,10 @@ __all__ = [
     "ElasticFace",
     "AdaFace",
     "MagFace",
+    "AdaCos",
+    "SubCenter",
+    "drop_non_dominant_sub_centers",
+    "DominantSubCenters",
     "resolve_backend",
     "register_backend",
     "BACKEND_NAMES",

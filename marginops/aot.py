@@ -68,15 +68,24 @@ class Row:
 
 
 #: (kernel, variant) -> the feature constexprs. "workspace" variants are strategy="workspace"'s.
+#: ``filter`` (inter-class filtering) and ``sub3`` (3 sub-centres per class, the common choice) are the
+#: margin-family features that change the tile code.
+_PLAIN = dict(FILTER=False, SUB=1)
 VARIANTS = {
-    ("fwd", "stats"): dict(HAS_NORM=True, HAS_PRED=True, STORE_EXP=False),
-    ("fwd", "loss"): dict(HAS_NORM=True, HAS_PRED=False, STORE_EXP=False),
-    ("fwd", "unnormalized"): dict(HAS_NORM=False, HAS_PRED=False, STORE_EXP=False),
-    ("fwd", "workspace"): dict(HAS_NORM=True, HAS_PRED=True, STORE_EXP=True),
-    ("grad", "recompute"): dict(HAS_NORM=True, FROM_EXP=False, SCALE_G=True),
-    ("grad", "unscaled"): dict(HAS_NORM=True, FROM_EXP=False, SCALE_G=False),  # float16's G
-    ("grad", "unnormalized"): dict(HAS_NORM=False, FROM_EXP=False, SCALE_G=False),
-    ("grad", "workspace"): dict(HAS_NORM=True, FROM_EXP=True, SCALE_G=True),
+    ("fwd", "stats"): dict(HAS_NORM=True, HAS_PRED=True, STORE_EXP=False, **_PLAIN),
+    ("fwd", "loss"): dict(HAS_NORM=True, HAS_PRED=False, STORE_EXP=False, **_PLAIN),
+    ("fwd", "unnormalized"): dict(HAS_NORM=False, HAS_PRED=False, STORE_EXP=False, **_PLAIN),
+    ("fwd", "workspace"): dict(HAS_NORM=True, HAS_PRED=True, STORE_EXP=True, **_PLAIN),
+    ("fwd", "filter"): dict(HAS_NORM=True, HAS_PRED=True, STORE_EXP=False, FILTER=True, SUB=1),
+    ("fwd", "workspace-filter"): dict(HAS_NORM=True, HAS_PRED=True, STORE_EXP=True, FILTER=True, SUB=1),
+    ("fwd", "sub3-filter"): dict(HAS_NORM=True, HAS_PRED=True, STORE_EXP=False, FILTER=True, SUB=3),
+    ("grad", "recompute"): dict(HAS_NORM=True, FROM_EXP=False, SCALE_G=True, **_PLAIN),
+    ("grad", "unscaled"): dict(HAS_NORM=True, FROM_EXP=False, SCALE_G=False, **_PLAIN),  # float16's G
+    ("grad", "unnormalized"): dict(HAS_NORM=False, FROM_EXP=False, SCALE_G=False, **_PLAIN),
+    ("grad", "workspace"): dict(HAS_NORM=True, FROM_EXP=True, SCALE_G=True, **_PLAIN),
+    ("grad", "filter"): dict(HAS_NORM=True, FROM_EXP=False, SCALE_G=True, FILTER=True, SUB=1),
+    ("grad", "sub3-filter"): dict(HAS_NORM=True, FROM_EXP=False, SCALE_G=True, FILTER=True, SUB=3),
+    ("grad", "sub3-unscaled"): dict(HAS_NORM=True, FROM_EXP=False, SCALE_G=False, FILTER=False, SUB=3),
     ("finish", "dW"): dict(HAS_PRE=False),
     ("finish", "dW-unscaled"): dict(HAS_PRE=True),  # after float16's unscaled G
 }
@@ -94,12 +103,12 @@ def _source(job: Job):
     inp = _PTR[job.dtype]
     acc = "*fp64" if job.dtype == "float64" else "*fp32"
     if job.kernel == "fwd":
-        table = tk.WORKSPACE_FWD_CONFIGS if job.variant == "workspace" else tk.FWD_CONFIGS
+        table = tk.WORKSPACE_FWD_CONFIGS if job.variant.startswith("workspace") else tk.FWD_CONFIGS
         fn, cfg = tk._margin_fwd_kernel, table[dtype]
         pointers = dict(x_ptr=inp, w_ptr=inp, y_ptr="*i64", rs_ptr=acc, cs_ptr=acc, m_ptr=acc, l_ptr=acc,
                         pv_ptr=acc, pi_ptr="*i64", e_ptr=inp, sh_ptr=acc)
         ints = dict(B="i32", C="i32", D="i32", classes_per_split="i32", stride_xb="i32", stride_wc="i32",
-                    stride_pb="i32", stride_eb="i32", stride_sb="i32")
+                    stride_pb="i32", stride_eb="i32", stride_sb="i32", fthr="fp32")
         divisible = {"D", "classes_per_split", "stride_xb", "stride_wc", "stride_eb"}
         units = ("stride_xd", "stride_wd")
     elif job.kernel == "finish":  # streaming: its "config" is rows x 1 x features per step
@@ -114,7 +123,7 @@ def _source(job: Job):
         pointers = dict(x_ptr=inp, w_ptr=inp, y_ptr="*i64", rs_ptr=acc, cs_ptr=acc, lse_ptr=acc, coef_ptr=acc,
                         e_ptr=inp, sh_ptr=acc, g_ptr=inp)
         ints = dict(R="i32", Cc="i32", D="i32", label_offset="i32", smooth="fp32", stride_xb="i32",
-                    tile_c="i32", stride_wc="i32", stride_eb="i32", stride_sb="i32", stride_gb="i32")
+                    tile_c="i32", stride_wc="i32", stride_eb="i32", stride_sb="i32", stride_gb="i32", fthr="fp32")
         divisible = {"D", "stride_xb", "stride_wc", "stride_eb", "stride_gb", "tile_c"}
         units = ("stride_xd", "stride_wd")
     if job.config is not None:

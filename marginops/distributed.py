@@ -48,8 +48,10 @@ from torch import Tensor, nn
 from . import ops
 from .backends import Call, FusedOptions, RowStats, combine_stats, get_backend, resolve_backend
 from .backends.common import acc_dtype, inverse_norms
+from .adacos import AdaCos
 from .functional import (MarginStats, _add_row_terms, _apply_margin, _label_check, _resolve_margin, _validate,
-                         loss_dtype, row_weights)
+                         check_filter_threshold, loss_dtype, row_weights)
+from .subcenter import SubCenter
 from .margins import MarginLike
 from .modules import _OPTIONS, init_class_weights
 
@@ -311,6 +313,11 @@ class ShardedMarginHead(nn.Module):
         if self.num_classes < self.world_size:
             raise ValueError(f"num_classes = {num_classes} is smaller than the world size {self.world_size}: "
                              "every rank needs at least one class")
+        if isinstance(margin, SubCenter):
+            raise NotImplementedError("ShardedMarginHead does not support sub-centres (SubCenter); use MarginHead")
+        if isinstance(scale, AdaCos):
+            raise NotImplementedError("ShardedMarginHead does not support the AdaCos scale; give a fixed scale "
+                                      "(e.g. AdaCos.fixed_scale(num_classes))")
         self.class_start, self.num_local = shard_range(self.num_classes, self.world_size, self.rank)
         self.margin, self.scale, self.options = margin, scale, dict(options)
         self.weight = nn.Parameter(torch.empty(self.num_local, self.in_features, device=device, dtype=dtype))
@@ -375,6 +382,7 @@ class ShardedMarginHead(nn.Module):
         scale, label_smoothing, chunk_size, memory_budget = _validate(
             x, W, y, self.scale, reduction, ignore_index, o.get("label_smoothing", 0.0), normalize,
             o.get("chunk_size"), o.get("memory_budget"), "recompute", o.get("validate_labels", True))
+        filter_threshold = check_filter_threshold(o.get("interclass_filtering_threshold"), normalize, label_smoothing)
         ops.check_labels(y, self.num_classes, ignore_index, _label_check(o.get("validate_labels", True), x.device))
         name = resolve_backend(o.get("backend", "auto"), x.device)
         if name == "reference":
@@ -398,7 +406,7 @@ class ShardedMarginHead(nn.Module):
                             reduce=reduction != "none", chunk_size=chunk_size, memory_budget=memory_budget,
                             want_prediction=return_stats, strategy="recompute",
                             need_x=grad_on and x.requires_grad, need_W=grad_on and W.requires_grad,
-                            class_start=class_start, num_classes=num_classes)
+                            class_start=class_start, num_classes=num_classes, filter_threshold=filter_threshold)
         inv_x = inverse_norms(x.detach(), acc) if normalize else None
         inv_w = inverse_norms(W.detach(), acc) if normalize else None
         valid, safe, w = row_weights(y, ignore_index, reduction, acc)

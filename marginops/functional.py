@@ -12,7 +12,9 @@ from torch import Tensor
 from . import ops, reference
 from .backends import FusedOptions, get_backend, resolve_backend
 from .backends.common import acc_dtype, inverse_norms
+from .adacos import AdaCos
 from .margins import Margin, MarginLike, NoMargin
+from .subcenter import SubCenter, check_weight_rows
 
 __all__ = ["margin_cross_entropy", "MarginStats", "REDUCTIONS"]
 
@@ -119,6 +121,31 @@ def _validate(x, W, y, scale, reduction, ignore_index, label_smoothing, normaliz
     return scale, label_smoothing, chunk_size, memory_budget
 
 
+def check_filter_threshold(threshold, normalize: bool, label_smoothing: float) -> Optional[float]:
+    """The ``interclass_filtering_threshold`` option, validated (None: no filtering)."""
+    if threshold is None:
+        return None
+    threshold = _check_number("interclass_filtering_threshold", threshold, low=-1.0, high=1.0)
+    if not normalize:
+        raise ValueError("interclass_filtering_threshold is a cosine threshold and needs normalize=True")
+    if label_smoothing > 0:
+        raise ValueError("interclass_filtering_threshold cannot be combined with label_smoothing > 0 (the "
+                         "smoothing term would sum logits of classes that filtering removes from the softmax)")
+    return threshold
+
+
+def split_sub_centers(margin, weight_rows: int, label_smoothing: float):
+    """``(margin, k, classes)``: a :class:`SubCenter` unwrapped into its margin and ``k``."""
+    if not isinstance(margin, SubCenter):
+        return margin, 1, weight_rows
+    k = margin.k
+    classes = check_weight_rows(weight_rows, k)
+    if k > 1 and label_smoothing > 0:
+        raise NotImplementedError(f"label_smoothing > 0 is not supported with sub-centres (k = {k}): its "
+                                  "term sums the class logits, which are maxima over sub-centres")
+    return margin.margin, k, classes
+
+
 def _resolve_margin(margin: MarginLike, batch: int):
     if margin is None:
         return NoMargin()
@@ -204,6 +231,7 @@ def margin_cross_entropy(
     strategy: str = "auto",
     return_stats: bool = False,
     validate_labels: Union[bool, str] = True,
+    interclass_filtering_threshold: Optional[float] = None,
 ) -> Union[Tensor, tuple[Tensor, MarginStats]]:
     r"""Margin softmax cross-entropy over many classes without materializing ``B x C`` logits.
 
@@ -226,7 +254,12 @@ def margin_cross_entropy(
         labels (Tensor): ``(B,)`` integer class indices in ``[0, C)`` or ``ignore_index``.
         margin (Margin, callable or None): ``psi``, applied to the target cosine.
             Any differentiable ``psi(t) -> Tensor`` of shape ``(B,)`` works. Default: None (no margin).
-        scale (float): ``s`` > 0. Default: 64.0.
+            :class:`marginops.SubCenter` ``(margin, k)`` makes ``weight`` ``(C * k, D)``: ``k``
+            sub-centres per class (class-major), each class's cosine the largest of its ``k``
+            (the gradient reaches that sub-centre only, the lowest index on ties).
+        scale (float or AdaCos): ``s`` > 0, or a :class:`marginops.AdaCos` scale policy
+            (its current scale is used; in training mode a dynamic one then sets the next
+            step's scale from this call's statistics). Default: 64.0.
         normalize (bool): L2-normalize rows of ``embeddings`` and ``weight`` (norms
             floored at 1e-12, as ``F.normalize``). ``False`` gives plain linear
             logits ``x @ W.T``; ``scale`` and ``margin`` still apply. Default: True.
@@ -267,6 +300,17 @@ def margin_cross_entropy(
             device (a sync on GPUs). ``"device"``: the device-side assert on any device.
             ``False``: no check (a bad label gives an undefined loss or an indexing error).
             Default: True.
+        interclass_filtering_threshold (float, optional): in ``[-1, 1]``. A non-target
+            class whose cosine with the row exceeds it is treated as label noise and
+            removed from that row's softmax, as if its column were absent: it adds
+            nothing to the loss, to ``stats.lse`` or to any gradient (the backends
+            compare the logit ``s cos`` with ``s * threshold`` inside the tile pass). This
+            differs from InsightFace's Partial FC, which multiplies such cosines by 0,
+            so each still adds ``exp(0) = 1`` to its row's partition sum. The target is
+            never filtered, and ``stats.prediction`` stays the argmax over *every* class
+            (filtered ones included: it measures what the model predicts). Needs
+            ``normalize=True`` and ``label_smoothing=0`` (else a ValueError). Default:
+            None (no filtering).
 
     Returns:
         The loss (a scalar, or ``(B,)`` for ``reduction="none"``) in the wider of the
@@ -312,12 +356,19 @@ def margin_cross_entropy(
         >>> accuracy = (stats.prediction == y).float().mean()
     """
     x, W = embeddings, weight
+    policy = scale if isinstance(scale, AdaCos) else None
+    if policy is not None:
+        scale = float(policy.scale)  # validated with the rest; the call's scale is read below
     scale, label_smoothing, chunk_size, memory_budget = _validate(
         embeddings, weight, labels, scale, reduction, ignore_index, label_smoothing, normalize, chunk_size,
         memory_budget, strategy, validate_labels,
     )
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
+    margin, sub_centers, C = split_sub_centers(margin, W.shape[0], label_smoothing)
+    filter_threshold = check_filter_threshold(interclass_filtering_threshold, normalize, label_smoothing)
+    if policy is not None:
+        scale = policy.scale_for_step(C)
     name = resolve_backend(backend, x.device)
     psi = _resolve_margin(margin, x.shape[0])
     extra = None
@@ -327,7 +378,6 @@ def margin_cross_entropy(
     labels = labels.long()
     out_dtype = loss_dtype(x.dtype, W.dtype, x.device)
     check = _label_check(validate_labels, x.device)
-    C = W.shape[0]
 
     if name == "reference":
         ops.check_labels(labels, C, ignore_index, "host" if check != "none" else "none")
@@ -335,7 +385,10 @@ def margin_cross_entropy(
         out = reference.margin_cross_entropy_reference(
             x.to(common), W.to(common), labels, lambda t: _apply_margin(psi, t), scale, normalize=normalize,
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            interclass_filtering_threshold=filter_threshold, sub_centers=sub_centers,
         )
+        if policy is not None:
+            policy.observe(out.nontarget_lse, out.target_cos, labels != ignore_index)
         stats = MarginStats(out.lse, out.target_logit, out.target_cos, out.prediction)
         loss = _add_row_terms(out.loss, extra, labels != ignore_index, reduction).to(out_dtype)
         return (loss, stats) if return_stats else loss
@@ -346,6 +399,7 @@ def margin_cross_entropy(
         scale=scale, normalize=normalize, label_smoothing=label_smoothing, reduce=reduction != "none", eps=EPS,
         chunk_size=chunk_size, memory_budget=memory_budget, want_prediction=return_stats, strategy=strategy,
         need_x=grad_on and x.requires_grad, need_W=grad_on and W.requires_grad,
+        filter_threshold=filter_threshold, sub_centers=sub_centers,
     )
     if strategy == "workspace" and opts.reduce and (opts.need_x or opts.need_W):
         # a budget too small for the workspace is a bad static option: say so before any operator runs
@@ -358,8 +412,10 @@ def margin_cross_entropy(
     t, carrier_x, carrier_W = ops.target_cosine(x, W, labels, inv_x, inv_w, ignore_index=ignore_index,
                                                 label_check=check, backend=name, opts=opts)
     z = scale * _apply_margin(psi, t)
-    loss, lse, prediction = ops.margin_softmax(x, W, safe, inv_x, inv_w, z, w, carrier_x, carrier_W,
-                                               backend=name, opts=opts)
+    loss, lse, prediction, nontarget_lse = ops.margin_softmax(x, W, safe, inv_x, inv_w, z, w, carrier_x,
+                                                              carrier_W, backend=name, opts=opts)
+    if policy is not None:
+        policy.observe(nontarget_lse, t.detach(), valid)
     loss = _add_row_terms(loss, extra, valid, reduction).to(out_dtype)
     if not return_stats:
         return loss

@@ -10,9 +10,11 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from .adacos import AdaCos
 from .functional import margin_cross_entropy
 from .retrieval import topk_cosine
 from .margins import MarginLike
+from .subcenter import SubCenter, check_sub_centers
 
 __all__ = ["MarginHead"]
 
@@ -47,7 +49,12 @@ class MarginHead(nn.Module):
         in_features (int): embedding size ``D``.
         num_classes (int): number of classes ``C``.
         margin (Margin, callable or None): the margin ``psi``. Default: None.
-        scale (float): ``s``. Default: 64.0.
+        scale (float or AdaCos): ``s``, or a :class:`marginops.AdaCos` scale policy (a
+            submodule then: it follows the head's train/eval mode and its scale is in
+            ``state_dict``). Default: 64.0.
+        sub_centers (int): ``k`` sub-centres per class (sub-center ArcFace): ``weight`` is
+            ``(num_classes * k, in_features)``, class-major, and the margin is wrapped in
+            :class:`marginops.SubCenter`. Default: 1.
         device, dtype: factory arguments for ``weight``.
         **options: any keyword-only option of :func:`marginops.margin_cross_entropy`
             (``normalize``, ``reduction``, ``ignore_index``, ``label_smoothing``,
@@ -66,8 +73,9 @@ class MarginHead(nn.Module):
         >>> loss.backward()
     """
 
-    def __init__(self, in_features: int, num_classes: int, margin: MarginLike = None, scale: float = 64.0,
-                 *, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, **options: Any):
+    def __init__(self, in_features: int, num_classes: int, margin: MarginLike = None,
+                 scale: "float | AdaCos" = 64.0, *, sub_centers: int = 1, device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None, **options: Any):
         super().__init__()
         for name, value in (("in_features", in_features), ("num_classes", num_classes)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -77,27 +85,38 @@ class MarginHead(nn.Module):
             raise TypeError(f"unknown option(s) {unknown}; valid options are {list(_OPTIONS)}")
         self.in_features = int(in_features)
         self.num_classes = int(num_classes)
+        self.sub_centers = check_sub_centers(sub_centers, "sub_centers")
+        if isinstance(margin, SubCenter):
+            raise TypeError("give MarginHead the inner margin and sub_centers=k; it wraps the margin in SubCenter")
+        if isinstance(scale, AdaCos) and scale.num_classes != self.num_classes:
+            raise ValueError(f"AdaCos was built for num_classes = {scale.num_classes}, the head has "
+                             f"{self.num_classes}")
         self.margin = margin
-        self.scale = scale
+        self.scale = scale  # an AdaCos policy becomes a submodule
         self.options = dict(options)
-        self.weight = nn.Parameter(torch.empty(self.num_classes, self.in_features, device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.empty(self.num_classes * self.sub_centers, self.in_features, device=device,
+                                               dtype=dtype))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         init_class_weights(self.weight, self.options.get("normalize", True))
 
     def forward(self, embeddings: Tensor, labels: Tensor):
-        return margin_cross_entropy(embeddings, self.weight, labels, self.margin, self.scale, **self.options)
+        margin = SubCenter(self.margin, self.sub_centers) if self.sub_centers > 1 else self.margin
+        return margin_cross_entropy(embeddings, self.weight, labels, margin, self.scale, **self.options)
 
     def topk(self, embeddings: Tensor, k: int, *, chunk_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
         """The ``k`` classes whose centres (rows of ``weight``) are closest to each embedding:
         ``(cosines, indices)``, each ``(B, k)``, by :func:`marginops.topk_cosine` (chunked over
         classes, no ``B x C`` matrix; ties go to the lower class index). With ``normalize=False`` the
-        scores are plain dot products, as in the head's logits."""
+        scores are plain dot products, as in the head's logits. With sub-centres a class scores the
+        largest cosine of its sub-centres."""
         return topk_cosine(embeddings, self.weight, k, chunk_size=chunk_size,
-                           normalize=self.options.get("normalize", True))
+                           normalize=self.options.get("normalize", True), sub_centers=self.sub_centers)
 
     def extra_repr(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
-        return (f"in_features={self.in_features}, num_classes={self.num_classes}, margin={self.margin!r}, "
-                f"scale={self.scale}{opts}")
+        sub = f", sub_centers={self.sub_centers}" if self.sub_centers > 1 else ""
+        scale = "AdaCos" if isinstance(self.scale, AdaCos) else self.scale  # the submodule prints itself
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}{sub}, margin={self.margin!r}, "
+                f"scale={scale}{opts}")

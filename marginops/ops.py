@@ -114,15 +114,16 @@ def _carriers(x: Tensor, W: Tensor, need_x: bool, need_W: bool, backend: str, st
 @torch.library.custom_op("marginops::target_cosine", mutates_args=())
 def _target_cosine(x: Tensor, W: Tensor, labels: Tensor, inv_x: Optional[Tensor], inv_w: Optional[Tensor],
                    ignore_index: int, label_check: str, need_x: bool, need_W: bool, backend: str,
-                   strategy: str, reduce: bool) -> tuple[Tensor, Tensor, Tensor]:
-    check_labels(labels, W.shape[0], ignore_index, label_check)
+                   strategy: str, reduce: bool, sub_centers: int) -> tuple[Tensor, Tensor, Tensor]:
+    check_labels(labels, W.shape[0] // sub_centers, ignore_index, label_check)
     with _no_autocast(x.device):
-        t = _target_dot(x, W, _safe(labels, ignore_index), inv_x, inv_w)
+        rows = target_rows_index(x, W, _safe(labels, ignore_index), inv_x, inv_w, sub_centers)
+        t = _target_dot(x, W, rows, inv_x, inv_w)
     return (t, *_carriers(x, W, need_x, need_W, backend, strategy, reduce))
 
 
 @_target_cosine.register_fake
-def _(x, W, labels, inv_x, inv_w, ignore_index, label_check, need_x, need_W, backend, strategy, reduce):
+def _(x, W, labels, inv_x, inv_w, ignore_index, label_check, need_x, need_W, backend, strategy, reduce, sub_centers):
     return (x.new_empty(x.shape[0], dtype=acc_dtype(x.dtype, W.dtype)),
             *_carriers(x, W, need_x, need_W, backend, strategy, reduce))
 
@@ -130,6 +131,25 @@ def _(x, W, labels, inv_x, inv_w, ignore_index, label_check, need_x, need_W, bac
 def _safe(labels: Tensor, ignore_index: int) -> Tensor:
     """Labels with ignored rows pointed at class 0 (their row weight is 0)."""
     return torch.where(labels != ignore_index, labels, torch.zeros_like(labels))
+
+
+def target_rows_index(x: Tensor, W: Tensor, y: Tensor, inv_x: Optional[Tensor], inv_w: Optional[Tensor],
+                      sub_centers: int) -> Tensor:
+    """The row of ``W`` that holds each row's target cosine: ``y`` itself with one row per class; with
+    ``k = sub_centers`` rows per class (class-major), the sub-centre ``y k + r`` of largest cosine, the
+    lowest ``r`` on ties (``B k D`` work: the ``k`` rows of each target class, no more)."""
+    if sub_centers == 1:
+        return y
+    acc = acc_dtype(x.dtype, W.dtype)
+    B, D = x.shape
+    rows = y.unsqueeze(1) * sub_centers + torch.arange(sub_centers, device=y.device)  # (B, k)
+    wk = W.index_select(0, rows.reshape(-1)).to(acc).view(B, sub_centers, D)
+    xh = x.to(acc)
+    if inv_x is not None:
+        xh = xh * inv_x.unsqueeze(1)
+        wk = wk * inv_w[rows].unsqueeze(2)
+    cos = torch.bmm(wk, xh.unsqueeze(2)).squeeze(2)  # (B, k)
+    return rows.gather(1, cos.argmax(1, keepdim=True)).squeeze(1)  # argmax: the first maximum
 
 
 def _target_rows(x: Tensor, W: Tensor, y: Tensor, inv_x: Optional[Tensor], inv_w: Optional[Tensor]):
@@ -151,9 +171,10 @@ def _target_dot(x, W, y, inv_x, inv_w) -> Tensor:
 
 
 def _target_cosine_setup(ctx, inputs, output):
-    x, W, labels, inv_x, inv_w, ignore_index, *_ = inputs
+    x, W, labels, inv_x, inv_w, ignore_index, *_, sub_centers = inputs
     ctx.save_for_backward(x, W, labels, inv_x, inv_w)
     ctx.ignore_index = ignore_index
+    ctx.sub_centers = sub_centers
     ctx.set_materialize_grads(False)
 
 
@@ -163,9 +184,9 @@ def _target_cosine_backward(ctx, dt: Optional[Tensor], d_carrier_x: Optional[Ten
     _no_double_backward("target_cosine")
     x, W, labels, inv_x, inv_w = ctx.saved_tensors
     need_x, need_W = ctx.needs_input_grad[:2]
-    dx, dW = add_target_terms(x, W, _safe(labels, ctx.ignore_index), inv_x, inv_w, dt, d_carrier_x, d_carrier_W,
-                              need_x, need_W)
-    return dx, dW, None, None, None, None, None, None, None, None, None, None
+    rows = target_rows_index(x, W, _safe(labels, ctx.ignore_index), inv_x, inv_w, ctx.sub_centers)
+    dx, dW = add_target_terms(x, W, rows, inv_x, inv_w, dt, d_carrier_x, d_carrier_W, need_x, need_W)
+    return dx, dW, None, None, None, None, None, None, None, None, None, None, None
 
 
 def add_target_terms(x: Tensor, W: Tensor, rows: Tensor, inv_x: Optional[Tensor], inv_w: Optional[Tensor],
@@ -213,23 +234,27 @@ def target_cosine(x: Tensor, W: Tensor, labels: Tensor, inv_x: Optional[Tensor],
                                                                                                 Tensor]:
     """``t_i = xh_i . wh_{y_i}`` (accumulation dtype; class 0 for ignored rows) and the carriers.
 
+    With ``opts.sub_centers = k > 1`` the weight holds ``k`` rows per class and ``t_i`` is the largest
+    cosine among the target class's rows (:func:`target_rows_index`); its gradient goes to that row.
+
     ``labels`` are checked here (``label_check``, see :data:`LABEL_CHECKS`), the
     first place they index anything. The carriers are zero-storage tensors
     shaped like ``x`` and ``W`` (``(0,)`` where no gradient is wanted), in the
     dtypes ``backend`` returns the gradients in, to pass to :func:`margin_softmax`.
     """
     return _target_cosine(x, W, labels, inv_x, inv_w, ignore_index, label_check, opts.need_x, opts.need_W,
-                          backend, opts.strategy, opts.reduce)
+                          backend, opts.strategy, opts.reduce, opts.sub_centers)
 
 
 # -- margin_softmax ------------------------------------------------------------------------------------
 
 
 def _options(scale, normalize, label_smoothing, reduce, chunk_size, memory_budget, strategy, want_prediction,
-             need_x, need_W) -> FusedOptions:
+             need_x, need_W, filter_threshold, sub_centers) -> FusedOptions:
     return FusedOptions(scale=scale, normalize=normalize, label_smoothing=label_smoothing, reduce=reduce,
                         chunk_size=chunk_size, memory_budget=memory_budget, strategy=strategy,
-                        want_prediction=want_prediction, need_x=need_x, need_W=need_W)
+                        want_prediction=want_prediction, need_x=need_x, need_W=need_W,
+                        filter_threshold=filter_threshold, sub_centers=sub_centers)
 
 
 def _early_shapes(x: Tensor, W: Tensor, backend: str, opts: FusedOptions):
@@ -262,9 +287,11 @@ def _margin_softmax(x: Tensor, W: Tensor, y: Tensor, inv_x: Optional[Tensor], in
                     w: Tensor, carrier_x: Tensor, carrier_W: Tensor, backend: str, scale: float, normalize: bool,
                     label_smoothing: float, reduce: bool, chunk_size: Optional[int],
                     memory_budget: Optional[int], strategy: str, want_prediction: bool, need_x: bool,
-                    need_W: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    need_W: bool, filter_threshold: Optional[float],
+                    sub_centers: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     opts = _options(scale, normalize, label_smoothing, reduce, chunk_size, memory_budget, strategy, want_prediction,
-                    need_x, need_W)
+                    need_x, need_W, filter_threshold, sub_centers)
+    num_classes = W.shape[0] // sub_centers
     module = get_backend(backend)
     call = Call(x, W, y, inv_x, inv_w, opts)
     acc = acc_dtype(x.dtype, W.dtype)
@@ -275,19 +302,20 @@ def _margin_softmax(x: Tensor, W: Tensor, y: Tensor, inv_x: Optional[Tensor], in
             stats, dx, dW = module.forward_with_grads(call, zf, wf)  # gradients for grad_output = 1
         else:
             stats = module.forward_stats(call)
-        loss, lse = loss_from_stats(stats, zf, wf, label_smoothing, W.shape[0], reduce)
+        loss, lse = loss_from_stats(stats, zf, wf, label_smoothing, num_classes, reduce)
         if dx is not None or dW is not None:
-            dz = target_grad(wf, zf, lse, label_smoothing, W.shape[0])
+            dz = target_grad(wf, zf, lse, label_smoothing, num_classes)
     pred = stats.argmax if want_prediction else x.new_zeros(0, dtype=torch.int64)
     # outputs may not alias each other: a fresh empty stand-in for each gradient not formed
-    return (loss, lse, pred, *(t if t is not None else x.new_zeros(0, dtype=acc) for t in (dx, dW, dz)))
+    return (loss, lse, pred, *(t if t is not None else x.new_zeros(0, dtype=acc) for t in (dx, dW, dz)),
+            stats.lse.clone())
 
 
 @_margin_softmax.register_fake
 def _(x, W, y, inv_x, inv_w, z, w, carrier_x, carrier_W, backend, scale, normalize, label_smoothing, reduce,
-      chunk_size, memory_budget, strategy, want_prediction, need_x, need_W):
+      chunk_size, memory_budget, strategy, want_prediction, need_x, need_W, filter_threshold, sub_centers):
     opts = _options(scale, normalize, label_smoothing, reduce, chunk_size, memory_budget, strategy, want_prediction,
-                    need_x, need_W)
+                    need_x, need_W, filter_threshold, sub_centers)
     acc = acc_dtype(x.dtype, W.dtype)
     B = x.shape[0]
     early, W_grad_dtype = _early_shapes(x, W, backend, opts)
@@ -295,16 +323,17 @@ def _(x, W, y, inv_x, inv_w, z, w, carrier_x, carrier_W, backend, scale, normali
             x.new_empty(B if want_prediction else 0, dtype=torch.int64),
             x.new_empty(x.shape if early and need_x else 0, dtype=acc),
             W.new_empty(W.shape, dtype=W_grad_dtype) if early and need_W else x.new_empty(0, dtype=acc),
-            x.new_empty(B if early else 0, dtype=acc))
+            x.new_empty(B if early else 0, dtype=acc), x.new_empty(B, dtype=acc))
 
 
 @torch.library.custom_op("marginops::margin_softmax_grads", mutates_args=())
 def _margin_softmax_grads(x: Tensor, W: Tensor, y: Tensor, inv_x: Optional[Tensor], inv_w: Optional[Tensor],
                           lse: Tensor, g: Tensor, backend: str, scale: float, normalize: bool,
                           label_smoothing: float, chunk_size: Optional[int], memory_budget: Optional[int],
-                          strategy: str, need_x: bool, need_W: bool) -> tuple[Tensor, Tensor]:
+                          strategy: str, need_x: bool, need_W: bool, filter_threshold: Optional[float],
+                          sub_centers: int) -> tuple[Tensor, Tensor]:
     opts = _options(scale, normalize, label_smoothing, False, chunk_size, memory_budget, strategy, False,
-                    need_x, need_W)
+                    need_x, need_W, filter_threshold, sub_centers)
     with _no_autocast(x.device):
         dxh, dW = get_backend(backend).recompute_grads(Call(x, W, y, inv_x, inv_w, opts), lse, g)
     return (dxh if dxh is not None else x.new_zeros(0, dtype=lse.dtype),
@@ -313,9 +342,9 @@ def _margin_softmax_grads(x: Tensor, W: Tensor, y: Tensor, inv_x: Optional[Tenso
 
 @_margin_softmax_grads.register_fake
 def _(x, W, y, inv_x, inv_w, lse, g, backend, scale, normalize, label_smoothing, chunk_size, memory_budget,
-      strategy, need_x, need_W):
+      strategy, need_x, need_W, filter_threshold, sub_centers):
     opts = _options(scale, normalize, label_smoothing, False, chunk_size, memory_budget, strategy, False,
-                    need_x, need_W)
+                    need_x, need_W, filter_threshold, sub_centers)
     W_grad_dtype = get_backend(backend).weight_grad_dtype(x.dtype, W.dtype, opts)
     return (x.new_empty(x.shape if need_x else 0, dtype=lse.dtype),
             W.new_empty(W.shape, dtype=W_grad_dtype) if need_W else x.new_empty(0, dtype=lse.dtype))
@@ -327,12 +356,12 @@ _SOFTMAX_INPUTS = len(torch.ops.marginops.margin_softmax.default._schema.argumen
 
 def _margin_softmax_setup(ctx, inputs, output):
     x, W, y, inv_x, inv_w, z, w, carrier_x, carrier_W, backend, *options = inputs
-    loss, lse, pred, early_dx, early_dW, early_dz = output
+    loss, lse, pred, early_dx, early_dW, early_dz, nontarget_lse = output
     ctx.save_for_backward(x, W, y, inv_x, inv_w, z, w, lse, early_dx, early_dW, early_dz)
     ctx.backend = backend
     ctx.options = options
     ctx.early = early_dz.numel() > 0
-    ctx.mark_non_differentiable(lse, pred, early_dx, early_dW, early_dz)
+    ctx.mark_non_differentiable(lse, pred, early_dx, early_dW, early_dz, nontarget_lse)
     ctx.set_materialize_grads(False)
 
 
@@ -342,7 +371,8 @@ def _margin_softmax_backward(ctx, grad_loss: Optional[Tensor], *unused):
         return tuple(grads)
     _no_double_backward("margin_softmax")
     x, W, y, inv_x, inv_w, z, w, lse, early_dx, early_dW, early_dz = ctx.saved_tensors
-    scale, normalize, label_smoothing, reduce, chunk_size, memory_budget, strategy, _, need_x, need_W = ctx.options
+    (scale, normalize, label_smoothing, reduce, chunk_size, memory_budget, strategy, _, need_x, need_W,
+     filter_threshold, sub_centers) = ctx.options
     g0 = grad_loss.to(lse.dtype)
     if ctx.early:
         # the forward formed the gradients for grad_output = 1; hand them over scaled, in place when
@@ -356,9 +386,10 @@ def _margin_softmax_backward(ctx, grad_loss: Optional[Tensor], *unused):
         dxh = dW = None
         if need_x or need_W:
             dxh, dW = _margin_softmax_grads(x, W, y, inv_x, inv_w, lse, g, ctx.backend, scale, normalize,
-                                            label_smoothing, chunk_size, memory_budget, strategy, need_x, need_W)
+                                            label_smoothing, chunk_size, memory_budget, strategy, need_x, need_W,
+                                            filter_threshold, sub_centers)
             dxh, dW = (dxh if need_x else None), (dW if need_W else None)
-        dz = target_grad(g, z.to(lse.dtype), lse, label_smoothing, W.shape[0])
+        dz = target_grad(g, z.to(lse.dtype), lse, label_smoothing, W.shape[0] // sub_centers)
     grads[5] = dz.to(z.dtype) if ctx.needs_input_grad[5] else None
     grads[7], grads[8] = dxh, dW
     return tuple(grads)
@@ -369,21 +400,23 @@ _margin_softmax.register_autograd(_margin_softmax_backward, setup_context=_margi
 
 def margin_softmax(x: Tensor, W: Tensor, y: Tensor, inv_x: Optional[Tensor], inv_w: Optional[Tensor], z: Tensor,
                    w: Tensor, carrier_x: Tensor, carrier_W: Tensor, *, backend: str,
-                   opts: FusedOptions) -> tuple[Tensor, Tensor, Tensor]:
-    """The non-target part of the loss on fused backend ``backend``: ``(loss, lse, prediction)``.
+                   opts: FusedOptions) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The non-target part of the loss on fused backend ``backend``: ``(loss, lse, prediction, nontarget_lse)``.
 
     ``y`` holds labels with ignored rows pointed at class 0, ``z`` the margined
     target logits, ``w`` the per-row loss weights (0 for ignored rows). The loss
     (accumulation dtype) is ``sum_i w_i loss_i`` or per row; ``lse`` the per-row
     log-sum-exp with ``z`` in the target column; ``prediction`` the first argmax
-    of the margin-free logits (empty unless ``opts.want_prediction``). The
+    of the margin-free logits (empty unless ``opts.want_prediction``); ``nontarget_lse`` the per-row
+    log-sum-exp of the non-target logits alone (what :class:`marginops.AdaCos` reads). The
     gradients of ``x`` and ``W`` leave through the carriers' gradients (see the
     module docstring); ``z`` receives its own.
     """
-    if opts.class_start != 0 or opts.num_classes not in (None, W.shape[0]):
+    if opts.class_start != 0 or opts.num_classes not in (None, W.shape[0] // opts.sub_centers):
         raise ValueError("margin_softmax runs over the whole class range; a backend's class ranges are combined "
                          "with marginops.backends.combine_stats")
     out = _margin_softmax(x, W, y, inv_x, inv_w, z, w, carrier_x, carrier_W, backend, opts.scale,
                           opts.normalize, opts.label_smoothing, opts.reduce, opts.chunk_size, opts.memory_budget,
-                          opts.strategy, opts.want_prediction, opts.need_x, opts.need_W)
-    return out[0], out[1], out[2]
+                          opts.strategy, opts.want_prediction, opts.need_x, opts.need_W, opts.filter_threshold,
+                          opts.sub_centers)
+    return out[0], out[1], out[2], out[6]

@@ -28,6 +28,7 @@ from torch import Tensor
 from .backends.common import acc_dtype
 from .functional import _check_number, _check_optional_int, _check_tensor
 from .reference import EPS
+from .subcenter import check_sub_centers, check_weight_rows
 
 __all__ = ["topk_cosine", "answer_or_abstain", "TILE_BYTES"]
 
@@ -38,7 +39,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TILE_BYTES = 8 * 2**20
 
 
-def _validate(queries, centers, k, chunk_size, normalize) -> tuple[int, Optional[int]]:
+def _validate(queries, centers, k, chunk_size, normalize, sub_centers=1) -> tuple[int, Optional[int]]:
     _check_tensor("queries", queries, 2)
     _check_tensor("centers", centers, 2)
     for name, t in (("queries", queries), ("centers", centers)):
@@ -48,6 +49,7 @@ def _validate(queries, centers, k, chunk_size, normalize) -> tuple[int, Optional
     if queries.device != centers.device:
         raise ValueError(f"queries and centers must be on one device, got {queries.device} and {centers.device}")
     (_, D), (C, Dc) = queries.shape, centers.shape
+    C = check_weight_rows(C, check_sub_centers(sub_centers, "sub_centers"), "centers")
     if Dc != D:
         raise ValueError(f"centers has {Dc} features per class but queries have {D} (centers is (C, D))")
     if D < 1:
@@ -55,7 +57,8 @@ def _validate(queries, centers, k, chunk_size, normalize) -> tuple[int, Optional
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be an int, got {type(k).__name__} {k!r}")
     if not 1 <= k <= C:
-        raise ValueError(f"k must lie in [1, C] where C = {C} is the number of centers, got k = {k}")
+        raise ValueError(f"k must lie in [1, C] where C = {C} is the number of classes (centres"
+                         f"{' / sub_centers' if sub_centers > 1 else ''}), got k = {k}")
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {normalize!r}")
     return int(k), _check_optional_int("chunk_size", chunk_size, 1)
@@ -89,7 +92,7 @@ def _chunk_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def topk_cosine(queries: Tensor, centers: Tensor, k: int, *, chunk_size: Optional[int] = None,
-                normalize: bool = True) -> tuple[Tensor, Tensor]:
+                normalize: bool = True, sub_centers: int = 1) -> tuple[Tensor, Tensor]:
     r"""The ``k`` centres of highest cosine for each query, without a ``B x C`` score matrix.
 
     Scores are ``cos_ij = q̂_i · ĉ_j`` (rows L2-normalized with norms floored
@@ -112,6 +115,9 @@ def topk_cosine(queries: Tensor, centers: Tensor, k: int, *, chunk_size: Optiona
         chunk_size (int, optional): classes per chunk. Default: as many as keep the
             ``B x chunk`` tile within :data:`TILE_BYTES` (8 MiB).
         normalize (bool): cosine (True) or plain dot product (False). Default: True.
+        sub_centers (int): ``centers`` holds this many rows per class (class-major, as the
+            weight of a sub-centre head); a class scores the largest of its rows' scores and
+            the indices are classes. ``chunk_size`` then counts classes. Default: 1.
 
     Returns:
         ``(values, indices)``, each ``(B, k)``, sorted by descending score:
@@ -123,10 +129,11 @@ def topk_cosine(queries: Tensor, centers: Tensor, k: int, *, chunk_size: Optiona
         ValueError: tensors that are not 2-D, on different devices or with different
             feature counts; ``D = 0``; ``k`` outside ``[1, C]``; ``chunk_size < 1``.
     """
-    k, chunk_size = _validate(queries, centers, k, chunk_size, normalize)
-    B, C = queries.shape[0], centers.shape[0]
+    k, chunk_size = _validate(queries, centers, k, chunk_size, normalize, sub_centers)
+    sub = sub_centers
+    B, C = queries.shape[0], centers.shape[0] // sub
     acc = acc_dtype(queries.dtype, centers.dtype)
-    chunk = min(C, chunk_size or _default_chunk(B, acc))
+    chunk = min(C, chunk_size or max(1, _default_chunk(B, acc) // sub))
     with torch.no_grad():
         q = queries.to(acc)
         if normalize:
@@ -134,10 +141,13 @@ def topk_cosine(queries: Tensor, centers: Tensor, k: int, *, chunk_size: Optiona
         best_v = q.new_empty(B, 0)
         best_i = torch.empty(B, 0, dtype=torch.long, device=q.device)
         for start in range(0, C, chunk):
-            c = centers[start:start + chunk].to(acc)
+            c = centers[start * sub:(start + chunk) * sub].to(acc)
             if normalize:
                 c = F.normalize(c, dim=1, eps=EPS)  # a new tensor: the caller's centres stay untouched
-            v, i = _chunk_topk(torch.mm(q, c.t()), min(k, c.shape[0]))
+            scores = torch.mm(q, c.t())
+            if sub > 1:  # a class scores its best sub-centre
+                scores = scores.view(B, -1, sub).amax(2)
+            v, i = _chunk_topk(scores, min(k, scores.shape[1]))
             # Merge: running best (lower indices) first, then this chunk's in index order, and a stable
             # sort by value keeps that order among equal values, i.e. ties go to the lower index.
             i, order = torch.sort(i + start, dim=1)

@@ -210,7 +210,10 @@ def rounding_floors(x, W, y, scale, margin, t64, *, normalize=True, reduction="m
         if out.requires_grad else torch.zeros_like(t)
     amp = w * slope.detach().abs().clamp_min(1.0)  # row weight times the target term's amplification
     labels = torch.where(y != ignore_index, y, torch.zeros_like(y))
-    per_class = torch.full((W64.shape[0],), float(w.sum()), dtype=torch.float64).index_add_(0, labels, amp)
+    k = margin.k if isinstance(margin, mo.SubCenter) else 1  # the target term reaches one of the class's k rows
+    per_class = torch.full((W64.shape[0],), float(w.sum()), dtype=torch.float64)
+    for r in range(k):
+        per_class.index_add_(0, labels * k + r, amp)
     if normalize:
         gx = amp / x64.norm(dim=1).clamp_min(1e-12)
         gW = per_class / W64.norm(dim=1).clamp_min(1e-12)
@@ -270,6 +273,8 @@ def check_against_reference(x, W, y, margin=None, scale=64.0, *, backend="torch"
     pred = ours.stats.prediction
     assert pred.dtype == torch.int64 and pred.shape == y.shape
     cos = cosines64(x, W, options.get("normalize", True))
+    if isinstance(margin, mo.SubCenter):  # class cosines: the largest of each class's sub-centres
+        cos = cos.view(cos.shape[0], -1, margin.k).amax(2)
     if y.numel():
         picked = cos.gather(1, pred.unsqueeze(1)).squeeze(1)
         slack = 1e-12 if x.dtype == torch.float64 else 1e-5

@@ -33,10 +33,11 @@ CONFIGS = [
     dict(margin="arcface", max_local_batch=8, label_smoothing=0.1),  # padded to a static bound: no host reads
     dict(margin="cosface", max_local_batch=7, reduction="none"),
     dict(margin="norm-adaptive"),  # per-row margins and a loss term computed from the gathered batch
+    dict(margin="arcface", interclass_filtering_threshold=0.2),  # filtered per rank, statistics combined
 ]
 IDS = ["arcface-mean", "plain-sum", "cosface-none-smoothing", "sphereface-smoothing", "callable", "per-row-margin",
        "unnormalized", "empty-rank", "few-classes", "small-tiles", "float32", "bounded-batch",
-       "bounded-batch-none", "norm-adaptive"]
+       "bounded-batch-none", "norm-adaptive", "interclass-filtering"]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

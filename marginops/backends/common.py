@@ -70,12 +70,14 @@ class Prepared:
         self.x, self.W, self.y = call.x, call.W, call.y
         self.acc = acc_dtype(call.x.dtype, call.W.dtype)
         self.B, self.D = call.x.shape
-        self.C = call.W.shape[0]
+        self.k = opts.sub_centers
+        self.n_rows = call.W.shape[0]  # rows of W: classes times sub-centres
+        self.C = opts.classes_of(self.n_rows)  # classes of this range
         self.C_total = opts.total_classes(self.C)
         self.y_local = self.y - opts.class_start
         self.in_range = (self.y_local >= 0) & (self.y_local < self.C)
         elt = torch.finfo(self.acc).bits // 8
-        self.pass_chunk = max(1, min(self.C, PASS_CHUNK, opts.budget // max(1, 2 * self.D * elt)))
+        self.pass_chunk = max(1, min(self.n_rows, PASS_CHUNK, opts.budget // max(1, 2 * self.D * elt)))
         self.inv_x, self.inv_w = call.inv_x, call.inv_w
         self._xh: Optional[Tensor] = None
         self._class_sum: Optional[Tensor] = None
@@ -93,9 +95,9 @@ class Prepared:
         return self.W[c0:c1].to(self.acc)
 
     def chunks(self):
-        """``(c0, c1)`` class ranges of :attr:`pass_chunk` classes."""
-        for c0 in range(0, self.C, self.pass_chunk):
-            yield c0, min(c0 + self.pass_chunk, self.C)
+        """``(c0, c1)`` ranges of :attr:`pass_chunk` rows of ``W`` (classes, or sub-centres)."""
+        for c0 in range(0, self.n_rows, self.pass_chunk):
+            yield c0, min(c0 + self.pass_chunk, self.n_rows)
 
     def class_sum(self) -> Tensor:
         """``sum_j wh_j`` (D,) over this weight's rows, for label smoothing (computed once per call)."""
@@ -112,7 +114,8 @@ class Prepared:
         return clamped(self.inv_w[c0:c1], self.opts.eps)
 
     def target_index(self) -> Tensor:
-        """Each row's target row of ``W``, clamped into range (valid only where :attr:`in_range`)."""
+        """Each row's target row of ``W``, clamped into range (valid only where :attr:`in_range`; one
+        row per class: label smoothing, the only user, is not combined with sub-centres)."""
         return self.y_local.clamp(0, max(self.C - 1, 0))
 
     def target_rows(self) -> Tensor:

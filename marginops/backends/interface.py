@@ -62,14 +62,26 @@ class FusedOptions:
     need_W: bool = True  # gradients wanted for the weight
     class_start: int = 0  # global index of the weight's first row
     num_classes: Optional[int] = None  # all classes, this range and the others; None: the weight's rows
+    # Inter-class filtering: a non-target class whose cosine exceeds this is left out of the softmax
+    # (loss, log-sum-exp and gradients) as if its column were absent; None: no filtering. The backend
+    # compares the logit ``s cos`` with ``s * filter_threshold``. Not combined with label smoothing.
+    filter_threshold: Optional[float] = None
+    # Sub-centres per class: the weight has ``k * classes`` rows, class-major (class c's are rows
+    # c k .. c k + k - 1); a class's cosine is the largest of its rows', and its gradient goes to
+    # that row only (the lowest index on ties). 1: one row per class.
+    sub_centers: int = 1
 
     @property
     def budget(self) -> int:
         return self.memory_budget if self.memory_budget is not None else DEFAULT_MEMORY_BUDGET
 
     def total_classes(self, local: int) -> int:
-        """``C_total`` for a weight of ``local`` rows."""
+        """``C_total`` for a range of ``local`` classes."""
         return self.num_classes if self.num_classes is not None else local
+
+    def classes_of(self, rows: int) -> int:
+        """Classes held by a weight of ``rows`` rows (``rows / sub_centers``)."""
+        return rows // self.sub_centers
 
     def is_full_range(self, local: int) -> bool:
         return self.class_start == 0 and self.total_classes(local) == local

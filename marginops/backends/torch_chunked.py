@@ -104,6 +104,9 @@ class _Prepared(Prepared):
         self.floor = _exp_floor(self.acc)
         self.tiny = torch.finfo(self.acc).tiny
         self._xs: Optional[Tensor] = None
+        thr = self.opts.filter_threshold
+        # inter-class filtering compares logits: s * cos > s * threshold
+        self.filter_logit = None if thr is None else self.opts.scale * thr
 
     @property
     def xs(self) -> Tensor:
@@ -130,29 +133,71 @@ class _Prepared(Prepared):
                 self.finish_w_grad(dD[c0:c1], c0, c1)
         return dD
 
-    def logits_tile(self, out: Tensor, r0: int, r1: int, c0: int, c1: int, wt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Fill ``out`` (r x c) with ``s * cos``, the target column set to -inf.
+    def w_class_tile(self, c0: int, c1: int) -> Tensor:
+        """The rows of ``W`` of classes ``[c0, c1)`` (all their sub-centres), accumulation dtype."""
+        return self.w_tile(c0 * self.k, c1 * self.k)
 
-        Returns ``(index, in_tile, target_value)``: each row's target column
-        clamped into the tile, whether it really lies there, and the logit
-        that was there before masking.
+    def logits_tile(self, out: Tensor, r0: int, r1: int, c0: int, c1: int, wt: Tensor,
+                    raw: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """Fill ``out`` (r x c) with the class logits ``s * cos``, the target column set to -inf.
+
+        ``wt`` holds the rows of classes ``[c0, c1)`` (:meth:`w_class_tile`). With
+        sub-centres the ``r x (c k)`` sub-centre logits go to ``raw`` (flat scratch) and each class
+        takes the largest of its ``k``. Returns ``(index, in_tile, target_value, sub)``: each row's
+        target column clamped into the tile, whether it really lies there, the logit that was there
+        before masking, and (sub-centres only, else None) the ``r x c x 1`` index of the sub-centre
+        each class logit came from (the first maximum).
         """
-        torch.mm(self.xs[r0:r1], wt.t(), out=out)
-        if self.inv_w is not None:
-            out.mul_(self.inv_w[c0:c1])
+        sub = None
+        if self.k == 1:
+            torch.mm(self.xs[r0:r1], wt.t(), out=out)
+            if self.inv_w is not None:
+                out.mul_(self.inv_w[c0:c1])
+        else:
+            R, n, k = r1 - r0, c1 - c0, self.k
+            rl = raw[: R * n * k].view(R, n * k)
+            torch.mm(self.xs[r0:r1], wt.t(), out=rl)
+            if self.inv_w is not None:
+                rl.mul_(self.inv_w[c0 * k:c1 * k])
+            r3 = rl.view(R, n, k)
+            sub = r3.argmax(2, keepdim=True)  # documented: the first maximal index
+            torch.gather(r3, 2, sub, out=out.view(R, n, 1))
         y = self.y_local[r0:r1]
         idx = (y - c0).clamp_(0, c1 - c0 - 1).unsqueeze(1)
         in_tile = (y >= c0) & (y < c1)
         before = out.gather(1, idx).squeeze(1)
         masked = torch.where(in_tile, torch.full_like(before, -math.inf), before)
         out.scatter_(1, idx, masked.unsqueeze(1))
-        return idx, in_tile, before
+        return idx, in_tile, before, sub
 
-    def exp_tile(self, out: Tensor, shift: Tensor, idx: Tensor, in_tile: Tensor) -> None:
-        """``out = exp(out - shift)`` in place with the target column exactly 0."""
+    def filter_tile(self, out: Tensor) -> Optional[Tensor]:
+        """Inter-class filtering, in place: non-target logits above ``s * threshold`` become -inf.
+        Returns the mask of filtered entries (None without filtering)."""
+        if self.filter_logit is None:
+            return None
+        mask = out > self.filter_logit  # the target column is -inf already: never filtered
+        out.masked_fill_(mask, -math.inf)
+        return mask
+
+    def exp_tile(self, out: Tensor, shift: Tensor, idx: Tensor, in_tile: Tensor,
+                 filtered: Optional[Tensor] = None) -> None:
+        """``out = exp(out - shift)`` in place with the target column (and ``filtered`` entries) exactly 0."""
         out.sub_(shift.unsqueeze(1)).clamp_min_(self.floor).exp_()
         kept = out.gather(1, idx).squeeze(1)
         out.scatter_(1, idx, torch.where(in_tile, torch.zeros_like(kept), kept).unsqueeze(1))
+        if filtered is not None:
+            out.masked_fill_(filtered, 0.0)
+
+    def spread(self, p: Tensor, sub: Optional[Tensor], raw: Optional[Tensor]) -> Tensor:
+        """Class-tile weights ``p`` (r x c) as weights of the rows of ``W``: ``p`` itself, or with
+        sub-centres an ``r x (c k)`` tile (in ``raw``) holding each class's weight at the sub-centre
+        its logit came from and 0 at the others."""
+        if sub is None:
+            return p
+        R, n = p.shape
+        out = raw[: R * n * self.k].view(R, n, self.k).zero_()
+        out.scatter_(2, sub, p.unsqueeze(2))
+        return out.view(R, n * self.k)
 
     def grad_tile(self, p: Tensor, row_scale: Tensor, c0: int, c1: int, wt: Tensor, r0: int, r1: int,
                   dxh: Optional[Tensor], dD: Optional[Tensor]) -> None:
@@ -222,19 +267,21 @@ def _row_block_stats(prep: _Prepared, r0: int, r1: int, cols, pl: Plan, store: O
     target = torch.zeros(R, device=dev, dtype=acc)
     pred = _RunningPrediction(R, dev, acc) if want_pred else None
     scratch = None if store is not None else torch.empty(R * pl.chunk, device=dev, dtype=acc)
+    raw = torch.empty(R * pl.chunk * prep.k, device=dev, dtype=acc) if prep.k > 1 else None
     for k, (c0, c1) in enumerate(cols):
         buf = store[k * pl.rows * pl.chunk:][: R * (c1 - c0)] if store is not None else scratch[: R * (c1 - c0)]
         tile = buf.view(R, c1 - c0)
-        wt = prep.w_tile(c0, c1)
-        idx, in_tile, before = prep.logits_tile(tile, r0, r1, c0, c1, wt)
+        wt = prep.w_class_tile(c0, c1)
+        idx, in_tile, before, _ = prep.logits_tile(tile, r0, r1, c0, c1, wt, raw)
         target = torch.where(in_tile, before, target)
         if pred is not None:
             mx, am = tile.max(1)  # non-target only; the target is compared in finish()
             pred.update(mx, am, c0)
-        else:
+        filtered = prep.filter_tile(tile)  # after the prediction: it sees every class
+        if pred is None or filtered is not None:
             mx = tile.amax(1)
         shift = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-        prep.exp_tile(tile, shift, idx, in_tile)
+        prep.exp_tile(tile, shift, idx, in_tile, filtered)
         m_tiles[:, k] = mx  # -inf where the tile held only the target
         s_tiles[:, k] = tile.sum(1)
     return m_tiles, s_tiles, target, pred
@@ -289,7 +336,7 @@ def _forward_fused(prep: _Prepared, pl: Plan, z: Tensor, g: Tensor):
     B, dev, acc = prep.B, prep.W.device, prep.acc
     store = torch.empty(pl.workspace_bytes // (torch.finfo(acc).bits // 8), device=dev, dtype=acc)
     dxh = torch.zeros(B, prep.D, device=dev, dtype=acc) if prep.opts.need_x else None
-    dD = torch.zeros(prep.C, prep.D, device=dev, dtype=acc) if prep.opts.need_W else None
+    dD = torch.zeros(prep.n_rows, prep.D, device=dev, dtype=acc) if prep.opts.need_W else None
     zf = z.to(acc)
     g = g.to(acc)
 
@@ -299,7 +346,7 @@ def _forward_fused(prep: _Prepared, pl: Plan, z: Tensor, g: Tensor):
         for k, (c0, c1) in enumerate(cols):
             tile = store[k * pl.rows * pl.chunk:][: R * (c1 - c0)].view(R, c1 - c0)
             row_scale = g[r0:r1] * prep.opts.scale * torch.exp(m_t[:, k] - lse)
-            prep.grad_tile(tile, row_scale, c0, c1, prep.w_tile(c0, c1), r0, r1, dxh, dD)
+            prep.grad_tile(tile, row_scale, c0, c1, prep.w_class_tile(c0, c1), r0, r1, dxh, dD)
 
     stats = _forward(prep, pl, prep.opts.want_prediction, store, gradients)
     _smoothing_grads(prep, g, dxh, dD)
@@ -315,16 +362,28 @@ def weight_grad_dtype(x_dtype: torch.dtype, W_dtype: torch.dtype, opts: FusedOpt
 
 
 def _plan(B: int, C: int, x_dtype: torch.dtype, W_dtype: torch.dtype, opts: FusedOptions, grads: bool) -> Plan:
+    """The plan for ``C`` classes (sub-centre tiles count ``1 + k`` elements per class: the ``k``
+    sub-centre logits and the class logit)."""
     elt = torch.finfo(acc_dtype(x_dtype, W_dtype)).bits // 8
-    fused_wanted = grads and opts.reduce and (opts.need_x or opts.need_W) and opts.is_full_range(C)
+    fused_wanted = (grads and opts.reduce and (opts.need_x or opts.need_W) and opts.is_full_range(C)
+                    and opts.sub_centers == 1)
     if opts.strategy == "workspace" and grads:
         opts.require_full_range(C)
-    return plan(B, C, elt, opts, fused_wanted)
+        _workspace_supports(opts)
+    return plan(B, C, elt * (1 + opts.sub_centers) if opts.sub_centers > 1 else elt, opts, fused_wanted)
+
+
+def _workspace_supports(opts: FusedOptions) -> None:
+    if opts.sub_centers > 1:
+        raise NotImplementedError(f"strategy='workspace' does not support sub-centres (sub_centers="
+                                  f"{opts.sub_centers}); use strategy='recompute' or 'auto'")
 
 
 def uses_workspace(B: int, C: int, D: int, x_dtype: torch.dtype, W_dtype: torch.dtype, opts: FusedOptions) -> bool:
-    """The fused strategy (three GEMMs) when :func:`plan` picks it for a call that wants gradients."""
-    return B > 0 and _plan(B, C, x_dtype, W_dtype, opts, grads=True).strategy == "fused"
+    """The fused strategy (three GEMMs) when :func:`plan` picks it for a call that wants gradients
+    (never with sub-centres: ``strategy="workspace"`` raises NotImplementedError for them). ``C`` is the
+    weight's rows."""
+    return B > 0 and _plan(B, opts.classes_of(C), x_dtype, W_dtype, opts, grads=True).strategy == "fused"
 
 
 def forward_stats(call: Call) -> RowStats:
@@ -352,18 +411,22 @@ def recompute_grads(call: Call, lse: Tensor, g: Tensor) -> tuple[Optional[Tensor
     lse = lse.to(prep.acc)
     g = g.to(prep.acc)
     dxh = torch.zeros(prep.B, prep.D, device=x.device, dtype=prep.acc) if opts.need_x else None
-    dD = torch.zeros(prep.C, prep.D, device=x.device, dtype=prep.acc) if opts.need_W else None
+    dD = torch.zeros(prep.n_rows, prep.D, device=x.device, dtype=prep.acc) if opts.need_W else None
     if dxh is None and dD is None:
         return None, None
     scratch = torch.empty(pl.rows * pl.chunk, device=x.device, dtype=prep.acc)
+    k = prep.k
+    raw = torch.empty(pl.rows * pl.chunk * k, device=x.device, dtype=prep.acc) if k > 1 else None
     for r0, r1, cols in prep.tiles(pl):
         row_scale = g[r0:r1] * opts.scale
         for c0, c1 in cols:
             tile = scratch[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-            wt = prep.w_tile(c0, c1)
-            idx, in_tile, _ = prep.logits_tile(tile, r0, r1, c0, c1, wt)
-            prep.exp_tile(tile, lse[r0:r1], idx, in_tile)
-            prep.grad_tile(tile, row_scale, c0, c1, wt, r0, r1, dxh, dD)
-    del scratch
+            wt = prep.w_class_tile(c0, c1)
+            idx, in_tile, _, sub = prep.logits_tile(tile, r0, r1, c0, c1, wt, raw)
+            filtered = prep.filter_tile(tile)
+            prep.exp_tile(tile, lse[r0:r1], idx, in_tile, filtered)
+            # with sub-centres each class's weight goes to the sub-centre its logit came from
+            prep.grad_tile(prep.spread(tile, sub, raw), row_scale, c0 * k, c1 * k, wt, r0, r1, dxh, dD)
+    del scratch, raw
     _smoothing_grads(prep, g, dxh, dD)
     return dxh, prep.finish_w_grads(dD) if dD is not None else None

@@ -116,12 +116,39 @@ def _logits_tile(
 
 
 @triton.jit
+def _class_logits_tile(
+    x_base, w_ptr, offs_d, offs_c, rs, cs_ptr, row_ok, col_ok, D, stride_wc, stride_xd, stride_wd,
+    HAS_NORM: tl.constexpr, SUB: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Class logits of one tile: with ``SUB`` sub-centres per class (rows ``c SUB + r`` of ``W``) the
+    largest of the ``SUB`` logits, and which ``r`` gave it (the first maximum); ``r = 0`` for ``SUB = 1``."""
+    if SUB == 1:
+        w_base = w_ptr + offs_c[:, None] * stride_wc + offs_d[None, :] * stride_wd
+        best = _logits_tile(x_base, w_base, rs, cs_ptr, offs_c, row_ok, col_ok, D, stride_xd, stride_wd,
+                            HAS_NORM, UPCAST, ACC, DOT_PRECISION, BLOCK_B, BLOCK_C, BLOCK_D)
+        arg = tl.zeros((BLOCK_B, BLOCK_C), tl.int32)
+    else:
+        best = tl.full((BLOCK_B, BLOCK_C), float("-inf"), ACC)
+        arg = tl.zeros((BLOCK_B, BLOCK_C), tl.int32)
+        for r in tl.static_range(SUB):
+            rows = offs_c * SUB + r
+            w_base = w_ptr + rows[:, None] * stride_wc + offs_d[None, :] * stride_wd
+            cur = _logits_tile(x_base, w_base, rs, cs_ptr, rows, row_ok, col_ok, D, stride_xd, stride_wd,
+                               HAS_NORM, UPCAST, ACC, DOT_PRECISION, BLOCK_B, BLOCK_C, BLOCK_D)
+            better = cur > best  # strict: the first maximum wins
+            best = tl.where(better, cur, best)
+            arg = tl.where(better, r, arg)
+    return best, arg
+
+
+@triton.jit
 def _margin_fwd_kernel(
     x_ptr,  # (B, D) raw embeddings
-    w_ptr,  # (C, D) raw class weights
+    w_ptr,  # (C SUB, D) raw class weights (SUB sub-centres per class, class-major)
     y_ptr,  # (B,) int64 labels in [0, C)
     rs_ptr,  # (B,) row factor: s / max(|x_i|, eps), or s
-    cs_ptr,  # (C,) column factor 1 / max(|W_j|, eps) (read only with HAS_NORM)
+    cs_ptr,  # (C SUB,) column factor 1 / max(|W_j|, eps) (read only with HAS_NORM)
     m_ptr,  # (B, S) out: per-split max of the non-target logits
     l_ptr,  # (B, S) out: per-split sum of exp(logit - max)
     pv_ptr,  # (B, S) out: per-split max over all logits (read only with HAS_PRED)
@@ -134,9 +161,12 @@ def _margin_fwd_kernel(
     stride_wc, stride_wd,  # W strides
     stride_pb,  # row stride of the four (B, S) outputs (S)
     stride_eb, stride_sb,  # row strides of the two workspace outputs
+    fthr,  # inter-class filtering: non-target logits above this leave the softmax (only with FILTER)
     HAS_NORM: tl.constexpr,  # fold in the column factor
     HAS_PRED: tl.constexpr,  # track the running argmax
     STORE_EXP: tl.constexpr,  # keep each tile's exponentials and shift (strategy="workspace")
+    FILTER: tl.constexpr,  # inter-class filtering
+    SUB: tl.constexpr,  # sub-centres per class: a class logit is the largest of its SUB
     UPCAST: tl.constexpr,  # convert tiles to ACC right after loading (bf16 under the interpreter)
     ACC: tl.constexpr,  # accumulation dtype (float32, or float64 for float64 inputs)
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision for float32 inputs
@@ -160,9 +190,9 @@ def _margin_fwd_kernel(
     for c0 in range(c_start, c_end, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         col_ok = offs_c < c_end
-        w_base = w_ptr + offs_c[:, None] * stride_wc + offs_d[None, :] * stride_wd
-        logits = _logits_tile(x_base, w_base, rs, cs_ptr, offs_c, row_ok, col_ok, D, stride_xd, stride_wd,
-                              HAS_NORM, UPCAST, ACC, DOT_PRECISION, BLOCK_B, BLOCK_C, BLOCK_D)
+        logits, _ = _class_logits_tile(x_base, w_ptr, offs_d, offs_c, rs, cs_ptr, row_ok, col_ok, D, stride_wc,
+                                       stride_xd, stride_wd, HAS_NORM, SUB, UPCAST, ACC, DOT_PRECISION, BLOCK_B,
+                                       BLOCK_C, BLOCK_D)
         logits = tl.where(col_ok[None, :], logits, float("-inf"))
         if HAS_PRED:
             tile_best = tl.max(logits, axis=1)
@@ -172,6 +202,8 @@ def _margin_fwd_kernel(
             best = tl.where(better, tile_best, best)
             best_idx = tl.where(better, tile_idx.to(tl.int64) + c0, best_idx)
         logits = tl.where(offs_c[None, :] == y[:, None], float("-inf"), logits)
+        if FILTER:  # after the prediction, which sees every class; the target is -inf already
+            logits = tl.where(logits > fthr, float("-inf"), logits)
         m_new = tl.maximum(m, tl.max(logits, axis=1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no non-target class yet
         e = tl.exp(logits - shift[:, None])
@@ -193,21 +225,23 @@ def _margin_fwd_kernel(
 @triton.jit
 def _margin_grad_kernel(
     x_ptr,  # (R, D) raw embeddings of the rows
-    w_ptr,  # (Cc, D) raw class weights of the chunk
+    w_ptr,  # (Cc SUB, D) raw class weights of the chunk (SUB sub-centres per class, class-major)
     y_ptr,  # (R,) int64 labels (global class indices)
     rs_ptr,  # (R,) row factor of the logits (as in the forward)
-    cs_ptr,  # (Cc,) column factor 1 / max(|W_j|, eps) of the chunk (read only with HAS_NORM)
+    cs_ptr,  # (Cc SUB,) column factor 1 / max(|W_j|, eps) of the chunk's rows (read only with HAS_NORM)
     lse_ptr,  # (R,) log-sum-exp over all classes, margined target included
     coef_ptr,  # (R,) g_i * s: upstream gradient times scale
     e_ptr,  # (R, Cc) the forward's stored exponentials of the chunk (read only with FROM_EXP)
     sh_ptr,  # (R, T) their per-tile shifts, over all classes (FROM_EXP)
-    g_ptr,  # (R, Cc) out: G in the input dtype
+    g_ptr,  # (R, Cc SUB) out: G in the input dtype, per row of W (0 at sub-centres that are not a maximum)
     R, Cc, D,  # sizes
     label_offset,  # the chunk's first class: column j is class label_offset + j
     smooth,  # eps / C (label smoothing), or 0
     tile_c,  # classes per forward tile: class k's shift is sh[:, k // tile_c] (FROM_EXP)
     stride_xb, stride_xd, stride_wc, stride_wd, stride_eb, stride_sb, stride_gb,
-    HAS_NORM: tl.constexpr, FROM_EXP: tl.constexpr, SCALE_G: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    fthr,  # inter-class filtering threshold on the logits (only with FILTER)
+    HAS_NORM: tl.constexpr, FROM_EXP: tl.constexpr, SCALE_G: tl.constexpr, FILTER: tl.constexpr,
+    SUB: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
@@ -218,7 +252,8 @@ def _margin_grad_kernel(
     col_ok = offs_c < Cc
     tile_ok = row_ok[:, None] & col_ok[None, :]
     lse = tl.load(lse_ptr + offs_b, mask=row_ok, other=0.0).to(ACC)
-    if FROM_EXP:
+    if FROM_EXP:  # filtered and target columns hold 0 there (sub-centres never come this way)
+        sub = tl.zeros((BLOCK_B, BLOCK_C), tl.int32)
         e = tl.load(e_ptr + offs_b[:, None] * stride_eb + offs_c[None, :], mask=tile_ok, other=0.0).to(ACC)
         tile = (label_offset + offs_c) // tile_c
         sh = tl.load(sh_ptr + offs_b[:, None] * stride_sb + tile[None, :], mask=tile_ok, other=0.0).to(ACC)
@@ -227,18 +262,28 @@ def _margin_grad_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         rs = tl.load(rs_ptr + offs_b, mask=row_ok, other=0.0).to(ACC)
         x_base = x_ptr + offs_b[:, None] * stride_xb + offs_d[None, :] * stride_xd
-        w_base = w_ptr + offs_c[:, None] * stride_wc + offs_d[None, :] * stride_wd
-        logits = _logits_tile(x_base, w_base, rs, cs_ptr, offs_c, row_ok, col_ok, D, stride_xd, stride_wd,
-                              HAS_NORM, UPCAST, ACC, DOT_PRECISION, BLOCK_B, BLOCK_C, BLOCK_D)
+        logits, sub = _class_logits_tile(x_base, w_ptr, offs_d, offs_c, rs, cs_ptr, row_ok, col_ok, D, stride_wc,
+                                         stride_xd, stride_wd, HAS_NORM, SUB, UPCAST, ACC, DOT_PRECISION, BLOCK_B,
+                                         BLOCK_C, BLOCK_D)
         p = tl.exp(logits - lse[:, None])
+        if FILTER:  # filtered columns: p = 0 (and smooth = 0: filtering excludes label smoothing)
+            p = tl.where(logits > fthr, 0.0, p)
     y = tl.load(y_ptr + offs_b, mask=row_ok, other=-1) - label_offset
     coef = tl.load(coef_ptr + offs_b, mask=row_ok, other=0.0).to(ACC)
     g = p - smooth
     if SCALE_G:  # fold 1 / |W_j| into G (else the caller multiplies by normalized W rows)
-        g = g * tl.load(cs_ptr + offs_c, mask=col_ok, other=0.0).to(ACC)[None, :]
+        if SUB == 1:
+            g = g * tl.load(cs_ptr + offs_c, mask=col_ok, other=0.0).to(ACC)[None, :]
+        else:  # the norm of the sub-centre each class logit came from
+            g = g * tl.load(cs_ptr + offs_c[None, :] * SUB + sub, mask=tile_ok, other=0.0).to(ACC)
     keep = tile_ok & (offs_c[None, :] != y[:, None])
     g = tl.where(keep, g * coef[:, None], 0.0)
-    tl.store(g_ptr + offs_b[:, None] * stride_gb + offs_c[None, :], g.to(g_ptr.dtype.element_ty), mask=tile_ok)
+    if SUB == 1:
+        tl.store(g_ptr + offs_b[:, None] * stride_gb + offs_c[None, :], g.to(g_ptr.dtype.element_ty), mask=tile_ok)
+    else:  # G per row of W: the class's value at its maximal sub-centre, 0 at the others
+        for r in tl.static_range(SUB):
+            tl.store(g_ptr + offs_b[:, None] * stride_gb + offs_c[None, :] * SUB + r,
+                     tl.where(sub == r, g, 0.0).to(g_ptr.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit

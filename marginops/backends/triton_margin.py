@@ -181,13 +181,16 @@ class ExpWorkspace:
 def margin_fwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Optional[Tensor], *,
                want_prediction: bool = False, classes: Optional[int] = None,
                config: Optional[KernelConfig] = None,
-               workspace: Optional[ExpWorkspace] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+               workspace: Optional[ExpWorkspace] = None, sub_centers: int = 1,
+               filter_logit: Optional[float] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Per-row log-sum-exp of ``row_scale_i * col_scale_j * (x_i . W_j)`` over ``j != y_i``, and the argmax.
 
     Args:
-        x, W, y: ``(B, D)``, ``(C, D)`` raw inputs of one dtype, ``(B,)`` int64 labels in ``[0, C)``.
+        x, W, y: ``(B, D)``, ``(C k, D)`` raw inputs of one dtype, ``(B,)`` int64 labels in ``[0, C)``.
         row_scale: ``(B,)`` (accumulation dtype), ``s / |x_i|`` or ``s``.
-        col_scale: ``(C,)`` ``1 / |W_j|``, or None (``normalize=False``).
+        col_scale: ``(C k,)`` ``1 / |W_j|``, or None (``normalize=False``).
+        sub_centers: ``k``, rows of ``W`` per class (class-major); a class logit is the largest of its ``k``.
+        filter_logit: inter-class filtering: non-target logits above it are left out (not of the prediction).
         want_prediction: also return the argmax over all classes (first index on ties).
         classes: classes per program (class splits); default: :func:`classes_per_program`.
         config: tile config; default: :data:`FWD_CONFIGS` for the dtype
@@ -200,7 +203,9 @@ def margin_fwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Op
     """
     _check_inputs(x, W, y)
     B, D = x.shape
-    C = W.shape[0]
+    C = W.shape[0] // sub_centers
+    if workspace is not None and sub_centers != 1:
+        raise NotImplementedError("the workspace forward does not support sub-centres")
     acc = acc_dtype(x.dtype)
     cfg = config or (FWD_CONFIGS if workspace is None else WORKSPACE_FWD_CONFIGS)[x.dtype]
     per = classes_per_program(B, C, cfg, x.device, classes)
@@ -221,8 +226,9 @@ def margin_fwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Op
             B, C, D, per,
             x.stride(0), x.stride(1), W.stride(0), W.stride(1), splits,
             workspace.exp.stride(0) if workspace else 0, workspace.shift.stride(0) if workspace else 0,
+            float(filter_logit) if filter_logit is not None else 0.0,
             HAS_NORM=col_scale is not None, HAS_PRED=want_prediction, STORE_EXP=workspace is not None,
-            **_constexprs(x),
+            FILTER=filter_logit is not None, SUB=sub_centers, **_constexprs(x),
             BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -243,7 +249,8 @@ def margin_fwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Op
 def margin_grad(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Optional[Tensor], lse: Tensor,
                 coef: Tensor, out: Tensor, *, label_offset: int = 0, smoothing: float = 0.0,
                 workspace: Optional[ExpWorkspace] = None, scale_g: bool = True,
-                config: Optional[KernelConfig] = None) -> Tensor:
+                config: Optional[KernelConfig] = None, sub_centers: int = 1,
+                filter_logit: Optional[float] = None) -> Tensor:
     """Fill ``out`` (R, Cc) with ``G_ij = coef_i (exp(l_ij - lse_i) - smoothing) col_scale_j``, 0 on targets
     (without the ``col_scale_j`` factor when ``scale_g`` is False).
 
@@ -251,14 +258,21 @@ def margin_grad(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: O
     ``exp(l_ij - lse_i)`` comes from a forward's ``workspace`` (R rows, all
     classes). ``x`` (R, D) and ``W`` (Cc, D) may be row slices of the full
     inputs; column ``j`` is the class ``label_offset + j`` (the target test
-    against ``y``, and the column of the workspace).
+    against ``y``, and the column of the workspace). With ``sub_centers = k``
+    ``W`` holds ``k`` rows per class and ``out`` is ``(R, Cc k)``, a column per
+    row of ``W``: each class's ``G`` sits at the sub-centre whose logit was the
+    class logit (the first maximum), 0 at its others. ``filter_logit``: columns
+    whose logit exceeds it get 0 (inter-class filtering).
     """
     _check_inputs(x, W, y)
     R, D = x.shape
-    Cc = W.shape[0]
-    if out.shape != (R, Cc) or out.dtype != x.dtype or out.stride(1) != 1:
-        raise ValueError(f"out must be ({R}, {Cc}) {x.dtype} with unit column stride, got "
+    Cc = W.shape[0] // sub_centers
+    if out.shape != (R, W.shape[0]) or out.dtype != x.dtype or out.stride(1) != 1:
+        raise ValueError(f"out must be ({R}, {W.shape[0]}) {x.dtype} with unit column stride, got "
                          f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    if workspace is not None and (sub_centers != 1 or filter_logit is not None):
+        raise NotImplementedError("the workspace gradient takes neither sub-centres nor a filter (the stored "
+                                  "exponentials are already filtered)")
     if workspace is not None:
         workspace.check(R, workspace.exp.shape[1], x.dtype)
         if label_offset + Cc > workspace.exp.shape[1]:
@@ -274,8 +288,10 @@ def margin_grad(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: O
         R, Cc, D, label_offset, float(smoothing), workspace.tile_c if workspace else 1,
         x.stride(0), x.stride(1), W.stride(0), W.stride(1), workspace.exp.stride(0) if workspace else 0,
         workspace.shift.stride(0) if workspace else 0, out.stride(0),
+        float(filter_logit) if filter_logit is not None else 0.0,
         HAS_NORM=col_scale is not None, FROM_EXP=workspace is not None,
-        SCALE_G=scale_g and col_scale is not None, **_constexprs(x),
+        SCALE_G=scale_g and col_scale is not None, FILTER=filter_logit is not None, SUB=sub_centers,
+        **_constexprs(x),
         BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -388,20 +404,22 @@ def _chunk_grads(prep: "_Prepared", x: Tensor, xh_in: Optional[Tensor], lse: Ten
     """Classes ``[c0, c1)`` against rows ``[b0, b1)``, ``row_step`` rows of ``G`` (in ``buf``) at a time:
     the kernel fills ``G``, then ``dxh[r0:r1] += G @ rows`` and ``dD (+)= G.T @ xh[r0:r1]``.
 
-    ``dD`` is the chunk's ``c1 - c0`` rows (accumulation dtype): the batch's first rows write it, later
+    ``dD`` is the chunk's ``(c1 - c0) k`` rows of ``W`` (accumulation dtype): the batch's first rows write it, later
     ones add to it (no zeroing pass). ``rows`` is ``W[c0:c1]``, or its normalized rows when ``G`` does
     not carry ``1 / |W_j|`` (:meth:`_Prepared.dx_rows`). ``block`` holds rows ``[b0, b1)``'s stored
     exponentials (workspace strategy), else the logits are recomputed.
     """
-    W = prep.W
-    w_rows = prep.dx_rows(c0, c1) if dxh is not None else None
+    W, k = prep.W, prep.k
+    w0, w1 = c0 * k, c1 * k  # the classes' rows of W
+    w_rows = prep.dx_rows(w0, w1) if dxh is not None else None
     for r0 in range(b0, b1, row_step):
         r1 = min(r0 + row_step, b1)
-        G = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-        margin_grad(x[r0:r1], W[c0:c1], prep.y_local[r0:r1], prep.row_scale[r0:r1],
-                    prep.inv_w[c0:c1] if prep.inv_w is not None else None, lse[r0:r1], coef[r0:r1], G,
+        G = buf[: (r1 - r0) * (w1 - w0)].view(r1 - r0, w1 - w0)
+        margin_grad(x[r0:r1], W[w0:w1], prep.y_local[r0:r1], prep.row_scale[r0:r1],
+                    prep.inv_w[w0:w1] if prep.inv_w is not None else None, lse[r0:r1], coef[r0:r1], G,
                     label_offset=c0, smoothing=prep.opts.label_smoothing / prep.C_total,
-                    workspace=block.rows(r0 - b0, r1 - b0) if block is not None else None, scale_g=prep.scale_g)
+                    workspace=block.rows(r0 - b0, r1 - b0) if block is not None else None, scale_g=prep.scale_g,
+                    sub_centers=k, filter_logit=prep.filter_logit if block is None else None)
         if dxh is not None:
             _gemm_into(dxh[r0:r1], G, w_rows, accumulate=True)
         if dD is not None:
@@ -417,24 +435,26 @@ def _recompute_grads(prep: "_Prepared", x: Tensor, lse: Tensor, coef: Tensor, ne
     cuBLAS multiplies, and each chunk of ``dW`` is finished (normalization
     backward) and written in the input dtype before the next one starts.
     """
-    B, C, D = prep.B, prep.C, prep.D
-    pl = grad_plan(B, C, D, x.dtype, prep.opts.budget)
+    B, C, D, k = prep.B, prep.C, prep.D, prep.k
+    pl = grad_plan(B, prep.n_rows, D, x.dtype, prep.opts.budget)  # planned in rows of W
+    chunk = max(1, pl.chunk // k)  # classes per chunk
     dxh = torch.zeros(B, D, device=x.device, dtype=prep.acc) if need_x else None
-    dW = torch.empty(C, D, device=x.device, dtype=x.dtype) if need_W else None
+    dW = torch.empty(prep.n_rows, D, device=x.device, dtype=x.dtype) if need_W else None
     xh_in = prep.xh.to(x.dtype) if need_W else None
-    buf = torch.empty(pl.rows * pl.chunk, device=x.device, dtype=x.dtype)
-    dD_buf = torch.empty(pl.chunk * D, device=x.device, dtype=prep.acc) if need_W else None
-    for c0 in range(0, C, pl.chunk):
-        c1 = min(c0 + pl.chunk, C)
-        dD = dD_buf[: (c1 - c0) * D].view(c1 - c0, D) if dD_buf is not None else None
+    buf = torch.empty(pl.rows * chunk * k, device=x.device, dtype=x.dtype)
+    dD_buf = torch.empty(chunk * k * D, device=x.device, dtype=prep.acc) if need_W else None
+    for c0 in range(0, C, chunk):
+        c1 = min(c0 + chunk, C)
+        dD = dD_buf[: (c1 - c0) * k * D].view((c1 - c0) * k, D) if dD_buf is not None else None
         _chunk_grads(prep, x, xh_in, lse, coef, 0, B, c0, c1, buf, pl.rows, dxh, dD)
         if dW is not None:
-            _finish_chunk(prep, dD if B > 0 else None, c0, c1, dW[c0:c1])
+            _finish_chunk(prep, dD if B > 0 else None, c0 * k, c1 * k, dW[c0 * k:c1 * k])
     return dxh, dW
 
 
 def _finish_chunk(prep: "_Prepared", dD: Optional[Tensor], c0: int, c1: int, out: Tensor) -> None:
-    """Write ``dW[c0:c1]`` (``out``, any dtype, may be ``dD``) from the chunk's ``dD`` (None: no rows)."""
+    """Write rows ``[c0, c1)`` of ``dW`` (``out``, any dtype, may be ``dD``) from the chunk's ``dD``
+    (None: no rows)."""
     if dD is None:
         out.zero_()
     elif prep.inv_w is None:
@@ -492,7 +512,7 @@ def _workspace_forward(prep: "_Prepared", x: Tensor, z: Tensor, g: Tensor, need_
         block = ws.rows(0, b1 - b0)
         N[b0:b1], p, top = margin_fwd(x[b0:b1], prep.W, prep.y_local[b0:b1], prep.row_scale[b0:b1],
                                       prep.inv_w, want_prediction=want, classes=prep.opts.chunk_size,
-                                      workspace=block)
+                                      workspace=block, filter_logit=prep.filter_logit)
         if want:
             pred[b0:b1], best[b0:b1] = p, top
         lse[b0:b1] = torch.logaddexp(N[b0:b1], z[b0:b1])
@@ -534,6 +554,8 @@ class _Prepared(Prepared):
         # (max 65504) cannot hold s / |W_j| for tiny or zero rows (1 / eps = 1e12), so float16 keeps G
         # unscaled and multiplies normalized rows of each chunk instead.
         self.scale_g = self.inv_w is None or call.W.dtype != torch.float16
+        thr = opts.filter_threshold
+        self.filter_logit = None if thr is None else opts.scale * thr  # compared in float32 by the kernels
 
     def dx_rows(self, c0: int, c1: int) -> Tensor:
         """The right operand of ``dxh += G @ rows`` for classes ``[c0, c1)``, in the input dtype."""
@@ -561,6 +583,9 @@ def uses_workspace(B: int, C: int, D: int, x_dtype: torch.dtype, W_dtype: torch.
     """
     if not _wants_workspace(opts) or B == 0:
         return False
+    if opts.sub_centers > 1:
+        raise NotImplementedError(f"strategy='workspace' does not support sub-centres (sub_centers="
+                                  f"{opts.sub_centers}) on backend='triton'; use strategy='recompute' or 'auto'")
     opts.require_full_range(C)
     workspace_rows(B, C, W_dtype, opts.budget)  # raises when not one row fits
     return True
@@ -571,7 +596,8 @@ def forward_stats(call: Call) -> RowStats:
     prep = _Prepared(call)
     opts = call.opts
     N, pred, best = margin_fwd(prep.xk, call.W, prep.y_local, prep.row_scale, prep.inv_w,
-                               want_prediction=opts.want_prediction, classes=opts.chunk_size)
+                               want_prediction=opts.want_prediction, classes=opts.chunk_size,
+                               sub_centers=prep.k, filter_logit=prep.filter_logit)
     if opts.want_prediction:
         pred = pred + opts.class_start
     else:
