@@ -103,7 +103,8 @@ def _source(job: Job):
     inp = _PTR[job.dtype]
     acc = "*fp64" if job.dtype == "float64" else "*fp32"
     if job.kernel == "fwd":
-        table = tk.WORKSPACE_FWD_CONFIGS if job.variant.startswith("workspace") else tk.FWD_CONFIGS
+        table = (tk.WORKSPACE_FWD_CONFIGS if job.variant.startswith("workspace")
+                 else tk.SUBCENTER_FWD_CONFIGS if job.variant.startswith("sub") else tk.FWD_CONFIGS)
         fn, cfg = tk._margin_fwd_kernel, table[dtype]
         pointers = dict(x_ptr=inp, w_ptr=inp, y_ptr="*i64", rs_ptr=acc, cs_ptr=acc, m_ptr=acc, l_ptr=acc,
                         pv_ptr=acc, pi_ptr="*i64", e_ptr=inp, sh_ptr=acc)
@@ -118,7 +119,8 @@ def _source(job: Job):
         divisible = {"D", "stride_dd", "stride_w", "stride_out"}
         units = ("stride_wd",)
     else:
-        table = tk.WORKSPACE_GRAD_CONFIGS if job.variant == "workspace" else tk.GRAD_CONFIGS
+        table = (tk.WORKSPACE_GRAD_CONFIGS if job.variant == "workspace"
+                 else tk.SUBCENTER_GRAD_CONFIGS if job.variant.startswith("sub") else tk.GRAD_CONFIGS)
         fn, cfg = tk._margin_grad_kernel, table[dtype]
         pointers = dict(x_ptr=inp, w_ptr=inp, y_ptr="*i64", rs_ptr=acc, cs_ptr=acc, lse_ptr=acc, coef_ptr=acc,
                         e_ptr=inp, sh_ptr=acc, g_ptr=inp)

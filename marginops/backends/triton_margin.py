@@ -67,7 +67,8 @@ from torch import Tensor
 from .common import Prepared, acc_dtype
 from .interface import Call, FusedOptions, RowStats
 from .triton_kernels import (FINISH_CONFIGS, FWD_CONFIGS, GRAD_CONFIGS,
-                             PROGRAMS_PER_SM, SUPPORTED_DTYPES, WORKSPACE_FWD_CONFIGS, WORKSPACE_GRAD_CONFIGS,
+                             PROGRAMS_PER_SM, SUBCENTER_FWD_CONFIGS, SUBCENTER_GRAD_CONFIGS, SUPPORTED_DTYPES,
+                             WORKSPACE_FWD_CONFIGS, WORKSPACE_GRAD_CONFIGS,
                              KernelConfig, _finish_w_kernel, _margin_fwd_kernel, _margin_grad_kernel)
 
 # -- launchers ----------------------------------------------------------------------------------------
@@ -207,7 +208,8 @@ def margin_fwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Op
     if workspace is not None and sub_centers != 1:
         raise NotImplementedError("the workspace forward does not support sub-centres")
     acc = acc_dtype(x.dtype)
-    cfg = config or (FWD_CONFIGS if workspace is None else WORKSPACE_FWD_CONFIGS)[x.dtype]
+    table = SUBCENTER_FWD_CONFIGS if sub_centers > 1 else FWD_CONFIGS if workspace is None else WORKSPACE_FWD_CONFIGS
+    cfg = config or table[x.dtype]
     per = classes_per_program(B, C, cfg, x.device, classes)
     splits = triton.cdiv(C, per)
     m = torch.empty(B, splits, device=x.device, dtype=acc)
@@ -280,7 +282,8 @@ def margin_grad(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: O
                              f"{workspace.exp.shape[1]}")
     if R == 0 or Cc == 0:
         return out
-    cfg = config or (GRAD_CONFIGS if workspace is None else WORKSPACE_GRAD_CONFIGS)[x.dtype]
+    table = SUBCENTER_GRAD_CONFIGS if sub_centers > 1 else GRAD_CONFIGS if workspace is None else WORKSPACE_GRAD_CONFIGS
+    cfg = config or table[x.dtype]
     grid = (triton.cdiv(R, cfg.block_b), triton.cdiv(Cc, cfg.block_c))
     _margin_grad_kernel[grid](
         x, W, y, row_scale, col_scale if col_scale is not None else row_scale, lse, coef,

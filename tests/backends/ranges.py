@@ -29,8 +29,9 @@ def split_call(x, W, y, bounds, opts: FusedOptions):
     inv_x = inverse_norms(x, acc) if opts.normalize else None
     inv_w = inverse_norms(W, acc) if opts.normalize else None
     whole = Call(x, W, y, inv_x, inv_w, opts)
-    parts = [Call(x, W[a:b], y, inv_x, inv_w[a:b] if inv_w is not None else None,
-                  replace(opts, class_start=a, num_classes=W.shape[0])) for a, b in bounds]
+    k = opts.sub_centers  # rows of W per class
+    parts = [Call(x, W[a * k:b * k], y, inv_x, inv_w[a * k:b * k] if inv_w is not None else None,
+                  replace(opts, class_start=a, num_classes=W.shape[0] // k)) for a, b in bounds]
     return whole, parts
 
 
@@ -38,7 +39,8 @@ def check_ranges_match_whole(module, x, W, y, bounds=BOUNDS_37, *, scale=30.0, l
                              normalize=True, tol=None, **options):
     """Statistics (log-sum-exp, max, argmax, logit sum) and both gradients of the split call
     match the whole call's (``tol``: the oracle tolerance for ``x``'s dtype; ``options``: more
-    :class:`FusedOptions` fields, e.g. ``chunk_size``)."""
+    :class:`FusedOptions` fields, e.g. ``chunk_size``, ``filter_threshold``, ``sub_centers``: then
+    ``W`` has ``sub_centers`` rows per class and ``bounds`` count classes)."""
     opts = FusedOptions(scale=scale, normalize=normalize, label_smoothing=label_smoothing, reduce=False,
                         want_prediction=True, strategy="recompute", **options)
     whole, parts = split_call(x, W, y, bounds, opts)
@@ -50,6 +52,7 @@ def check_ranges_match_whole(module, x, W, y, bounds=BOUNDS_37, *, scale=30.0, l
     if label_smoothing > 0:
         assert_close_to_oracle(got.logit_sum, ref.logit_sum.double(), tol=tol,
                                atol=1e-5 * scale * W.shape[0], name="combined logit sum")
+    assert ref.lse.shape == (x.shape[0],)
     # backward: every range with the combined log-sum-exp (a margined target logit folded in)
     z = ref.lse.new_empty(ref.lse.shape).uniform_(-scale, scale)
     lse = torch.logaddexp(got.lse, z)
