@@ -462,3 +462,47 @@ def test_sharded_head_names_unsupported_features(monkeypatch):
         ShardedMarginHead(4, 10, margin=mo.SubCenter(None, 2))
     with pytest.raises(NotImplementedError, match="AdaCos"):
         ShardedMarginHead(4, 10, scale=mo.AdaCos(10))
+
+
+@pytest.mark.slow
+def test_readme_margin_family_examples_run():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text[text.index("<!-- margin-family"):text.index("<!-- end margin-family")]
+    code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
+    exec(compile(code, "README.md (margin family)", "exec"), {})
+
+
+def test_no_batch_by_classes_tensor_with_sub_centres_and_filtering():
+    """Every tensor the torch backend creates is far smaller than B x C (let alone B x C k)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from marginops.backends import Call, FusedOptions
+    from marginops.backends.common import inverse_norms
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.largest = max(Largest.largest, t.numel())
+            return out
+
+    B, C, D, k = 64, 2000, 8, 3
+    x, W, y = sub_inputs(B, C, D, k, torch.float32)
+    opts = FusedOptions(scale=16.0, sub_centers=k, filter_threshold=0.3, memory_budget=64 * 1024,
+                        want_prediction=True)
+    call = Call(x, W, y, inverse_norms(x, torch.float32), inverse_norms(W, torch.float32), opts)
+    with Largest():
+        stats = torch_chunked.forward_stats(call)
+        dxh, dW = torch_chunked.recompute_grads(call, torch.logaddexp(stats.lse, torch.zeros(B)), torch.ones(B))
+    assert dW.shape == (C * k, D)  # the gradient itself is C k x D; nothing is B x C
+    assert Largest.largest == C * k * D and Largest.largest < B * C
+    Largest.largest = 0
+    with Largest():
+        torch_chunked.forward_stats(call)
+    assert Largest.largest <= 64 * 1024 // 4, Largest.largest  # the forward's tiles stay within the budget
