@@ -15,6 +15,12 @@ ranges exactly (log-add-exp of the non-target log-sum-exps, first-index
 argmax, sum of the logit sums), and the backward of every range takes the
 combined per-row log-sum-exp.
 
+**Tile-math options.** ``FusedOptions.filter_threshold`` (inter-class
+filtering) and ``FusedOptions.sub_centers`` change what a tile computes; a
+backend that cannot do one must raise NotImplementedError naming it, never
+ignore it. With ``sub_centers = k`` the weight has ``k`` rows per class and
+``C_local`` above counts classes (``W`` has ``k C_local`` rows, ``dW`` too).
+
 **Gradients.** Both gradient functions return the contributions of the
 non-target logits of the range, label smoothing's included:
 

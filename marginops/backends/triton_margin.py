@@ -43,6 +43,16 @@ shared with the torch backend; the loss and the normalization backward of
 ``x`` are :mod:`marginops.ops`'. Label smoothing's gradient is the ``- eps/C``
 inside ``G``.
 
+Inter-class filtering (``opts.filter_threshold``) is one more mask in both
+kernels (``FILTER``; the threshold ``s * threshold`` travels as a float32
+scalar). Sub-centres (``opts.sub_centers = k``, the ``SUB`` constexpr) make
+each class tile the maximum of ``k`` logits tiles of strided rows of ``W``
+(and, in the gradient kernel, the index of the first maximum): ``G`` is
+written per row of ``W``, the class's value at its maximal sub-centre, so
+the cuBLAS products are unchanged. Their tiles are
+:data:`~marginops.backends.triton_kernels.SUBCENTER_FWD_CONFIGS` /
+``SUBCENTER_GRAD_CONFIGS``; the workspace strategy refuses sub-centres.
+
 ``opts.chunk_size`` means classes per forward program here (the class
 split; rounded up to whole tiles); by default the classes are split so that
 the GPU stays full when ``B`` is small.
