@@ -29,12 +29,15 @@ class MarginStats(NamedTuple):
 
     Attributes:
         lse: log-sum-exp over all classes of the logits, with the margined
-            target logit in the target column.
+            target logit in the target column (classes removed by inter-class
+            filtering left out).
         target_logit: ``s * psi(t)``, the margined target logit.
         target_cos: ``t``, the target cosine (the plain target logit when
             ``normalize=False``).
-        prediction: argmax over classes of the margin-free cosine, so
-            training accuracy is ``(prediction == labels).float().mean()``.
+        prediction: argmax over classes of the margin-free cosine (over every
+            class, filtered ones included; with sub-centres a class's cosine is
+            its best sub-centre's), so training accuracy is
+            ``(prediction == labels).float().mean()``.
 
     Rows whose label is ``ignore_index`` carry values computed as if their
     label were 0; only ``prediction`` is meaningful for them.
