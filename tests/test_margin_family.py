@@ -506,3 +506,33 @@ def test_no_batch_by_classes_tensor_with_sub_centres_and_filtering():
     with Largest():
         torch_chunked.forward_stats(call)
     assert Largest.largest <= 64 * 1024 // 4, Largest.largest  # the forward's tiles stay within the budget
+
+
+def test_gradcheck_with_sub_centres_and_filtering():
+    x, W, y = sub_inputs(5, 7, 3, 2, ignore=1)
+    margin = mo.SubCenter(mo.ArcFace(0.3), 2)
+
+    def f(x_, W_):
+        return mo.margin_cross_entropy(x_, W_, y, margin, 4.0, interclass_filtering_threshold=0.2,
+                                       strategy="recompute", reduction="none")
+
+    assert torch.autograd.gradcheck(f, (x.clone().requires_grad_(), W.clone().requires_grad_()))
+
+
+def test_compiled_call_with_sub_centres_and_filtering_matches_eager():
+    x, W, y = sub_inputs(9, 20, 6, 3, torch.float32, ignore=2)
+    margin = mo.SubCenter(mo.CosFace(0.3), 3)
+
+    def step(x_, W_):
+        loss, stats = mo.margin_cross_entropy(x_, W_, y, margin, 16.0, interclass_filtering_threshold=0.25,
+                                              return_stats=True)
+        return loss, stats.prediction
+
+    outs = []
+    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+        xl, Wl = x.clone().requires_grad_(), W.clone().requires_grad_()
+        loss, pred = fn(xl, Wl)
+        loss.backward()
+        outs.append((loss.detach(), pred, xl.grad, Wl.grad))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7) if a.is_floating_point() else torch.equal(a, b)

@@ -66,9 +66,10 @@ GRAD_CONFIGS = {
     torch.float64: KernelConfig(64, 32, 16, 4, 2),
 }
 #: With sub-centres (``SUB > 1``) each class logit is a maximum over ``SUB`` products: the tile keeps the
-#: running maximum and, in the gradient kernel, which sub-centre gave it. The shipped 16-bit forward tiles
-#: spill then (1.7 KB on sm_90 at SUB = 3), 128 x 64 do not; the gradient kernel takes 64 x 64 tiles
-#: with 8 warps (128 x 128 16-bit tiles spill 5 KB, 4 warps on 64 x 64 still 150 bytes).
+#: running maximum and, in the gradient kernel, which sub-centre gave it. Checked at SUB = 3 for sm_80 and
+#: sm_90: the shipped 16-bit forward tiles spill then (1.7 KB on sm_90), 128 x 64 do not; the gradient
+#: kernel spills at 128 x 128 16-bit (5 KB) and 64 x 64 (16-28 bytes on sm_80) tiles, not at 128 x 32,
+#: nor float32 at 64 x 32. Not timed on a GPU.
 SUBCENTER_FWD_CONFIGS = {
     **FWD_CONFIGS,
     torch.bfloat16: KernelConfig(128, 64, 64, 8, 3),
@@ -76,9 +77,9 @@ SUBCENTER_FWD_CONFIGS = {
 }
 SUBCENTER_GRAD_CONFIGS = {
     **GRAD_CONFIGS,
-    torch.bfloat16: KernelConfig(64, 64, 64, 8, 3),
-    torch.float16: KernelConfig(64, 64, 64, 8, 3),
-    torch.float32: KernelConfig(64, 64, 16, 8, 3),
+    torch.bfloat16: KernelConfig(128, 32, 64, 8, 3),
+    torch.float16: KernelConfig(128, 32, 64, 8, 3),
+    torch.float32: KernelConfig(64, 32, 16, 8, 3),
 }
 #: The gradient kernel reading stored exponentials is elementwise (memory-bound): small tiles, many programs per SM.
 WORKSPACE_GRAD_CONFIGS = {dtype: KernelConfig(32, 128, 16, 4, 1) for dtype in GRAD_CONFIGS}
