@@ -43,7 +43,8 @@ class AdaCos(nn.Module):
     The scale updates only in training mode (``module.train()``; a
     :class:`~marginops.MarginHead` that owns it passes its mode on) and with
     ``dynamic=True``. Each call in training mode appends the scale it used to
-    :attr:`history` (a plain list, one float per call: clear it at will); :attr:`scale` (a float64 buffer, saved in ``state_dict``)
+    :attr:`history` (a plain list, one float per call: clear it at will);
+    :attr:`scale` (a float64 buffer, saved in ``state_dict``)
     holds the one the next call will use. The fused operators take the scale
     as a static option, so each training call reads it on the host: one device
     synchronisation per step on GPUs (the update itself runs on the device).

@@ -171,10 +171,11 @@ def drop_non_dominant_sub_centers(weight: Tensor, k: int, embeddings: Tensor, la
     with torch.no_grad():
         counts = torch.zeros(C * k, dtype=torch.int64, device=weight.device)
         for a in range(0, N, batch_size):
-            cos, rows, ok = _own_cosines(weight, embeddings[a:a + batch_size].to(weight.device), labels[a:a + batch_size],
-                                         valid[a:a + batch_size], k, offsets, acc)
-            chosen = rows.gather(1, cos.argmax(1, keepdim=True)).squeeze(1)  # the first maximum
-            counts.index_add_(0, chosen[ok], torch.ones_like(chosen[ok]))
+            part = slice(a, a + batch_size)
+            cos, rows = _own_cosines(weight, embeddings[part].to(weight.device), labels[part], valid[part], k,
+                                     offsets, acc)
+            chosen = rows.gather(1, cos.argmax(1, keepdim=True)).squeeze(1)[valid[part]]  # the first maximum
+            counts.index_add_(0, chosen, torch.ones_like(chosen))
         counts = counts.view(C, k)
         dominant = counts.argmax(1)  # the first maximum: the lowest index on equal counts (and 0 for none)
         kept = weight.detach().view(C, k, D).gather(1, dominant.view(C, 1, 1).expand(C, 1, D)).squeeze(1).clone()
@@ -191,10 +192,11 @@ def drop_non_dominant_sub_centers(weight: Tensor, k: int, embeddings: Tensor, la
 
 
 def _own_cosines(weight: Tensor, x: Tensor, y: Tensor, valid: Tensor, k: int, offsets: Tensor, acc: torch.dtype):
-    """Cosines ``(n, k)`` of each sample with its own class's sub-centres, their rows, and which count."""
+    """Cosines ``(n, k)`` of each sample with its own class's sub-centres, and their rows (ignored
+    samples are pointed at class 0)."""
     safe = torch.where(valid, y, torch.zeros_like(y))
     rows = safe.unsqueeze(1) * k + offsets
     w = F.normalize(weight.detach().index_select(0, rows.reshape(-1)).to(acc), dim=1, eps=EPS)
     xh = F.normalize(x.detach().to(acc), dim=1, eps=EPS)
     cos = torch.bmm(w.view(-1, k, x.shape[1]), xh.unsqueeze(2)).squeeze(2)
-    return cos, rows, valid
+    return cos, rows
