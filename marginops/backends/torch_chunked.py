@@ -138,15 +138,16 @@ class _Prepared(Prepared):
         return self.w_tile(c0 * self.k, c1 * self.k)
 
     def logits_tile(self, out: Tensor, r0: int, r1: int, c0: int, c1: int, wt: Tensor,
-                    raw: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+                    raw: Optional[Tensor] = None, want_sub: bool = False) -> tuple[Tensor, Tensor, Tensor,
+                                                                                   Optional[Tensor]]:
         """Fill ``out`` (r x c) with the class logits ``s * cos``, the target column set to -inf.
 
         ``wt`` holds the rows of classes ``[c0, c1)`` (:meth:`w_class_tile`). With
         sub-centres the ``r x (c k)`` sub-centre logits go to ``raw`` (flat scratch) and each class
         takes the largest of its ``k``. Returns ``(index, in_tile, target_value, sub)``: each row's
         target column clamped into the tile, whether it really lies there, the logit that was there
-        before masking, and (sub-centres only, else None) the ``r x c x 1`` index of the sub-centre
-        each class logit came from (the first maximum).
+        before masking, and (sub-centres with ``want_sub``, else None) the ``r x c x 1`` index of the
+        sub-centre each class logit came from (the first maximum).
         """
         sub = None
         if self.k == 1:
@@ -160,8 +161,15 @@ class _Prepared(Prepared):
             if self.inv_w is not None:
                 rl.mul_(self.inv_w[c0 * k:c1 * k])
             r3 = rl.view(R, n, k)
-            sub = r3.argmax(2, keepdim=True)  # documented: the first maximal index
-            torch.gather(r3, 2, sub, out=out.view(R, n, 1))
+            # elementwise over the k strided slices (a reduction over a size-k inner dim is slow)
+            out.copy_(r3[:, :, 0])
+            if want_sub:
+                sub = torch.zeros(R, n, 1, device=out.device, dtype=torch.uint8)
+            for r in range(1, k):
+                cur = r3[:, :, r]
+                if want_sub:  # strictly greater: the first maximum stays
+                    sub = torch.where((cur > out).unsqueeze(2), r, sub)
+                torch.maximum(out, cur, out=out)
         y = self.y_local[r0:r1]
         idx = (y - c0).clamp_(0, c1 - c0 - 1).unsqueeze(1)
         in_tile = (y >= c0) & (y < c1)
@@ -195,8 +203,9 @@ class _Prepared(Prepared):
         if sub is None:
             return p
         R, n = p.shape
-        out = raw[: R * n * self.k].view(R, n, self.k).zero_()
-        out.scatter_(2, sub, p.unsqueeze(2))
+        out = raw[: R * n * self.k].view(R, n, self.k)
+        at = sub == torch.arange(self.k, device=sub.device, dtype=sub.dtype)  # (r, c, k) one-hot
+        torch.mul(p.unsqueeze(2), at, out=out)
         return out.view(R, n * self.k)
 
     def grad_tile(self, p: Tensor, row_scale: Tensor, c0: int, c1: int, wt: Tensor, r0: int, r1: int,
@@ -422,7 +431,7 @@ def recompute_grads(call: Call, lse: Tensor, g: Tensor) -> tuple[Optional[Tensor
         for c0, c1 in cols:
             tile = scratch[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
             wt = prep.w_class_tile(c0, c1)
-            idx, in_tile, _, sub = prep.logits_tile(tile, r0, r1, c0, c1, wt, raw)
+            idx, in_tile, _, sub = prep.logits_tile(tile, r0, r1, c0, c1, wt, raw, want_sub=True)
             filtered = prep.filter_tile(tile)
             prep.exp_tile(tile, lse[r0:r1], idx, in_tile, filtered)
             # with sub-centres each class's weight goes to the sub-centre its logit came from
