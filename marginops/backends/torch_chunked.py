@@ -178,13 +178,15 @@ class _Prepared(Prepared):
         out.scatter_(1, idx, masked.unsqueeze(1))
         return idx, in_tile, before, sub
 
-    def filter_tile(self, out: Tensor) -> Optional[Tensor]:
-        """Inter-class filtering, in place: non-target logits above ``s * threshold`` become -inf.
-        Returns the mask of filtered entries (None without filtering)."""
+    def filter_tile(self, out: Tensor, fill: bool = True) -> Optional[Tensor]:
+        """Inter-class filtering: the mask of non-target logits above ``s * threshold`` (None without
+        filtering); with ``fill`` they become -inf in place (before a max; :meth:`exp_tile` zeroes
+        them after the exponential either way)."""
         if self.filter_logit is None:
             return None
         mask = out > self.filter_logit  # the target column is -inf already: never filtered
-        out.masked_fill_(mask, -math.inf)
+        if fill:
+            out.masked_fill_(mask, -math.inf)
         return mask
 
     def exp_tile(self, out: Tensor, shift: Tensor, idx: Tensor, in_tile: Tensor,
@@ -432,7 +434,7 @@ def recompute_grads(call: Call, lse: Tensor, g: Tensor) -> tuple[Optional[Tensor
             tile = scratch[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
             wt = prep.w_class_tile(c0, c1)
             idx, in_tile, _, sub = prep.logits_tile(tile, r0, r1, c0, c1, wt, raw, want_sub=True)
-            filtered = prep.filter_tile(tile)
+            filtered = prep.filter_tile(tile, fill=False)  # exp may overflow there: zeroed right after
             prep.exp_tile(tile, lse[r0:r1], idx, in_tile, filtered)
             # with sub-centres each class's weight goes to the sub-centre its logit came from
             prep.grad_tile(prep.spread(tile, sub, raw), row_scale, c0 * k, c1 * k, wt, r0, r1, dxh, dD)

@@ -742,3 +742,12 @@ def test_adacos_scale_matches_the_torch_backend():
         W = W + 0.2 * torch.randn_like(W)
     assert policies["triton"].history == pytest.approx(policies["torch"].history, rel=1e-5)
     assert len(set(policies["triton"].history)) == 3
+
+
+def test_family_on_tiny_and_all_ignored_batches():
+    # B = 1, D = 3, 7 classes of 2 sub-centres, filtering on; then a batch whose rows are all ignored
+    x, W, y = make_inputs(1, 14, 3, torch.float64)
+    check(x, W, y % 7, mo.SubCenter(mo.ArcFace(0.4), 2), 8.0, interclass_filtering_threshold=0.1)
+    x, W, y = make_inputs(5, 14, 3, torch.float32, ignore=5)
+    out = check(x, W, y, mo.SubCenter(None, 2), 8.0, interclass_filtering_threshold=0.1)
+    assert out.loss.item() == 0.0 and not out.x_grad.any() and not out.W_grad.any()
