@@ -74,14 +74,16 @@ def _pil():
 def find_fonts(specs: Optional[Sequence[FontSpec]] = None) -> list[tuple[FontSpec, Path, int]]:
     """``(spec, file, face index)`` of each font of ``specs`` (default: :data:`FONTS`); :class:`CorpusMissing`
     naming the ``apt-get`` command for every package whose font is missing."""
-    _, _, ImageFont = _pil()
     specs = FONTS if specs is None else specs
-    found, missing = [], []
-    for spec in specs:
-        path = next((Path(p) for p in spec.paths if Path(p).is_file()), None)
-        if path is None:
-            missing.append(spec)
-            continue
+    paths = [next((Path(p) for p in spec.paths if Path(p).is_file()), None) for spec in specs]
+    missing = [spec for spec, path in zip(specs, paths) if path is None]
+    if missing:
+        pkgs = " ".join(dict.fromkeys(s.package for s in missing))
+        raise CorpusMissing(f"font(s) not found: {', '.join(s.name for s in missing)}. Install them with:\n"
+                            f"    apt-get install -y {pkgs}")
+    _, _, ImageFont = _pil()
+    found = []
+    for spec, path in zip(specs, paths):
         index = None
         for i in range(32):
             try:
@@ -94,10 +96,6 @@ def find_fonts(specs: Optional[Sequence[FontSpec]] = None) -> list[tuple[FontSpe
             raise CorpusMissing(f"{path} has no face named {spec.family!r}; reinstall it with:\n"
                                 f"    apt-get install --reinstall -y {spec.package}")
         found.append((spec, path, index))
-    if missing:
-        pkgs = " ".join(dict.fromkeys(s.package for s in missing))
-        raise CorpusMissing(f"font(s) not found: {', '.join(s.name for s in missing)}. Install them with:\n"
-                            f"    apt-get install -y {pkgs}")
     return found
 
 
@@ -169,7 +167,9 @@ class GlyphCorpus:
             for i in np.nonzero(single[self.labels])[0]:
                 c = int(self.labels[i])
                 j = chosen.get(c)
-                if j is None or (self.fonts[i] == held_font) or (self.fonts[j] != held_font and self.fonts[i] < self.fonts[j]):
+                better = self.fonts[i] == held_font or (self.fonts[j] != held_font and self.fonts[i] < self.fonts[j]) \
+                    if j is not None else True
+                if better:
                     chosen[c] = int(i)
             eval_ok[np.nonzero(single[self.labels])[0]] = False
             eval_ok[np.array(sorted(chosen.values()), dtype=np.int64)] = True
@@ -217,7 +217,8 @@ def load_corpus(cache_dir: Optional[Path] = None, *, fonts: Optional[Sequence[tu
             with np.load(path, allow_pickle=False) as z:
                 corpus = GlyphCorpus(z["images"], z["labels"], z["fonts"], z["codepoints"],
                                      [str(s) for s in z["font_names"]], json.loads(str(z["stats"])))
-            if len(corpus.images) == len(corpus.labels) == len(corpus.fonts) and corpus.images.shape[1:] == (size, size):
+            n = len(corpus.images)
+            if n == len(corpus.labels) == len(corpus.fonts) and corpus.images.shape[1:] == (size, size):
                 return corpus
         except (OSError, ValueError, KeyError):
             pass

@@ -3,7 +3,7 @@
 Run from the repository root (fonts first:
 ``apt-get install -y fonts-noto-cjk fonts-wqy-zenhei fonts-arphic-ukai fonts-arphic-uming``)::
 
-    python -m examples.train_glyphs --margin arcface --max-classes 8000 --epochs 6 --seed 0
+    python -m examples.train_glyphs --margin arcface --max-classes 4000 --eval-classes 1000 --epochs 4 --seed 0
 
 Classes are characters, samples their renderings (see ``examples/glyph_data.py``: which
 renderings are kept, the held-out characters and the held-out font). Training renderings are

@@ -2,14 +2,14 @@
 
 Run from the repository root (``apt-get install -y wordnet-base`` first)::
 
-    python -m examples.train_wordnet --margin cosface --max-classes 20000 --epochs 6 --seed 0
+    python -m examples.train_wordnet --margin cosface --max-classes 5000 --eval-classes 2000 --epochs 8 --seed 0
 
 Classes are synsets, samples their lemmas, definitions and usage examples (see
 ``examples/wordnet_data.py`` for the parsing and for how texts shared by several synsets are
-handled). The encoder reads UTF-8 bytes (first ``--length`` of them) through one convolution over
-byte trigrams and a max-pool over positions; a :class:`marginops.MarginHead` spans every training synset. After every
-epoch the held-out synsets' samples are embedded and each ranks all the others by cosine
-(top-1/5/10); the final record adds the answer-or-abstain curve. A checkpoint is written after
+handled). The encoder reads UTF-8 bytes (first ``--length`` of them) through one convolution
+over byte trigrams and a max-pool over positions; a :class:`marginops.MarginHead` spans every
+training synset. After every epoch the held-out synsets' samples are embedded and each ranks all
+the others by cosine (top-1/5/10); the final record adds the answer-or-abstain curve. A checkpoint is written after
 every epoch (``--resume`` continues from it), the result record to ``--out`` as JSON.
 
 A missing WordNet ends the program with the ``apt-get`` command to run and exit status 2.

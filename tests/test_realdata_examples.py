@@ -231,7 +231,8 @@ def test_retrieval_metrics_by_hand():
     emb = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.6, 0.8], [0.8, 0.6]])
     labels = torch.tensor([0, 0, 1, 1, 2])
     r = retrieval_metrics(emb, labels, ks=(1, 2))
-    # nearest other sample: 0 -> 1 (hit), 1 -> 0 (hit), 2 -> 3 (hit), 3 -> 4 (miss), 4 -> 1? cos(4,1) vs cos(4,0), cos(4,3)
+    # nearest other sample: 0 -> 1 (hit), 1 -> 0 (hit), 2 -> 3 (cos 0.8 > 0.6: hit), 3 -> 4 (cos 0.96: miss)
+    assert r["top1"] == pytest.approx(0.75)
     n = torch.nn.functional.normalize(emb, dim=1)
     cos = n @ n.T
     cos.fill_diagonal_(-2)
@@ -308,7 +309,8 @@ def test_resume_continues_the_same_run(tmp_path):
     full = realdata.train(mod.build_task(args), args, quiet=True)
     (tmp_path / "c.pt").unlink()
     # stop after 2 of 4 epochs, then continue from the checkpoint -> the same run
-    mod, args_a = _wordnet_args(tmp_path, "--epochs", "4", "--stop-after", "2", "--out", str(tmp_path / "a.json"))
+    mod, args_a = _wordnet_args(tmp_path, "--epochs", "4", "--stop-after", "2",
+                                "--out", str(tmp_path / "a.json"))
     part = realdata.train(mod.build_task(args_a), args_a, quiet=True)
     assert part["complete"] is False and part["epoch"] == 2 and not (tmp_path / "a.json").exists()
     mod, args_b = _wordnet_args(tmp_path, "--epochs", "4", "--resume", "--out", str(tmp_path / "b.json"))
