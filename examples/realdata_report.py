@@ -4,6 +4,7 @@ Run from the repository root after the runs::
 
     python -m examples.realdata_report            # rewrites the generated part of docs/results.md
     python -m examples.realdata_report --print    # prints it instead
+    python -m examples.realdata_report --untrained  # first measures the untrained encoders' floor
 
 Reads the run records ``docs/results/realdata/<corpus>-<margin>-s<seed>.json`` and the memory
 measurements ``docs/results/realdata/memory.jsonl`` (lines printed by ``python -m benchmarks.memory``),
@@ -156,13 +157,51 @@ def plots(runs: dict, img: Path) -> list[str]:
     return ["realdata_training.png", "realdata_abstain.png"]
 
 
+#: The sizes of ``examples/realdata_grid.sh`` (the untrained baseline embeds the same held-out samples).
+GRID_SIZES = {"wordnet": ["--max-classes", "5000", "--eval-classes", "2000", "--epochs", "8"],
+              "glyphs": ["--max-classes", "4000", "--eval-classes", "1000", "--epochs", "4"]}
+
+
+def untrained(corpus: str, seeds=(0, 1, 2)) -> dict:
+    """Held-out metrics of the *untrained* encoder (its initialization under each seed): what the
+    architecture alone gives, the floor any training must beat."""
+    import importlib
+
+    from .realdata import embed, retrieval_metrics
+    mod = importlib.import_module(f"examples.train_{corpus}")
+    finals = []
+    for seed in seeds:
+        args = mod.parse_args(GRID_SIZES[corpus] + ["--seed", str(seed), "--threads", "1"])
+        task = mod.build_task(args)
+        r = retrieval_metrics(embed(task.encoder, task.eval_x), task.eval_y, groups=task.eval_groups,
+                              group_names=task.group_names)
+        r.pop("curve")
+        finals.append(r)
+    return {"corpus": corpus, "seeds": list(seeds), "final": finals}
+
+
+def untrained_row(path: Path, glyphs: bool) -> str:
+    if not path.exists():
+        return ""
+    u = json.loads(path.read_text())
+    f = u["final"]
+    cells = ["untrained encoder (no training)", ",".join(map(str, u["seeds"])), stat([x["top1"] for x in f])]
+    if glyphs:
+        cells.append(stat([x["top1_by_group"]["AR PL UKai"] for x in f]))
+    cells += [stat([x["top5"] for x in f]), stat([x["top10"] for x in f]), stat([x["ap"] for x in f]),
+              stat([x["recall_at_p90"] for x in f]), stat([x["abstain_ok_at_p90"] for x in f]), "0"]
+    return "| " + " | ".join(cells) + " |"
+
+
 def generated(runs: dict, memory: Path) -> str:
     parts = []
     names = {"wordnet": "WordNet 3.0 synsets", "glyphs": "CJK glyphs"}
     for corpus in ("wordnet", "glyphs"):
         if corpus not in runs:
             continue
-        parts += [f"#### {names[corpus]}", "", counts(corpus, runs[corpus]) + ".", "", table(corpus, runs[corpus]), ""]
+        row = untrained_row(memory.parent / f"{corpus}-untrained.json", corpus == "glyphs")
+        parts += [f"#### {names[corpus]}", "", counts(corpus, runs[corpus]) + ".", "",
+                  table(corpus, runs[corpus]) + ("\n" + row if row else ""), ""]
     parts += ["#### Head's extra peak memory (one forward + backward, CosFace s=30)", "", memory_table(memory), ""]
     return "\n".join(parts)
 
@@ -172,7 +211,12 @@ def main() -> None:
     p.add_argument("--runs", type=Path, default=RUNS)
     p.add_argument("--doc", type=Path, default=DOC)
     p.add_argument("--print", action="store_true", help="print the generated markdown instead of editing --doc")
+    p.add_argument("--untrained", action="store_true",
+                   help="first measure the untrained encoders (seeds 0-2) into <runs>/<corpus>-untrained.json")
     args = p.parse_args()
+    if args.untrained:
+        for corpus in ("wordnet", "glyphs"):
+            (args.runs / f"{corpus}-untrained.json").write_text(json.dumps(untrained(corpus), indent=1))
     runs = load_runs(args.runs)
     if not runs:
         raise SystemExit(f"error: no run records in {args.runs}")

@@ -322,3 +322,25 @@ def test_resume_continues_the_same_run(tmp_path):
     mod, args_c = _wordnet_args(tmp_path, "--epochs", "5", "--resume", "--out", str(tmp_path / "c.json"))
     with pytest.raises(SystemExit, match="other settings"):
         realdata.train(mod.build_task(args_c), args_c, quiet=True)
+
+
+def test_report_table_means_and_spread(tmp_path):
+    from examples import realdata_report
+
+    def record(margin, seed, top1):
+        final = {"top1": top1, "top5": top1 + 0.1, "top10": top1 + 0.2, "ap": 0.5, "recall_at_p90": 0.25,
+                 "abstain_ok_at_p90": 0.75, "answerable": 9, "must_abstain": 1}
+        return {"complete": True, "corpus": "wordnet", "train_classes": 50, "train_samples": 150, "eval_classes": 5,
+                "eval_samples": 10, "steps": 12, "train_seconds": 10.0 + seed, "final": final, "info": {},
+                "settings": {"margin": margin, "seed": seed, "scale": 30.0, "m": None, "epochs": 3, "batch": 32,
+                             "dim": 16, "lr": 0.002}}
+    for seed, top1 in enumerate((0.2, 0.4, 0.6)):
+        (tmp_path / f"wordnet-cosface-s{seed}.json").write_text(json.dumps(record("cosface", seed, top1)))
+    (tmp_path / "wordnet-softmax-s0.json").write_text(json.dumps(record("softmax", 0, 0.1)))
+    (tmp_path / "wordnet-arcface-s0.json").write_text(json.dumps({"complete": False, "epoch": 1}))
+    text = realdata_report.generated(realdata_report.load_runs(tmp_path), tmp_path / "memory.jsonl")
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "0.4000 ± 0.2000" in rows["CosFace (s=30, m=0.35)"]     # mean and sample std of 0.2, 0.4, 0.6
+    assert "| 0,1,2 |" in rows["CosFace (s=30, m=0.35)"] and "| 11 ± 1 |" in rows["CosFace (s=30, m=0.35)"]
+    assert "| 0.1000 |" in rows["softmax"]
+    assert not any(k.startswith("ArcFace") for k in rows)            # an unfinished run is left out
