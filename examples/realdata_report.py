@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 RUNS = Path("docs/results/realdata")
+LONG_RUNS = Path("docs/results/realdata-long")
 DOC = Path("docs/results.md")
 IMG = Path("docs/img")
 ORDER = ("softmax", "normface", "cosface", "arcface", "sphereface", "simpler")
@@ -193,6 +194,47 @@ def untrained_row(path: Path, glyphs: bool) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def long_plot(long_runs: dict, short_runs: dict, img: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colors = {k: f"C{i}" for i, k in enumerate(ORDER)}
+    fig, axes = plt.subplots(1, len(long_runs), figsize=(6 * len(long_runs), 4.2), squeeze=False)
+    for ax, (corpus, by_margin) in zip(axes[0], long_runs.items()):
+        for kind in ORDER:
+            for src, style, tag in ((short_runs.get(corpus, {}), "--", "short"), (by_margin, "-", "long")):
+                rs = [r for r in src.get(kind, []) if r["settings"]["seed"] == 0]
+                if rs and kind in by_margin:
+                    h = rs[0]["history"]
+                    ax.plot([x["step"] for x in h], [x["top1"] for x in h], style, marker="o", ms=3,
+                            color=colors[kind], label=f"{LABEL[kind]}, {rs[0]['settings']['epochs']} epochs")
+        ax.set(title=f"{corpus}: held-out top-1 against training steps (seed 0)", xlabel="step", ylabel="top-1")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(img / "realdata_long.png", dpi=90)
+    plt.close(fig)
+
+
+def long_section(long_runs: dict, short_runs: dict) -> str:
+    """Table of the longer runs, next to the same margins' short runs of the same seed."""
+    parts = []
+    for corpus, by_margin in long_runs.items():
+        lines = ["| margin | epochs | steps | top-1 | top-5 | top-10 | AP | recall @ P0.9 | train s |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for kind in ORDER:
+            for src in (short_runs.get(corpus, {}), by_margin):
+                for r in sorted(src.get(kind, []), key=lambda r: r["settings"]["seed"]):
+                    if r["settings"]["seed"] != 0 or kind not in by_margin:
+                        continue
+                    f = r["final"]
+                    lines.append(f"| {margin_label(r)} | {r['settings']['epochs']} | {r['steps']} | {f['top1']:.4f} | "
+                                 f"{f['top5']:.4f} | {f['top10']:.4f} | {f['ap']:.4f} | {f['recall_at_p90']:.4f} | "
+                                 f"{r['train_seconds']:.0f} |")
+        parts += [f"#### {corpus}: longer training (seed 0)", "", "\n".join(lines), ""]
+    return "\n".join(parts)
+
+
 def generated(runs: dict, memory: Path) -> str:
     parts = []
     names = {"wordnet": "WordNet 3.0 synsets", "glyphs": "CJK glyphs"}
@@ -209,6 +251,7 @@ def generated(runs: dict, memory: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=Path, default=RUNS)
+    p.add_argument("--long-runs", type=Path, default=LONG_RUNS, help="records of the longer runs (optional)")
     p.add_argument("--doc", type=Path, default=DOC)
     p.add_argument("--print", action="store_true", help="print the generated markdown instead of editing --doc")
     p.add_argument("--untrained", action="store_true",
@@ -222,6 +265,10 @@ def main() -> None:
         raise SystemExit(f"error: no run records in {args.runs}")
     plots(runs, IMG)
     text = generated(runs, args.runs / "memory.jsonl")
+    long_runs = load_runs(args.long_runs) if args.long_runs.exists() else {}
+    if long_runs:
+        text += "\n" + long_section(long_runs, runs)
+        long_plot(long_runs, runs, IMG)
     if args.print:
         print(text)
         return
