@@ -45,7 +45,7 @@ def margin_label(r: dict) -> str:
     if s["margin"] == "softmax":
         return "softmax"
     if s["margin"] == "normface":
-        return f"{LABEL['normface']} (s={s['scale']:g})"
+        return f"NormFace (s={s['scale']:g}, no margin)"
     m = s["m"] if s["m"] is not None else default_m(s["margin"])
     return f"{LABEL[s['margin']]} (s={s['scale']:g}, m={m:g})"
 
@@ -231,7 +231,8 @@ def long_section(long_runs: dict, short_runs: dict) -> str:
                     lines.append(f"| {margin_label(r)} | {r['settings']['epochs']} | {r['steps']} | {f['top1']:.4f} | "
                                  f"{f['top5']:.4f} | {f['top10']:.4f} | {f['ap']:.4f} | {f['recall_at_p90']:.4f} | "
                                  f"{r['train_seconds']:.0f} |")
-        parts += [f"#### {corpus}: longer training (seed 0)", "", "\n".join(lines), ""]
+        name = {"wordnet": "WordNet", "glyphs": "CJK glyphs"}.get(corpus, corpus)
+        parts += [f"#### {name}: longer training (seed 0), next to the same seed's short run", "", "\n".join(lines), ""]
     return "\n".join(parts)
 
 

@@ -22,7 +22,6 @@ import argparse
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import glyph_data
