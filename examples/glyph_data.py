@@ -26,6 +26,7 @@ that 20% of the held-out characters keep a single rendering, to make the must-ab
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -222,7 +223,7 @@ def load_corpus(cache_dir: Optional[Path] = None, *, fonts: Optional[Sequence[tu
                 return corpus
         except (OSError, ValueError, KeyError):
             pass
-        print(f"cache {path}: inconsistent content; rebuilding")
+        print(f"cache {path}: inconsistent content; rebuilding", file=sys.stderr)
     corpus = build_corpus(fonts, cps, size)
 
     def write(p: Path) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,7 +222,7 @@ def load_corpus(root: Optional[Path] = None, cache_dir: Optional[Path] = None) -
                 return corpus
         except (ValueError, KeyError, TypeError):
             pass
-        print(f"cache {path}: inconsistent content; rebuilding")
+        print(f"cache {path}: inconsistent content; rebuilding", file=sys.stderr)
     corpus = build_corpus(parse_wordnet(d))
     cache.store(lambda p: p.write_text(json.dumps({
         "texts": corpus.texts, "labels": corpus.labels.tolist(), "kinds": corpus.kinds.tolist(),
