@@ -347,8 +347,17 @@ def check_args(args: argparse.Namespace) -> None:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {v}")
+    for name in ("max_classes", "eval_classes"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {v}")
     if not args.lr > 0:
         raise SystemExit(f"error: --lr must be > 0, got {args.lr}")
+    if not (math.isfinite(args.scale) and args.scale > 0):
+        raise SystemExit(f"error: --scale must be a positive finite number, got {args.scale}")
+    held = getattr(args, "held_out", None)
+    if held is not None and not 0.0 < held < 1.0:
+        raise SystemExit(f"error: --held-out must lie in (0, 1), got {held}")
     try:
         make_margin(args.margin, args.m)
     except ValueError as exc:

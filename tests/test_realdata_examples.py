@@ -344,3 +344,17 @@ def test_report_table_means_and_spread(tmp_path):
     assert "| 0,1,2 |" in rows["CosFace (s=30, m=0.35)"] and "| 11 ± 1 |" in rows["CosFace (s=30, m=0.35)"]
     assert "| 0.1000 |" in rows["softmax"]
     assert not any(k.startswith("ArcFace") for k in rows)            # an unfinished run is left out
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--max-classes", "0"], "--max-classes must be >= 1"),
+    (["--scale", "-1"], "--scale must be a positive"),
+    (["--held-out", "1.5"], "--held-out must lie in"),
+    (["--margin", "sphereface", "--m", "2.5"], "integer m"),
+    (["--margin", "softmax", "--m", "0.3"], "does not apply"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+])
+def test_cli_rejects_bad_arguments(bad, message):
+    from examples import train_wordnet
+    with pytest.raises(SystemExit, match=message):
+        train_wordnet.parse_args(bad)
