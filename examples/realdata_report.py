@@ -1,0 +1,286 @@
+"""Tables and plots of the real-data runs (``examples/realdata_grid.sh``) for ``docs/results.md``.
+
+Run from the repository root after the runs::
+
+    python -m examples.realdata_report            # rewrites the generated part of docs/results.md
+    python -m examples.realdata_report --print    # prints it instead
+    python -m examples.realdata_report --untrained  # first measures the untrained encoders' floor
+
+Reads the run records ``docs/results/realdata/<corpus>-<margin>-s<seed>.json`` and the memory
+measurements ``docs/results/realdata/memory.jsonl`` (lines printed by ``python -m benchmarks.memory``),
+writes ``docs/img/realdata_training.png`` (training loss and held-out top-1 over training) and
+``docs/img/realdata_abstain.png`` (answer-or-abstain: precision against recall), and replaces the text
+between ``<!-- realdata:begin -->`` and ``<!-- realdata:end -->`` in ``docs/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+RUNS = Path("docs/results/realdata")
+LONG_RUNS = Path("docs/results/realdata-long")
+DOC = Path("docs/results.md")
+IMG = Path("docs/img")
+ORDER = ("softmax", "normface", "cosface", "arcface", "sphereface", "simpler")
+LABEL = {"softmax": "softmax", "normface": "NormFace (no margin)", "cosface": "CosFace", "arcface": "ArcFace",
+         "sphereface": "SphereFace", "simpler": "simpler A-Softmax"}
+BEGIN, END = "<!-- realdata:begin -->", "<!-- realdata:end -->"
+
+
+def load_runs(runs: Path) -> dict:
+    out: dict = defaultdict(lambda: defaultdict(list))
+    for p in sorted(runs.glob("*-s*.json")):
+        r = json.loads(p.read_text())
+        if r.get("complete", True):
+            out[r["corpus"]][r["settings"]["margin"]].append(r)
+    return out
+
+
+def margin_label(r: dict) -> str:
+    s = r["settings"]
+    if s["margin"] == "softmax":
+        return "softmax"
+    if s["margin"] == "normface":
+        return f"NormFace (s={s['scale']:g}, no margin)"
+    m = s["m"] if s["m"] is not None else default_m(s["margin"])
+    return f"{LABEL[s['margin']]} (s={s['scale']:g}, m={m:g})"
+
+
+def default_m(kind: str):
+    from .realdata import DEFAULT_M
+    return DEFAULT_M[kind]
+
+
+def stat(values: list[float], digits: int = 4) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def table(corpus: str, by_margin: dict) -> str:
+    glyphs = corpus == "glyphs"
+    head = ["margin", "seeds", "top-1", "top-5", "top-10", "AP", "recall @ P0.9", "must-abstain kept @ P0.9"]
+    if glyphs:
+        head.insert(3, "top-1, held-out font")
+    head.append("train s")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for kind in ORDER:
+        rs = by_margin.get(kind)
+        if not rs:
+            continue
+        f = [r["final"] for r in rs]
+        cells = [margin_label(rs[0]), ",".join(str(r["settings"]["seed"]) for r in rs), stat([x["top1"] for x in f])]
+        if glyphs:
+            font = rs[0]["info"].get("held_out_font", "AR PL UKai")
+            cells.append(stat([x["top1_by_group"][font] for x in f]))
+        cells += [stat([x["top5"] for x in f]), stat([x["top10"] for x in f]), stat([x["ap"] for x in f]),
+                  stat([x["recall_at_p90"] for x in f]), stat([x["abstain_ok_at_p90"] for x in f]),
+                  stat([r["train_seconds"] for r in rs], 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def counts(corpus: str, by_margin: dict) -> str:
+    r = next(iter(by_margin.values()))[0]
+    f = r["final"]
+    s = r["settings"]
+    return (f"{r['train_classes']:,} training classes ({r['train_samples']:,} samples), {r['eval_classes']:,} held-out "
+            f"classes ({r['eval_samples']:,} samples: {f['answerable']:,} answerable queries, {f['must_abstain']:,} "
+            f"must-abstain); {s['epochs']} epochs of {r['steps'] // s['epochs']} steps, batch {s['batch']}, "
+            f"embedding {s['dim']}, AdamW lr {s['lr']:g}, one thread")
+
+
+def memory_table(path: Path) -> str:
+    if not path.exists():
+        return "(no memory measurements)"
+    rows = defaultdict(dict)
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            rows[(r["batch"], r["dim"], r["classes"])][r["impl"]] = r["extra_peak_bytes"] / 2**20
+    lines = ["| B x D x C | marginops (torch backend) | reference (materializes B x C) | ratio |", "|---|---|---|---|"]
+    for (b, d, c), v in sorted(rows.items(), key=lambda kv: kv[0][2]):
+        if "marginops" in v and "reference" in v:
+            lines.append(f"| {b} x {d} x {c:,} | {v['marginops']:.1f} MiB | {v['reference']:.1f} MiB | "
+                         f"{v['reference'] / v['marginops']:.1f}x |")
+    return "\n".join(lines)
+
+
+def plots(runs: dict, img: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    img.mkdir(parents=True, exist_ok=True)
+    corpora = [c for c in ("wordnet", "glyphs") if c in runs]
+    colors = {k: f"C{i}" for i, k in enumerate(ORDER)}
+    fig, axes = plt.subplots(len(corpora), 2, figsize=(11, 4 * len(corpora)), squeeze=False)
+    for row, corpus in enumerate(corpora):
+        ax_l, ax_t = axes[row]
+        for kind in ORDER:
+            rs = sorted(runs[corpus].get(kind, []), key=lambda r: r["settings"]["seed"])
+            if not rs:
+                continue
+            steps, loss = zip(*rs[0]["loss_trace"])
+            ax_l.plot(steps, loss, color=colors[kind], label=LABEL[kind], lw=1)
+            for i, r in enumerate(rs):
+                ep = [0] + [h["epoch"] for h in r["history"]]
+                t1 = [float("nan")] + [h["top1"] for h in r["history"]]
+                ax_t.plot(ep, t1, color=colors[kind], marker="o", ms=3, lw=1, alpha=1.0 if i == 0 else 0.4,
+                          label=LABEL[kind] if i == 0 else None)
+        ax_l.set(title=f"{corpus}: training loss (seed 0)", xlabel="step", ylabel="loss (each margin's own)",
+                 yscale="log")
+        ax_t.set(title=f"{corpus}: held-out top-1 after each epoch (all seeds)", xlabel="epoch", ylabel="top-1")
+        ax_l.legend(fontsize=8)
+        ax_t.legend(fontsize=8)
+        ax_t.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(img / "realdata_training.png", dpi=90)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(corpora), figsize=(5.5 * len(corpora), 4.2), squeeze=False)
+    for ax, corpus in zip(axes[0], corpora):
+        for kind in ORDER:
+            rs = sorted(runs[corpus].get(kind, []), key=lambda r: r["settings"]["seed"])
+            if rs:
+                c = rs[0]["final"]["curve"]
+                ax.plot(c["recall"], c["precision"], color=colors[kind], label=LABEL[kind], lw=1.2)
+        ax.axhline(0.9, color="grey", lw=0.6, ls="--")
+        ax.set(title=f"{corpus}: answer or abstain (seed 0)", xlabel="recall (answered correctly / answerable)",
+               ylabel="precision (correct / answered)", xlim=(0, 1), ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(img / "realdata_abstain.png", dpi=90)
+    plt.close(fig)
+    return ["realdata_training.png", "realdata_abstain.png"]
+
+
+#: The sizes of ``examples/realdata_grid.sh`` (the untrained baseline embeds the same held-out samples).
+GRID_SIZES = {"wordnet": ["--max-classes", "5000", "--eval-classes", "2000", "--epochs", "8"],
+              "glyphs": ["--max-classes", "4000", "--eval-classes", "1000", "--epochs", "4"]}
+
+
+def untrained(corpus: str, seeds=(0, 1, 2)) -> dict:
+    """Held-out metrics of the *untrained* encoder (its initialization under each seed): what the
+    architecture alone gives, the floor any training must beat."""
+    import importlib
+
+    from .realdata import embed, retrieval_metrics
+    mod = importlib.import_module(f"examples.train_{corpus}")
+    finals = []
+    for seed in seeds:
+        args = mod.parse_args(GRID_SIZES[corpus] + ["--seed", str(seed), "--threads", "1"])
+        task = mod.build_task(args)
+        r = retrieval_metrics(embed(task.encoder, task.eval_x), task.eval_y, groups=task.eval_groups,
+                              group_names=task.group_names)
+        r.pop("curve")
+        finals.append(r)
+    return {"corpus": corpus, "seeds": list(seeds), "final": finals}
+
+
+def untrained_row(path: Path, glyphs: bool) -> str:
+    if not path.exists():
+        return ""
+    u = json.loads(path.read_text())
+    f = u["final"]
+    cells = ["untrained encoder (no training)", ",".join(map(str, u["seeds"])), stat([x["top1"] for x in f])]
+    if glyphs:
+        cells.append(stat([x["top1_by_group"]["AR PL UKai"] for x in f]))
+    cells += [stat([x["top5"] for x in f]), stat([x["top10"] for x in f]), stat([x["ap"] for x in f]),
+              stat([x["recall_at_p90"] for x in f]), stat([x["abstain_ok_at_p90"] for x in f]), "0"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def long_plot(long_runs: dict, short_runs: dict, img: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colors = {k: f"C{i}" for i, k in enumerate(ORDER)}
+    fig, axes = plt.subplots(1, len(long_runs), figsize=(6 * len(long_runs), 4.2), squeeze=False)
+    for ax, (corpus, by_margin) in zip(axes[0], long_runs.items()):
+        for kind in ORDER:
+            for src, style, tag in ((short_runs.get(corpus, {}), "--", "short"), (by_margin, "-", "long")):
+                rs = [r for r in src.get(kind, []) if r["settings"]["seed"] == 0]
+                if rs and kind in by_margin:
+                    h = rs[0]["history"]
+                    ax.plot([x["step"] for x in h], [x["top1"] for x in h], style, marker="o", ms=3,
+                            color=colors[kind], label=f"{LABEL[kind]}, {rs[0]['settings']['epochs']} epochs")
+        ax.set(title=f"{corpus}: held-out top-1 against training steps (seed 0)", xlabel="step", ylabel="top-1")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(img / "realdata_long.png", dpi=90)
+    plt.close(fig)
+
+
+def long_section(long_runs: dict, short_runs: dict) -> str:
+    """Table of the longer runs, next to the same margins' short runs of the same seed."""
+    parts = []
+    for corpus, by_margin in long_runs.items():
+        lines = ["| margin | epochs | steps | top-1 | top-5 | top-10 | AP | recall @ P0.9 | train s |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for kind in ORDER:
+            for src in (short_runs.get(corpus, {}), by_margin):
+                for r in sorted(src.get(kind, []), key=lambda r: r["settings"]["seed"]):
+                    if r["settings"]["seed"] != 0 or kind not in by_margin:
+                        continue
+                    f = r["final"]
+                    lines.append(f"| {margin_label(r)} | {r['settings']['epochs']} | {r['steps']} | {f['top1']:.4f} | "
+                                 f"{f['top5']:.4f} | {f['top10']:.4f} | {f['ap']:.4f} | {f['recall_at_p90']:.4f} | "
+                                 f"{r['train_seconds']:.0f} |")
+        name = {"wordnet": "WordNet", "glyphs": "CJK glyphs"}.get(corpus, corpus)
+        parts += [f"#### {name}: longer training (seed 0), next to the same seed's short run", "", "\n".join(lines), ""]
+    return "\n".join(parts)
+
+
+def generated(runs: dict, memory: Path) -> str:
+    parts = []
+    names = {"wordnet": "WordNet 3.0 synsets", "glyphs": "CJK glyphs"}
+    for corpus in ("wordnet", "glyphs"):
+        if corpus not in runs:
+            continue
+        row = untrained_row(memory.parent / f"{corpus}-untrained.json", corpus == "glyphs")
+        parts += [f"#### {names[corpus]}", "", counts(corpus, runs[corpus]) + ".", "",
+                  table(corpus, runs[corpus]) + ("\n" + row if row else ""), ""]
+    parts += ["#### Head's extra peak memory (one forward + backward, CosFace s=30)", "", memory_table(memory), ""]
+    return "\n".join(parts)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", type=Path, default=RUNS)
+    p.add_argument("--long-runs", type=Path, default=LONG_RUNS, help="records of the longer runs (optional)")
+    p.add_argument("--doc", type=Path, default=DOC)
+    p.add_argument("--print", action="store_true", help="print the generated markdown instead of editing --doc")
+    p.add_argument("--untrained", action="store_true",
+                   help="first measure the untrained encoders (seeds 0-2) into <runs>/<corpus>-untrained.json")
+    args = p.parse_args()
+    if args.untrained:
+        for corpus in ("wordnet", "glyphs"):
+            (args.runs / f"{corpus}-untrained.json").write_text(json.dumps(untrained(corpus), indent=1))
+    runs = load_runs(args.runs)
+    if not runs:
+        raise SystemExit(f"error: no run records in {args.runs}")
+    plots(runs, IMG)
+    text = generated(runs, args.runs / "memory.jsonl")
+    long_runs = load_runs(args.long_runs) if args.long_runs.exists() else {}
+    if long_runs:
+        text += "\n" + long_section(long_runs, runs)
+        long_plot(long_runs, runs, IMG)
+    if args.print:
+        print(text)
+        return
+    doc = args.doc.read_text()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"error: {args.doc} lacks the markers {BEGIN} ... {END}")
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    args.doc.write_text(head + BEGIN + "\n" + text + "\n" + END + tail)
+    print(f"updated {args.doc}, {IMG}/realdata_training.png, {IMG}/realdata_abstain.png")
+
+
+if __name__ == "__main__":
+    main()
