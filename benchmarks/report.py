@@ -156,9 +156,8 @@ _BLOCK = re.compile(r"(<!-- generated: (?P<name>[^ ]+) -->\n)(?P<body>.*?)(\n<!-
 
 
 def render(text: str, generated: dict[str, str]) -> str:
-    """``text`` with each generated block replaced (a block whose name has no records says so)."""
-    return _BLOCK.sub(lambda m: m.group(1) + generated.get(m.group("name"), f"(no records for {m.group('name')})")
-                      + m.group(4), text)
+    """``text`` with each generated block that ``generated`` names replaced (the others are kept)."""
+    return _BLOCK.sub(lambda m: m.group(1) + generated.get(m.group("name"), m.group("body")) + m.group(4), text)
 
 
 def plot(records: Sequence[dict], preset: str, path: Path) -> Optional[Path]:
