@@ -55,7 +55,7 @@ def _mib(v) -> str:
 
 #: Columns of the full tables: metric, header, format.
 COLUMNS = (
-    ("seconds", "fwd+bwd s", lambda v: f"{v:.3f}"),
+    ("seconds", "seconds", lambda v: f"{v:.3f}"),
     ("seconds_min", "min s", lambda v: f"{v:.3f}"),
     ("ratio_to_floor", "x floor", lambda v: f"{v:.2f}"),
     ("extra_peak_bytes", "extra peak MiB", _mib),
@@ -89,7 +89,9 @@ def full_table(cases: dict[tuple, dict]) -> str:
 def _machine_line(cases: dict[tuple, dict]) -> str:
     r = next(iter(cases.values()))["_record"]
     shares = [m["others_cpu_share"] for m in cases.values() if m.get("others_cpu_share") is not None]
-    load = f"; other processes took {min(shares):.0%}-{max(shares):.0%} of the CPU during the cases" if shares else ""
+    span = f"{min(shares):.0%}" + (f"-{max(shares):.0%}" if f"{max(shares):.0%}" != f"{min(shares):.0%}" else "") \
+        if shares else ""
+    load = f"; other processes took {span} of the CPU during the cases" if shares else ""
     dtype_device = f"{r['dtype']} on {r['device']}" if r.get("dtype") else ""
     return f"Measured {r['date'][:10]} on {describe_machine(r['machine'])}; {dtype_device}{load}."
 
@@ -141,9 +143,25 @@ def summary(records: Sequence[dict]) -> str:
     return head + "\n\n" + _table(["implementation", "time", "x 3-GEMM floor", "extra peak memory"], rows)
 
 
+def model_table() -> Optional[str]:
+    """The GPU time model's table at its default rates (None without triton: its planners need it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from marginops import DEFAULT_MEMORY_BUDGET
+
+    from . import perf_model
+
+    return perf_model.table(perf_model.H100, DEFAULT_MEMORY_BUDGET, None)
+
+
 def blocks(records: Sequence[dict]) -> dict[str, str]:
     """Every generated block, by name."""
     out = {"summary": summary(records)}
+    model = model_table()
+    if model is not None:
+        out["model"] = model
     for name, cases in group(records).items():
         text = [_machine_line(cases), "", full_table(cases)]
         if name in presets.PRESETS and presets.PRESETS[name].targets:
@@ -152,12 +170,16 @@ def blocks(records: Sequence[dict]) -> dict[str, str]:
     return out
 
 
-_BLOCK = re.compile(r"(<!-- generated: (?P<name>[^ ]+) -->\n)(?P<body>.*?)(\n<!-- end generated -->)", re.S)
+_BLOCK = re.compile(r"(<!-- generated: (?P<name>[^ ]+) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
 
 
 def render(text: str, generated: dict[str, str]) -> str:
     """``text`` with each generated block that ``generated`` names replaced (the others are kept)."""
-    return _BLOCK.sub(lambda m: m.group(1) + generated.get(m.group("name"), m.group("body")) + m.group(4), text)
+    def block(m: re.Match) -> str:
+        new = generated.get(m.group("name"))
+        return m.group(1) + (m.group("body") if new is None else new.rstrip("\n") + "\n") + m.group(4)
+
+    return _BLOCK.sub(block, text)
 
 
 def plot(records: Sequence[dict], preset: str, path: Path) -> Optional[Path]:

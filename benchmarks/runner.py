@@ -359,7 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = measure(case)
     except Exception as e:  # noqa: BLE001 - the case's failure is its result (an OOM, a compiler error, ...)
         text = f"{type(e).__name__}: {e}"
-        oom = isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text.lower()
+        oom = isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))) or "out of memory" in text.lower()
         result = {"status": "oom" if oom else "failed", "error": text[-1500:]}
     print(json.dumps(result), flush=True)
     return 0
@@ -437,9 +437,18 @@ def run(cases: Iterable[Case], *, preset: str, timeout: float = 900.0, progress:
     ``deadline`` (``time.monotonic()``): cases not started by then are recorded
     as ``skipped``. ``extra`` goes into every record (e.g. ``sweep=``).
     """
-    from tqdm import tqdm
-
     cases = list(cases)
+    try:
+        from tqdm import tqdm
+    except ImportError:  # a bare GPU machine: one line per case instead of a bar
+        class tqdm(list):  # noqa: N801
+            def __init__(self, items, desc="", **_):
+                super().__init__(items)
+                self.desc = desc
+
+            def set_postfix_str(self, text):
+                print(f"{self.desc}: {text}", file=sys.stderr, flush=True)
+
     machine, date = machine_info(), now()
     floors: dict[tuple, float] = {}
     records = []

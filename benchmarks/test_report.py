@@ -41,6 +41,6 @@ def test_targets_are_judged_from_the_records():
 
 def test_render_replaces_only_generated_blocks():
     text = "intro\n<!-- generated: a -->\nold\n<!-- end generated -->\nmiddle\n<!-- generated: b -->\nkeep\n" \
-           "<!-- end generated -->\n"
-    out = report.render(text, {"a": "new"})
-    assert out == text.replace("old", "new")
+           "<!-- end generated -->\n<!-- generated: c -->\n<!-- end generated -->\n"
+    out = report.render(text, {"a": "new", "c": "filled"})
+    assert out == text.replace("old", "new").replace("c -->\n", "c -->\nfilled\n")

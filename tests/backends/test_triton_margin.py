@@ -637,7 +637,7 @@ def test_cuda_memory_stays_near_gradients():
     print(f"extra peak beyond inputs and gradients: {extra / 2**20:.1f} MiB")
     # dW is written in bf16 chunk by chunk; G and dD chunks within the budget; B x D buffers (fp32 dxh,
     # normalized rows, the target term's backward: about 30 bytes per element at the peak, estimated in
-    # docs/performance.md), B- and C-sized vectors; never a B x C tensor
+    # docs/benchmarks.md), B- and C-sized vectors; never a B x C tensor
     assert extra < mo.DEFAULT_MEMORY_BUDGET + 32 * Bm * Dm + 16 * 2**20 < Bm * Cm * 2
 
 
@@ -660,5 +660,5 @@ def test_cuda_time_within_a_few_gemm_floors():
     for strategy in ("recompute", "workspace"):
         ratio = do_bench(lambda: ours(strategy)) / base
         print(f"triton {strategy} fwd+bwd / 3-GEMM floor = {ratio:.2f}")
-        # a regression guard, not the design targets (docs/performance.md predicts ~2.1x): never measured yet
+        # a regression guard, not the design targets (docs/benchmarks.md predicts ~2.1x): never measured yet
         assert ratio < 4.0, strategy
