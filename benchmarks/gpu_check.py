@@ -49,7 +49,7 @@ def _tests(out: Path, env: dict, timeout: float) -> tuple[bool, str]:
 
 
 def main(out: Path, *, dry_run: bool = False, install: bool = False, budget: float = 420.0,
-         test_timeout: float = 150.0) -> int:
+         test_timeout: float = 240.0) -> int:
     t0 = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(runner.REPO_ROOT)}
