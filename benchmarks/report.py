@@ -138,8 +138,8 @@ def summary(records: Sequence[dict]) -> str:
         rows.append([_label(key[-1]), f"{m['seconds']:.2f} s", f"{m.get('ratio_to_floor', float('nan')):.2f}x",
                      mem])
     p = registry.PROBLEMS[next(iter(cases))[0]]
-    head = (f"One training step's loss (forward + backward), {p.description}, B={b:,}, D={d}, C={c:,}, "
-            f"float32 on CPU. {_machine_line(cases)}")
+    head = (f"One training step's loss (forward + backward), {p.description}, B={b:,}, D={d}, C={c:,}. "
+            f"{_machine_line(cases)}")
     return head + "\n\n" + _table(["implementation", "time", "x 3-GEMM floor", "extra peak memory"], rows)
 
 
@@ -199,7 +199,8 @@ def plot(records: Sequence[dict], preset: str, path: Path) -> Optional[Path]:
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     for impl, pts in by_impl.items():
         cs = [c for c, _ in pts]
-        style = dict(marker="o", linestyle="--" if impl == "floor" else "-", label=_label(impl),
+        colour = f"C{list(registry.IMPLS).index(impl) % 10}" if impl in registry.IMPLS else "k"
+        style = dict(marker="o", linestyle="--" if impl == "floor" else "-", label=_label(impl), color=colour,
                      linewidth=2.5 if impl in registry.OURS else 1.2)
         ax_t.plot(cs, [m["seconds"] for _, m in pts], **style)
         if impl != "floor":
