@@ -8,6 +8,7 @@ training step's loss work and the extra memory it needed.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import replace
 from typing import Optional, Sequence
 
@@ -61,7 +62,8 @@ def explain(records: Sequence[dict]) -> str:
                          f"than on an idle machine.")
     else:
         lines.append("marginops or the naive head did not run: see the table.")
-    return "\n".join(lines)
+    return "\n".join(textwrap.fill(line, 110) if len(line) > 110 and "|" not in line and "  " not in line.strip()
+                     else line for line in lines)
 
 
 def main(batch: Optional[int] = None, dim: Optional[int] = None, classes: Optional[int] = None,
