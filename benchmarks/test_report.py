@@ -19,7 +19,8 @@ def test_summary_block_is_in_the_readme():
 def _records(seconds: dict[str, float], extra: int = 10) -> list[dict]:
     out = []
     for impl, s in seconds.items():
-        case = Case(impl, "ordinary", 1024, 512, 100_000)
+        impl, _, reduction = impl.partition(":")
+        case = Case(impl, "ordinary", 1024, 512, 100_000, reduction=reduction or "mean")
         out += records_of(case, {"status": "ok", "seconds": s, "extra_peak_bytes": extra}, floor_seconds=1.0,
                           preset="targets", machine={"cpu": "x", "cores": 2, "torch_threads": 2, "torch": "t"},
                           date="2026-01-01")
@@ -28,12 +29,13 @@ def _records(seconds: dict[str, float], extra: int = 10) -> list[dict]:
 
 def test_targets_are_judged_from_the_records():
     target = presets.PRESETS["targets"]
-    met = report.targets_table(report.group(_records({"floor": 1.0, "naive": 3.0, "marginops-torch": 1.1}))
-                               ["targets"], target)
+    met = report.targets_table(report.group(_records({"floor": 1.0, "naive": 3.0, "marginops-torch": 1.1,
+                                                      "marginops-torch:none": 1.5}))["targets"], target)
     missed = report.targets_table(report.group(_records({"floor": 1.0, "naive": 1.2, "marginops-torch": 1.3}))
                                   ["targets"], target)
     assert "| <= 1.20x the floor | 1.10x 3-GEMM floor | met |" in met
     assert "| <= 0.80x naive | 0.37x naive PyTorch | met |" in met
+    assert "| reduction='none': <= 1.45x the floor | 1.50x 3-GEMM floor | **not met** |" in met
     assert "| <= 1.20x the floor | 1.30x 3-GEMM floor | **not met** |" in missed
     assert "| <= 0.80x naive | 1.08x naive PyTorch | **not met** |" in missed
     assert "not measured" in met  # no underflow case among these records
