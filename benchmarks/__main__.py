@@ -61,8 +61,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         preset = presets.get(args.preset)
         cases = [c for c in preset.cases if args.impls is None or c.impl in args.impls or c.impl == "floor"]
-        records = runner.run(cases, preset=preset.name, timeout=args.timeout)
-        path = runner.write_records(args.output or runner.RESULTS_DIR / f"{preset.name}.json", records)
+        path = args.output or runner.RESULTS_DIR / f"{preset.name}.json"
+        records = runner.run(cases, preset=preset.name, timeout=args.timeout, output=path)
         from . import report
 
         print(report.blocks(records)[f"preset:{preset.name}"])

@@ -73,8 +73,7 @@ def main(out: Path, *, dry_run: bool = False, install: bool = False, budget: flo
     if dry_run:  # compiling peers take minutes on a CPU; the GPU run has them
         cases = tuple(c for c in cases if not registry.IMPLS[c.impl].compiles)
     records = runner.run(cases, preset="gpu-check" if not dry_run else "gpu-check-dry-run", env=env,
-                         deadline=t0 + budget, timeout=max(60.0, budget))
-    runner.write_records(out / "gpu-check.json", records)
+                         deadline=t0 + budget, timeout=max(60.0, budget), output=out / "gpu-check.json")
     grouped = report.group(records)
     cases_done = next(iter(grouped.values()))
     lines += [f"- cases: {len(cases_done)} in {time.monotonic() - t0:.0f} s in all", "",

@@ -431,11 +431,14 @@ def records_of(case: Case, result: dict, *, floor_seconds: Optional[float], pres
 
 
 def run(cases: Iterable[Case], *, preset: str, timeout: float = 900.0, progress: bool = True,
-        deadline: Optional[float] = None, env: Optional[dict] = None, **extra) -> list[dict]:
+        deadline: Optional[float] = None, env: Optional[dict] = None, output: Optional[Path] = None,
+        **extra) -> list[dict]:
     """Run ``cases`` (each floor before the cases of its shape), return their records.
 
     ``deadline`` (``time.monotonic()``): cases not started by then are recorded
-    as ``skipped``. ``extra`` goes into every record (e.g. ``sweep=``).
+    as ``skipped``. ``output``: the records so far are written there after every
+    case (a long run that is stopped keeps what it measured). ``extra`` goes
+    into every record.
     """
     cases = list(cases)
     try:
@@ -464,6 +467,8 @@ def run(cases: Iterable[Case], *, preset: str, timeout: float = 900.0, progress:
             floors[shape_key] = result["seconds"]
         records += records_of(case, result, floor_seconds=floors.get(shape_key), preset=preset, machine=machine,
                               date=date, **extra)
+        if output is not None:
+            write_records(output, records)
     return records
 
 
