@@ -62,3 +62,18 @@ def test_machine_info_names_the_cpu_and_versions():
     m = runner.machine_info()
     assert m["cpu"] and m["torch"] == torch.__version__ and m["cores"] >= 1
     assert m["cpu"] in runner.describe_machine(m)
+
+
+def test_demo_summary_says_what_was_measured():
+    from benchmarks import demo
+
+    recs = []
+    for impl, s, mem in (("floor", 1.0, 0), ("marginops-torch", 1.2, 20 * 2**20), ("naive", 3.6, 800 * 2**20)):
+        result = {"status": "ok", "seconds": s, "extra_peak_bytes": mem, "others_cpu_share": 0.0}
+        if impl != "floor":
+            result.update(loss=25.0, check={"ok": True})
+        recs += runner.records_of(Case(impl, "ordinary", 512, 256, 200_000), result, floor_seconds=1.0,
+                                  preset="demo", machine=runner.machine_info(), date="d")
+    text = " ".join(demo.explain(recs).split())
+    assert "3.0x faster" in text and "20 MiB of extra memory instead of 800 MiB (40x less)" in text
+    assert "marginops needed 1.20x that" in text and "Other programs" not in text
