@@ -354,23 +354,3 @@ def step_function(name: str, problem: Problem, inp: Inputs, *, device: str = "cp
         return loss.detach()
 
     return step
-
-
-@torch.no_grad()
-def probability_underflow(inp: Inputs, problem: Problem, rows_per_block: int = 64) -> dict[str, float]:
-    """Fractions of the float32 softmax probabilities that are subnormal or zero, the naive way, in row blocks."""
-    x, W = inp.x.detach().float(), inp.W.detach().float()
-    if problem.normalize:
-        x, W = F.normalize(x, dim=1), F.normalize(W, dim=1)
-    psi, tiny = problem.margin_object(), torch.finfo(torch.float32).tiny
-    sub = zero = 0
-    for r0 in range(0, x.shape[0], rows_per_block):
-        cos = x[r0:r0 + rows_per_block] @ W.t()
-        yb = inp.y[r0:r0 + rows_per_block].unsqueeze(1)
-        t = cos.gather(1, yb)
-        z = problem.scale * (psi(t) if psi is not None else t)
-        p = torch.softmax((problem.scale * cos).scatter_(1, yb, z), dim=1)
-        sub += int(((p > 0) & (p < tiny)).sum())
-        zero += int((p == 0).sum())
-    total = x.shape[0] * W.shape[0]
-    return {"subnormal": sub / total, "zero": zero / total}

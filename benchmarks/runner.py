@@ -91,11 +91,6 @@ class Case:
     def shape(self) -> registry.Shape:
         return registry.Shape(self.batch, self.dim, self.classes)
 
-    @property
-    def key(self) -> tuple:
-        """What identifies the measured computation (the floor: the shape only)."""
-        return (self.problem, self.batch, self.dim, self.classes, self.dtype, self.device, self.reduction)
-
 
 # -- the machine ------------------------------------------------------------------------------------
 
