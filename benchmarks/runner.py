@@ -470,7 +470,7 @@ def run(cases: Iterable[Case], *, preset: str, timeout: float = 900.0, progress:
 def write_records(path: Path, records: Sequence[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(list(records), indent=0) + "\n")
+    path.write_text("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n")  # one record per line
     return path
 
 
