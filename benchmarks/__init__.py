@@ -1,14 +1,12 @@
-"""Benchmarks for marginops: run the entry points as modules from the repository root.
+"""Benchmarks of marginops: one registry, one runner, one CLI (``python -m benchmarks --help``).
 
-* ``python -m benchmarks.report [--quick]``: the benchmark report, marginops against its peers over
-  sweeps of C, B and D, one fresh process per case (records, Markdown tables, plots).
-* ``python -m benchmarks.plot [report.json]``: the report's plots, from its records.
-* ``python -m benchmarks.cpu_targets [--quick]``: the CPU target table.
-* ``python -m benchmarks.memory --impl marginops --batch 512 --dim 256 --classes 1000000``:
-  extra peak memory of one forward+backward, in a fresh process.
-* ``pytest benchmarks/ --benchmark-only``: the pytest-benchmark cases.
-
-The case list and the code that runs each implementation live in
-:mod:`benchmarks.cases`; timing, checks, machine facts and result records in
-:mod:`benchmarks.harness`.
+* :mod:`benchmarks.registry`: problems, implementations (one name each) and their inputs;
+* :mod:`benchmarks.runner`: every case in a fresh process (check against the reference, extra peak
+  memory, time, the CPU share others took), long-format records with the machine;
+* :mod:`benchmarks.presets`: named case lists and the targets they check;
+* :mod:`benchmarks.report`: the README and ``docs/benchmarks.md`` tables and the plots, from the records;
+* :mod:`benchmarks.demo`, :mod:`benchmarks.gpu_check`, :mod:`benchmarks.compare`,
+  :mod:`benchmarks.distributed`, :mod:`benchmarks.retrieval`, :mod:`benchmarks.perf_model`: the
+  other subcommands;
+* ``benchmarks/test_*.py``: their tests (collected by ``python -m pytest``) and the pytest-benchmark cases.
 """

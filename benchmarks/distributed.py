@@ -1,6 +1,6 @@
 """Per-rank memory and step time of ``ShardedMarginHead`` for several world sizes, on CPU with gloo.
 
-    python -m benchmarks.distributed --classes 2000000 --dim 128 --batch 512 --worlds 1 2 4
+    python -m benchmarks distributed --classes 2000000 --dim 128 --batch 512 --worlds 1 2 4
 
 The global batch (``--batch`` rows) is split evenly over the ranks; every
 world size trains the same problem (same weights, same batch, so the same
@@ -11,14 +11,14 @@ and one measured step runs. Reported per rank: the bytes of its weight block
 plus its gradient (what sharding divides), the extra peak of the step beyond
 them (the gathered batch, tiles, statistics) and the step time. On a 2-core
 machine the ranks share the cores (threads per rank = cores / world), so the
-times say little about speed-up; the memory is the point. Records go to
-``benchmarks/results/distributed.json``.
+times say little about speed-up; the memory is the point. Records (preset
+``distributed``, implementation ``world=N``, the largest figure over the ranks)
+go to ``benchmarks/results/distributed.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
@@ -30,8 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .harness import RESULTS_DIR, describe_machine, machine_info
-from .memory import peak_rss_bytes, reset_peak_rss
+from . import runner
 
 
 def _rank(rank: int, world: int, port: int, args: dict, queue) -> None:
@@ -59,17 +58,17 @@ def _rank(rank: int, world: int, port: int, args: dict, queue) -> None:
 
     step(slice(0, 1))  # warm-up on one row: thread pools, libraries and the gradients, not the step's scratch
     dist.barrier()
-    reset_peak_rss()
-    base, source = peak_rss_bytes()
+    peak = runner.PeakMemory("cpu")
+    peak.reset()
     head.weight.grad = x.grad = None  # the baseline held them; the step allocates them again
     t0 = time.perf_counter()
     loss = step()
     seconds = time.perf_counter() - t0
-    peak, _ = peak_rss_bytes()
+    extra = peak.extra()
     grad_bytes = head.weight.numel() * head.weight.element_size()
     queue.put({"rank": rank, "world": world, "rows": rows, "num_local": head.num_local, "loss": loss,
                "seconds": seconds, "weight_and_grad_bytes": 2 * grad_bytes,
-               "extra_peak_bytes": peak - base, "rss_source": source})
+               "extra_peak_bytes": extra})
     dist.barrier()
     dist.destroy_process_group()
 
@@ -96,31 +95,31 @@ def run_world(world: int, args: dict, timeout: float = 1800.0) -> list[dict]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.distributed", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks distributed", description=__doc__.split("\n")[0])
     p.add_argument("--classes", type=int, default=2_000_000)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--batch", type=int, default=512, help="global batch, split evenly over the ranks")
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--output", type=Path, default=RESULTS_DIR / "distributed.json")
+    p.add_argument("--output", type=Path, default=runner.RESULTS_DIR / "distributed.json")
     a = p.parse_args(argv)
+    if min(a.worlds) < 1:
+        p.error(f"--worlds must be >= 1, got {a.worlds}")
     args = {"batch": a.batch, "dim": a.dim, "classes": a.classes}
-    rows = []
+    machine, date = runner.machine_info(), runner.now()
+    records = []
     for world in a.worlds:
-        recs = run_world(world, args)
-        rows.append({"world": world, "ranks": recs})
-    record = {"args": args, "results": rows, "machine": machine_info()}
-    a.output.parent.mkdir(parents=True, exist_ok=True)
-    a.output.write_text(json.dumps(record, indent=1) + "\n")
-    mib = 2**20
-    print(f"ShardedMarginHead, ArcFace, fp32, global batch {a.batch}, D={a.dim}, C={a.classes:,}; "
-          f"{describe_machine(record['machine'])}")
-    print("| world | weight + grad per rank (MiB) | extra peak per rank, max (MiB) | step (s), max over ranks | loss |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        r = row["ranks"]
-        print(f"| {row['world']} | {max(x['weight_and_grad_bytes'] for x in r) / mib:.0f} | "
-              f"{max(x['extra_peak_bytes'] for x in r) / mib:.1f} | {max(x['seconds'] for x in r):.2f} | "
-              f"{r[0]['loss']:.4f} |")
+        ranks = run_world(world, args)
+        base = {"preset": "distributed", "date": date, "implementation": f"world={world}", "problem": "ordinary",
+                "batch": a.batch, "dim": a.dim, "classes": a.classes, "dtype": "float32", "device": "cpu",
+                "reduction": "mean", "memory_budget": None, "machine": machine}
+        metrics = {"status": "ok", "weight_and_grad_bytes": max(r["weight_and_grad_bytes"] for r in ranks),
+                   "extra_peak_bytes": max(r["extra_peak_bytes"] for r in ranks),
+                   "seconds": max(r["seconds"] for r in ranks), "loss": ranks[0]["loss"], "ranks": ranks}
+        records += [{**base, "metric": k, "value": v} for k, v in metrics.items()]
+    runner.write_records(a.output, records)
+    from . import report
+
+    print(report.blocks(records)["preset:distributed"])
     return 0
 
 

@@ -1,15 +1,15 @@
-"""Predicted GPU time of the Triton backend against the 3-GEMM floor: the model behind docs/performance.md.
+"""Predicted GPU time of the Triton backend against the 3-GEMM floor (a model: docs/benchmarks.md).
 
-    python -m benchmarks.perf_model                 # H100 SXM, bf16, the GPU benchmark's sizes
-    python -m benchmarks.perf_model --triton-tflops 650
+    python -m benchmarks model                      # H100 SXM, bf16, the gpu preset's sizes
+    python -m benchmarks model --triton-tflops 650
 
 Nothing here is measured. Each step of a call is charged its FLOPs at an
 assumed rate or its HBM bytes at an assumed bandwidth, steps do not overlap
 (pessimistic), and the chunking is the backend's own (:func:`grad_plan`,
 :func:`workspace_rows` with the given budgets). cuBLAS is assumed to accumulate
 into fp32 outputs in place (``mm``/``addmm`` with ``out_dtype``, recent PyTorch
-on CUDA; older versions pay a product temporary per chunk). ``python -m benchmarks.gpu``
-on a GPU replaces these numbers with measurements.
+on CUDA; older versions pay a product temporary per chunk). ``python -m benchmarks
+gpu-check`` on a GPU replaces these numbers with measurements.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ from typing import Optional
 
 import torch
 
-from .gpu import SIZES, workspace_budget
+from .registry import workspace_budget
+
+#: The gpu preset's shapes and the GPU tests' (B, D, C).
+SIZES = [(8192, 2304, 256_000), (8192, 2304, 1_000_000), (4096, 512, 100_000)]
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ def table(m: Machine, budget: int, ws_budget: Optional[int], sizes=SIZES) -> str
 def main(argv: Optional[list[str]] = None) -> int:
     from marginops import DEFAULT_MEMORY_BUDGET
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.perf_model", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cublas-tflops", type=float, default=H100.cublas_flops / 1e12)
     parser.add_argument("--triton-tflops", type=float, default=H100.triton_flops / 1e12)
     parser.add_argument("--bandwidth-tbs", type=float, default=H100.bandwidth / 1e12)

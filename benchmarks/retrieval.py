@@ -2,14 +2,14 @@
 
 Run from the repository root::
 
-    python -m benchmarks.retrieval --classes 1000000 --dim 256 --queries 1024 --k 10
-    python -m benchmarks.retrieval --classes 20000 --dim 64 --queries 128 --k 5   # seconds
+    python -m benchmarks retrieval --classes 1000000 --dim 256 --queries 1024 --k 10
+    python -m benchmarks retrieval --classes 20000 --dim 64 --queries 128 --k 5   # seconds
 
 Brute force is ``F.normalize`` of both inputs, one ``B x C`` matmul and
 ``torch.topk`` over it (at B=1024, C=1M: a 4 GB score matrix). Prints the
 machine, a Markdown table (best time, queries/s, extra peak memory) and the
-agreement of the two results, and writes one JSON record to
-``benchmarks/results/retrieval.json`` (gitignored; ``--output`` to change).
+agreement of the two results, and writes records (preset ``retrieval``; the
+batch is the number of queries) to ``benchmarks/results/retrieval.json``.
 
 How it measures, per implementation, in a fresh subprocess (the peak RSS is
 a high-water mark of the whole process):
@@ -43,10 +43,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import harness
-from .memory import peak_rss_bytes, reset_peak_rss
+from . import runner
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 IMPLS = ("topk_cosine", "brute_force")
 MiB = 2**20
 #: Two float64 cosines closer than this are a tie that float32 rounding (D <= a few thousand) may swap.
@@ -82,36 +80,35 @@ def measure(impl: str, queries: int, classes: int, dim: int, k: int, *, repeats:
     fn(*make_inputs(4, 16, 8, seed + 1), 2)  # 1.
     q, W = make_inputs(queries, classes, dim, seed)  # 2.
     gc.collect()
-    peak_reset = reset_peak_rss()  # 3.
-    baseline, source = peak_rss_bytes()
+    peak = runner.PeakMemory("cpu")  # 3.
+    peak.reset()
     t0 = time.perf_counter()
     values, indices = fn(q, W, k)
     times = [time.perf_counter() - t0]
-    peak, _ = peak_rss_bytes()
-    watch = harness.CpuContention()
+    extra = peak.extra()
+    share = runner.CpuShare()
     for _ in range(repeats):  # 4.
         t0 = time.perf_counter()
         fn(q, W, k)
         times.append(time.perf_counter() - t0)
-    load = watch.report()
+    took = share.others()
     if result_file:
         torch.save({"values": values, "indices": indices}, result_file)
     return {
         "status": "ok", "impl": impl, "best_seconds": min(times), "seconds": times,
-        "queries_per_second": queries / min(times), "extra_peak_bytes": peak - baseline,
-        "baseline_rss_bytes": baseline, "rss_source": source, "peak_reset": peak_reset,
-        "others_cpu_share": None if load is None else load["others_share"],
+        "queries_per_second": queries / min(times), "extra_peak_bytes": extra,
+        "others_cpu_share": None if took is None else took[1],
         "torch_threads": torch.get_num_threads(),
     }
 
 
 def run_child(impl: str, args: argparse.Namespace, result_file: str) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.retrieval", "--child", impl, "--result-file", result_file,
+    cmd = [sys.executable, "-m", "benchmarks", "retrieval", "--child", impl, "--result-file", result_file,
            "--classes", str(args.classes), "--dim", str(args.dim), "--queries", str(args.queries),
            "--k", str(args.k), "--repeats", str(args.repeats), "--seed", str(args.seed)]
     if args.chunk_size is not None:
         cmd += ["--chunk-size", str(args.chunk_size)]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=runner.REPO_ROOT, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     if proc.returncode != 0 or not lines:
         why = " (SIGKILL: most likely the OOM killer)" if proc.returncode == -9 else ""
@@ -139,7 +136,7 @@ def agreement(ours: dict, brute: dict, q: torch.Tensor, W: torch.Tensor) -> dict
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.retrieval", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks retrieval", description=__doc__.splitlines()[0])
     p.add_argument("--classes", type=int, default=1_000_000, help="C, centres (default: 1000000)")
     p.add_argument("--dim", type=int, default=256, help="D, features (default: 256)")
     p.add_argument("--queries", type=int, default=1024, help="B, queries per call (default: 1024)")
@@ -147,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed calls after the measured one (default: 3)")
     p.add_argument("--chunk-size", type=int, default=None, help="topk_cosine's chunk_size (default: its own)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", type=Path, default=harness.RESULTS_DIR / "retrieval.json")
+    p.add_argument("--output", type=Path, default=runner.RESULTS_DIR / "retrieval.json")
     p.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     p.add_argument("--result-file", help=argparse.SUPPRESS)
     return p
@@ -160,10 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  seed=args.seed, chunk_size=args.chunk_size, result_file=args.result_file)))
         return 0
 
-    machine = harness.machine_info()
-    print(f"machine: {harness.describe_machine(machine)}")
-    print(f"problem: B={args.queries} queries, C={args.classes} centres, D={args.dim}, k={args.k}, float32; "
-          f"best of {args.repeats + 1} calls each")
+    machine = runner.machine_info()
     results, outputs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for impl in IMPLS:
@@ -175,35 +169,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if len(outputs) == 2:
         check = agreement(outputs["topk_cosine"], outputs["brute_force"],
                           *make_inputs(args.queries, args.classes, args.dim, args.seed))
+    records = records_of(results, check, args, machine, runner.now())
+    runner.write_records(args.output, records)
+    from . import report
 
-    print("\n| implementation | best time (s) | queries/s | extra peak memory (MiB) |")
-    print("|---|---:|---:|---:|")
-    for impl, r in results.items():
-        if r["status"] != "ok":
-            print(f"| {impl} | {r['status']}: {r['error'][:80]} | | |")
-            continue
-        print(f"| {impl} | {r['best_seconds']:.3f} | {r['queries_per_second']:.0f} | "
-              f"{r['extra_peak_bytes'] / MiB:.1f} |")
-    ratio = None
-    if all(r["status"] == "ok" for r in results.values()):
-        ratio = results["brute_force"]["best_seconds"] / results["topk_cosine"]["best_seconds"]
-        mem = results["brute_force"]["extra_peak_bytes"] / max(results["topk_cosine"]["extra_peak_bytes"], 1)
-        print(f"\nbrute force / topk_cosine: {ratio:.2f}x the time, {mem:.1f}x the extra peak memory")
-        shares = [r["others_cpu_share"] for r in results.values() if r["others_cpu_share"] is not None]
-        if shares:
-            print(f"other processes took up to {max(shares):.0%} of the CPU while timing")
+    print(report.blocks(records)["preset:retrieval"])
     if check is not None:
         print(f"agreement: max |value diff| {check['max_value_diff']:.1e}; indices equal "
               f"{check['indices_equal']}/{check['indices_total']}; differing ones all near ties "
               f"(float64 gap <= {TIE_TOL:g}, largest {check['max_tie_gap']:.1e}): {'OK' if check['ok'] else 'MISMATCH'}")
-
-    record = {"benchmark": "retrieval", "date": harness.now_iso(), "machine": machine,
-              "params": {"queries": args.queries, "classes": args.classes, "dim": args.dim, "k": args.k,
-                         "repeats": args.repeats, "chunk_size": args.chunk_size, "seed": args.seed,
-                         "dtype": "float32"},
-              "results": results, "speed_ratio_brute_over_ours": ratio, "agreement": check}
-    print(f"\nwrote {harness.write_records(args.output, [record])}")
     return 0 if check is not None and check["ok"] else 1
+
+
+def records_of(results: dict, check: Optional[dict], args, machine: dict, date: str) -> list[dict]:
+    """Long-format records: per implementation its best time, queries/s and extra peak memory."""
+    records = []
+    for impl, r in results.items():
+        base = {"preset": "retrieval", "date": date, "implementation": impl, "problem": f"top-{args.k} cosine",
+                "batch": args.queries, "dim": args.dim, "classes": args.classes, "dtype": "float32",
+                "device": "cpu", "reduction": None, "memory_budget": None, "machine": machine}
+        metrics = {"status": r["status"]}
+        if r["status"] == "ok":
+            metrics.update(seconds=r["best_seconds"], queries_per_second=r["queries_per_second"],
+                           extra_peak_bytes=r["extra_peak_bytes"], others_cpu_share=r["others_cpu_share"],
+                           samples=r["seconds"])
+        else:
+            metrics["error"] = r.get("error")
+        if impl == "topk_cosine" and check is not None:
+            metrics.update(check_ok=check["ok"], check_max_value_diff=check["max_value_diff"],
+                           check_indices_equal=check["indices_equal"])
+        records += [{**base, "metric": k, "value": v} for k, v in metrics.items()]
+    return records
 
 
 if __name__ == "__main__":

@@ -19,16 +19,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, settings
 
 import marginops as mo
 
-# Hypothesis: no deadline (timings on a shared 2-core machine vary), no example database in the
-# checkout, and the autouse fixtures below are fine to share between examples (tests draw their
-# data from hypothesis).
-settings.register_profile("marginops", deadline=None, database=None, print_blob=True,
-                          suppress_health_check=[HealthCheck.function_scoped_fixture])
-settings.load_profile("marginops")
+try:  # absent on a bare GPU machine (torch, triton, numpy, pytest): the GPU tests do not use it
+    from hypothesis import HealthCheck, settings
+except ImportError:
+    settings = None
+if settings is not None:
+    # Hypothesis: no deadline (timings on a shared 2-core machine vary), no example database in the
+    # checkout, and the autouse fixtures below are fine to share between examples (tests draw their
+    # data from hypothesis).
+    settings.register_profile("marginops", deadline=None, database=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    settings.load_profile("marginops")
 
 #: "Small tolerance" per result dtype, relative to ``|ref| + max|ref|`` (see assert_close_to_oracle).
 TOLERANCE = {

@@ -79,7 +79,7 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
     and the chunked PyTorch backend ``"torch"`` otherwise. On a GPU the torch
     backend runs its GEMMs in the accumulation dtype (fp32 for 16-bit inputs)
     plus several elementwise passes per tile, while the Triton backend runs
-    16-bit tensor-core GEMMs with fused epilogues; ``docs/performance.md`` has
+    16-bit tensor-core GEMMs with fused epilogues; ``docs/benchmarks.md`` has
     the model behind this choice, a prediction until measured on a GPU.
     ``"triton"`` on CPU tensors runs only under the Triton interpreter
     (``TRITON_INTERPRET=1``, for tests) and otherwise raises a RuntimeError

@@ -39,7 +39,7 @@ from .common import Prepared, acc_dtype
 from .interface import Call, FusedOptions, RowStats
 
 # Tile sizes, tuned on a 2-core AMD EPYC (Zen 5) at B=1024, D=512, C=100k fp32
-# (`python -m benchmarks.cpu_targets`); a tile of logits stays within a few MiB.
+# (`python -m benchmarks run targets`); a tile of logits stays within a few MiB.
 #: Classes per tile of the fused strategy (its rows are set by the budget).
 FUSED_CHUNK = 4096
 #: Fewer rows per block than this and the fused strategy's rank-R updates of

@@ -1,0 +1,111 @@
+"""Named lists of cases (presets) and the targets some of them check; ``python -m benchmarks run NAME``.
+
+Targets are stated where they are checked: each :class:`Target` compares one
+measured figure with another of the same run (or a fixed number of bytes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+from .runner import Case
+
+MiB = 2**20
+CPU_PEERS = ("floor", "marginops-torch", "naive", "naive-compiled", "pml")
+PLAIN_PEERS = ("floor", "marginops-torch", "naive", "naive-compiled", "torch-linear-ce", "cce")
+GPU_IMPLS = ("floor", "marginops-triton", "marginops-triton-ws", "marginops-torch", "naive", "naive-compiled",
+             "torch-linear-ce", "cce", "liger")
+
+
+@dataclass(frozen=True)
+class Target:
+    """``metric(impl) <= max_ratio * metric(against)`` at one case of the preset (``against=None``: bytes)."""
+
+    text: str
+    problem: str
+    impl: str
+    metric: str  # "seconds" or "extra_peak_bytes"
+    max_ratio: float
+    against: Optional[str] = None  # an implementation of the same case, "floor", or None
+    reduction: str = "mean"
+    memory_budget: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    cases: tuple[Case, ...]
+    targets: tuple[Target, ...] = ()
+
+
+def sweep(problem: str, impls, shapes, **options) -> tuple[Case, ...]:
+    """Every implementation at every shape, shape by shape (the floor first)."""
+    return tuple(Case(i, problem, b, d, c, **options) for (b, d, c) in shapes for i in impls)
+
+
+_GPU = dict(dtype="bfloat16", device="cuda")
+_TARGET_SHAPE = (1024, 512, 100_000)
+_TARGET_MEMORY = (512, 256, 1_000_000)
+
+PRESETS = {p.name: p for p in (
+    Preset("demo", "the demo: ArcFace(0.5), s=30, B=512, D=256, C=200k, float32, CPU",
+           sweep("ordinary", ("floor", "marginops-torch", "naive", "pml"), [(512, 256, 200_000)], repeats=2)),
+    Preset("quick", "small shapes in a few minutes: ArcFace and plain CE at B=256, D=128, C=20k",
+           sweep("ordinary", CPU_PEERS, [(256, 128, 20_000)], repeats=3, max_seconds=5.0)
+           + sweep("plain", PLAIN_PEERS[1:], [(256, 128, 20_000)], repeats=3, max_seconds=5.0)),
+    Preset("targets", "the CPU float32 targets at B=1024, D=512, C=100k (memory: B=512, D=256, C=1M)",
+           sweep("ordinary", ("floor", "naive", "marginops-torch"), [_TARGET_SHAPE])
+           + (Case("marginops-torch", "ordinary", *_TARGET_SHAPE, reduction="none"),)
+           + sweep("underflow", ("naive", "marginops-torch"), [_TARGET_SHAPE])
+           + sweep("plain", ("naive", "torch-linear-ce", "marginops-torch"), [_TARGET_SHAPE], repeats=1)
+           + sweep("ordinary", ("naive", "marginops-torch"), [_TARGET_MEMORY], repeats=0)
+           + (Case("marginops-torch", "ordinary", *_TARGET_MEMORY, repeats=0, memory_budget=32 * MiB),),
+           targets=(
+               Target("<= 1.20x the floor", "ordinary", "marginops-torch", "seconds", 1.20, "floor"),
+               Target("<= 0.80x naive", "ordinary", "marginops-torch", "seconds", 0.80, "naive"),
+               Target("reduction='none': <= 1.45x the floor", "ordinary", "marginops-torch", "seconds", 1.45,
+                      "floor", reduction="none"),
+               Target("underflowing probabilities: >= 5x faster than naive", "underflow", "marginops-torch",
+                      "seconds", 0.20, "naive"),
+               Target("plain CE: faster than F.linear_cross_entropy", "plain", "marginops-torch", "seconds", 1.0,
+                      "torch-linear-ce"),
+               Target("extra peak memory at C=1M <= 64 MiB", "ordinary", "marginops-torch", "extra_peak_bytes",
+                      64 * MiB),
+           )),
+    Preset("classes", "C sweep: ArcFace(0.5), s=30, B=1024, D=512, float32",
+           sweep("ordinary", CPU_PEERS, [(1024, 512, c) for c in (10_000, 30_000, 100_000, 300_000, 1_000_000)],
+                 repeats=2)),
+    Preset("plain", "C sweep of plain linear cross-entropy, B=1024, D=512, float32",
+           sweep("plain", PLAIN_PEERS, [(1024, 512, c) for c in (10_000, 100_000)], repeats=2)),
+    Preset("realistic", "a trained model's cosines (s=64: many probabilities underflow), B=1024, D=512, C=100k",
+           sweep("realistic", CPU_PEERS, [_TARGET_SHAPE], repeats=2)),
+    Preset("shapes", "B and D sweeps, ArcFace, C=100k",
+           sweep("ordinary", CPU_PEERS, [(256, 512, 100_000), (4096, 512, 100_000), (1024, 128, 100_000),
+                                          (1024, 2048, 100_000)], repeats=2)),
+    Preset("huge", "one training step at C=10M, D=128, B=1024",
+           sweep("ordinary", ("floor", "marginops-torch", "naive"), [(1024, 128, 10_000_000)], repeats=0)),
+    Preset("gpu", "one GPU: B=8192, D=2304 (the published Cut Cross-Entropy shape), C=256k and 1M, bfloat16",
+           sweep("arcface64", GPU_IMPLS[:6], [(8192, 2304, 256_000)], **_GPU)
+           + sweep("plain", ("marginops-triton", "marginops-triton-ws", "naive") + GPU_IMPLS[6:],
+                   [(8192, 2304, 256_000)], **_GPU)
+           + sweep("arcface64", GPU_IMPLS[:5], [(8192, 2304, 1_000_000)], **_GPU)),
+)}
+
+
+def get(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
+    return PRESETS[name]
+
+
+def tiny(preset: Preset, shape=(37, 40, 300), device: str = "cpu") -> tuple[Case, ...]:
+    """The preset's distinct cases at a tiny shape on ``device`` (a dry run), order kept."""
+    out = []
+    for c in preset.cases:
+        t = replace(c, batch=shape[0], dim=shape[1], classes=shape[2], device=device, repeats=min(c.repeats, 1),
+                    memory_budget=None)
+        if t not in out:
+            out.append(t)
+    return tuple(out)

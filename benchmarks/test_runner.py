@@ -1,0 +1,79 @@
+"""The runner's check catches a wrong implementation, and its records carry what the report needs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import registry, runner
+from benchmarks.runner import Case
+
+
+def test_check_passes_for_marginops_and_fails_for_a_wrong_loss(monkeypatch):
+    case = Case("marginops-torch", "ordinary", 20, 12, 300)
+    assert runner.check(case)["ok"]
+    real = registry.loss_function
+
+    def scaled_gradients(name, problem, **kw):  # right loss, gradients 1% too large
+        fn = real(name, problem, **kw)
+
+        class Scale(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, loss):
+                return loss.clone()
+
+            @staticmethod
+            def backward(ctx, g):
+                return 1.01 * g
+
+        return lambda x, W, y: Scale.apply(fn(x, W, y))
+
+    monkeypatch.setattr(registry, "loss_function", scaled_gradients)
+    result = runner.check(case)
+    assert not result["ok"] and result["loss_err"] < 1e-6 and result["grad_w_err"] > 5e-3, result
+
+
+@pytest.mark.parametrize("field, value", [("impl", "nope"), ("problem", "nope"), ("dtype", "int8"),
+                                          ("device", "tpu"), ("reduction", "max"), ("batch", 0), ("repeats", -1)])
+def test_bad_case_names_the_field(field, value):
+    kw = dict(impl="naive", problem="ordinary", batch=4, dim=8, classes=16)
+    with pytest.raises(ValueError, match=field if field not in ("impl",) else "implementation"):
+        Case(**{**kw, field: value})
+
+
+def test_unsupported_and_unavailable_cases_are_recorded_as_skipped():
+    assert runner.run_case(Case("pml", "plain", 4, 8, 16))["status"] == "skipped"
+    assert "CUDA" in runner.run_case(Case("liger", "plain", 4, 8, 16))["error"]
+
+
+def test_records_are_long_format_with_machine_and_floor_ratio():
+    case = Case("naive", "ordinary", 4, 8, 16)
+    recs = runner.records_of(case, {"status": "ok", "seconds": 2.0, "extra_peak_bytes": 10,
+                                    "check": {"ok": True}}, floor_seconds=0.5, preset="p", machine={"cpu": "x"},
+                             date="d")
+    by_metric = {r["metric"]: r["value"] for r in recs}
+    assert by_metric == {"status": "ok", "seconds": 2.0, "extra_peak_bytes": 10, "ratio_to_floor": 4.0,
+                         "check_ok": True}
+    assert all(r["machine"] == {"cpu": "x"} and r["implementation"] == "naive" and r["classes"] == 16
+               for r in recs)
+
+
+def test_machine_info_names_the_cpu_and_versions():
+    m = runner.machine_info()
+    assert m["cpu"] and m["torch"] == torch.__version__ and m["cores"] >= 1
+    assert m["cpu"] in runner.describe_machine(m)
+
+
+def test_demo_summary_says_what_was_measured():
+    from benchmarks import demo
+
+    recs = []
+    for impl, s, mem in (("floor", 1.0, 0), ("marginops-torch", 1.2, 20 * 2**20), ("naive", 3.6, 800 * 2**20)):
+        result = {"status": "ok", "seconds": s, "extra_peak_bytes": mem, "others_cpu_share": 0.0}
+        if impl != "floor":
+            result.update(loss=25.0, check={"ok": True})
+        recs += runner.records_of(Case(impl, "ordinary", 512, 256, 200_000), result, floor_seconds=1.0,
+                                  preset="demo", machine=runner.machine_info(), date="d")
+    text = " ".join(demo.explain(recs).split())
+    assert "3.0x faster" in text and "20 MiB of extra memory instead of 800 MiB (40x less)" in text
+    assert "marginops needed 1.20x that" in text and "Other programs" not in text
