@@ -42,7 +42,6 @@ The module-level functions at the end implement
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import math
 import os
@@ -241,14 +240,18 @@ def _l2_per_core() -> int:
     return _DEFAULT_L2
 
 
-@functools.lru_cache(maxsize=None)
+#: Bytes of one logits tile (see :func:`tile_bytes`), fixed at import.
+TILE_BYTES = _l2_per_core() * max(1, torch.get_num_threads())
+
+
 def tile_bytes() -> int:
     """Bytes of one logits tile: the L2 of every core the tile's rows are split over.
 
-    Fixed for the process (read once) so that a call's plan is a pure function
-    of its sizes and options, as ``torch.compile`` needs.
+    Read once, at import (L2 from sysfs, PyTorch's thread count then), so that
+    a call's plan is a pure function of its sizes and options, as
+    ``torch.compile`` needs.
     """
-    return _l2_per_core() * max(1, torch.get_num_threads())
+    return TILE_BYTES
 
 
 def _pow2_floor(n: int) -> int:
