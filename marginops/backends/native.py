@@ -322,13 +322,25 @@ class _Prepared(Prepared):
             r1 = min(r0 + pl.rows, self.B)
             yield r0, r1, [(c0, min(c0 + pl.chunk, self.C)) for c0 in range(0, self.C, pl.chunk)]
 
+    def w_grad(self) -> Optional[Tensor]:
+        """``dD`` (C x D), uninitialized: the first row block writes it (see :meth:`grad_gemms`), so it is
+        zeroed here only when there is no row block."""
+        if not self.opts.need_W:
+            return None
+        make = torch.zeros if self.B == 0 else torch.empty
+        return make(self.C, self.D, device=self.W.device, dtype=self.acc)
+
     def grad_gemms(self, G: Tensor, wt: Tensor, r0: int, r1: int, c0: int, c1: int, dxh: Optional[Tensor],
                    dD: Optional[Tensor], last_block: bool) -> None:
-        """``dxh += G wt``, ``dD += G^T xh``; after the last row block, the chunk's normalization backward."""
+        """``dxh += G wt``, ``dD += G^T xh`` (written, not added, by the first row block: no zero fill of
+        ``C x D``); after the last row block, the chunk's normalization backward."""
         if dxh is not None:
             dxh[r0:r1].addmm_(G, wt)
         if dD is not None:
-            dD[c0:c1].addmm_(G.t(), self.xg[r0:r1])
+            if r0 == 0:
+                torch.mm(G.t(), self.xg[r0:r1], out=dD[c0:c1])
+            else:
+                dD[c0:c1].addmm_(G.t(), self.xg[r0:r1])
             if last_block and self.inv_w is not None:
                 w = wt if wt.stride(-1) == 1 else wt.contiguous()
                 self.ops.normalize_w_backward(dD[c0:c1], w, self.inv_w[c0:c1], self.limit)
@@ -376,7 +388,7 @@ def _forward_fused(prep: _Prepared, pl: tc.Plan, z: Tensor, g: Tensor):
     B, dev, acc, opts = prep.B, prep.W.device, prep.acc, prep.opts
     store = torch.empty(pl.workspace_bytes // (torch.finfo(acc).bits // 8), device=dev, dtype=acc)
     dxh = torch.zeros(B, prep.D, device=dev, dtype=acc) if opts.need_x else None
-    dD = torch.zeros(prep.C, prep.D, device=dev, dtype=acc) if opts.need_W else None
+    dD = prep.w_grad()
     zf, gs = z.to(acc), g.to(acc) * opts.scale
     smooth = gs * (opts.label_smoothing / prep.C_total)
 
@@ -439,7 +451,9 @@ def recompute_grads(call: Call, lse: Tensor, g: Tensor) -> tuple[Optional[Tensor
     x = call.x
     pl = _plan(prep.B, prep.C, x.dtype, call.W.dtype, opts, grads=False)
     dxh = torch.zeros(prep.B, prep.D, device=x.device, dtype=prep.acc) if opts.need_x else None
-    dD = torch.zeros(prep.C, prep.D, device=x.device, dtype=prep.acc) if opts.need_W else None
+    if dxh is None and not opts.need_W:
+        return None, None
+    dD = prep.w_grad()
     if dxh is None and dD is None:
         return None, None
     lse = lse.to(prep.acc).contiguous()
