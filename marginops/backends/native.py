@@ -52,6 +52,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -296,22 +297,28 @@ def _plan(B: int, C: int, x_dtype: torch.dtype, W_dtype: torch.dtype, opts: Fuse
 
 # -- the passes -----------------------------------------------------------------------------------------
 
+def _reciprocal(eps: float, dtype: torch.dtype) -> float:
+    """``1 / eps`` rounded as in ``dtype`` (the inverse norm of a clamped row), computed on the host."""
+    if dtype == torch.float64:
+        return 1.0 / eps
+    return float(np.float32(1.0) / np.float32(eps))
+
+
 class _Prepared(Prepared):
     def __init__(self, call: Call):
         super().__init__(call)
         self.ops = _ops()
         self.floor = tc._exp_floor(self.acc)
         self.tiny = torch.finfo(self.acc).tiny
-        self.limit = float(torch.full((), self.opts.eps, dtype=self.acc).reciprocal_())  # clamped() threshold
+        self.limit = _reciprocal(self.opts.eps, self.acc)  # clamped()'s threshold, read from no tensor
         self._xg: Optional[Tensor] = None
 
     @property
     def xg(self) -> Tensor:
-        """:attr:`xh` with subnormal entries flushed: the right operand of the ``dW`` GEMM."""
+        """:attr:`xh` with subnormal entries flushed: the right operand of the ``dW`` GEMM (B x D work,
+        no host read)."""
         if self._xg is None:
-            xh = self.xh
-            small = xh.abs() < self.tiny
-            self._xg = xh.masked_fill(small, 0.0) if bool(small.any()) else xh
+            self._xg = self.xh.masked_fill(self.xh.abs() < self.tiny, 0.0)
         return self._xg
 
     def inv_w_tile(self, c0: int, c1: int) -> Optional[Tensor]:
