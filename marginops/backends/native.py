@@ -105,7 +105,7 @@ def _build_dir() -> Path:
 
 
 def _flags() -> list[str]:
-    flags = ["-O3", "-std=c++17"]
+    flags = ["-O3"]
     machine = platform.machine().lower()
     flags.append("-mcpu=native" if machine in ("aarch64", "arm64") else "-march=native")
     cap = _capability()
