@@ -137,11 +137,11 @@ def load() -> bool:
         from torch.utils import cpp_extension
 
         build_dir.mkdir(parents=True, exist_ok=True)
-        fresh = not any(build_dir.glob(f"{_LIB}*.so"))
+        before = _built(build_dir)
         start = time.perf_counter()
         cpp_extension.load(name=_LIB, sources=[str(SOURCE)], extra_cflags=_flags(),
                            build_directory=str(build_dir), is_python_module=False, verbose=False)
-        if fresh:
+        if _built(build_dir) != before:  # compiled now (first use, or the source or flags changed)
             print(f"marginops: built the native CPU kernels in {time.perf_counter() - start:.1f} s "
                   f"(cached in {build_dir})", file=sys.stderr)
         _register_fakes()
@@ -152,6 +152,11 @@ def load() -> bool:
         warnings.warn(f"marginops: the native CPU kernels could not be built; backend='auto' uses the pure-PyTorch "
                       f"backend instead. The compiler's message is in {log}", RuntimeWarning, stacklevel=2)
     return _state["ok"]
+
+
+def _built(build_dir: Path) -> dict:
+    """Modification times of the built libraries (a build changes them)."""
+    return {str(p): p.stat().st_mtime_ns for p in build_dir.glob(f"{_LIB}*.so")}
 
 
 def _write_log(build_dir: Path, error: Exception) -> str:
