@@ -108,6 +108,7 @@ def _flags() -> list[str]:
     flags = ["-O3"]
     machine = platform.machine().lower()
     flags.append("-mcpu=native" if machine in ("aarch64", "arm64") else "-march=native")
+    flags.append("-fopenmp")  # at::parallel_for's OpenMP regions (the libgomp PyTorch loaded is reused)
     cap = _capability()
     if cap in ("AVX2", "AVX512"):  # at::vec's specializations for this ISA (PyTorch's own kernels use the same)
         flags += [f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
@@ -139,7 +140,7 @@ def load() -> bool:
         build_dir.mkdir(parents=True, exist_ok=True)
         before = _built(build_dir)
         start = time.perf_counter()
-        cpp_extension.load(name=_LIB, sources=[str(SOURCE)], extra_cflags=_flags(),
+        cpp_extension.load(name=_LIB, sources=[str(SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
                            build_directory=str(build_dir), is_python_module=False, verbose=False)
         if _built(build_dir) != before:  # compiled now (first use, or the source or flags changed)
             print(f"marginops: built the native CPU kernels in {time.perf_counter() - start:.1f} s "
@@ -190,7 +191,7 @@ def _register_fakes() -> None:
     global _FAKES_DONE
     if _FAKES_DONE:
         return
-    for name in ("fwd_tile", "grad_tile", "normalize_w_backward"):
+    for name in ("fwd_tile", "grad_tile", "normalize_w_backward", "fwd_block", "bwd_block"):
         torch.library.register_fake(f"{_LIB}::{name}")(lambda *args, **kwargs: None)
     _FAKES_DONE = True
 
@@ -246,16 +247,18 @@ def _l2_per_core() -> int:
     return _DEFAULT_L2
 
 
+#: Workers of the kernels' parallel regions (PyTorch's thread count at import): each works on its own tile.
+WORKERS = max(1, torch.get_num_threads())
 #: Bytes of one logits tile (see :func:`tile_bytes`), fixed at import.
-TILE_BYTES = _l2_per_core() * max(1, torch.get_num_threads())
+TILE_BYTES = _l2_per_core()
 
 
 def tile_bytes() -> int:
-    """Bytes of one logits tile: the L2 of every core the tile's rows are split over.
+    """Bytes of one logits tile: one core's L2 (each worker of a row block's parallel region runs the
+    GEMMs and passes of its own tiles).
 
-    Read once, at import (L2 from sysfs, PyTorch's thread count then), so that
-    a call's plan is a pure function of its sizes and options, as
-    ``torch.compile`` needs.
+    Read once, at import (sysfs), so that a call's plan is a pure function of
+    its sizes and options, as ``torch.compile`` needs.
     """
     return TILE_BYTES
 
@@ -275,7 +278,8 @@ def plan(batch: int, num_classes: int, element_size: int, opts: FusedOptions, fu
     An explicit ``opts.chunk_size`` is kept. The workspace strategy's rows are
     set by the budget first (evened out over the batch), then the tile width
     that puts ``rows x chunk`` within :func:`tile_bytes`; the recompute
-    strategy's tiles have ``min(batch, RECOMPUTE_ROWS)`` rows.
+    strategy's tiles have ``min(batch, RECOMPUTE_ROWS)`` rows and one scratch
+    tile per worker (:data:`WORKERS`), all within the budget.
     """
     if fused_wanted and opts.strategy != "recompute":
         if opts.chunk_size is None:
@@ -289,7 +293,10 @@ def plan(batch: int, num_classes: int, element_size: int, opts: FusedOptions, fu
             return p
     rows = max(1, min(batch, tc.RECOMPUTE_ROWS))
     chunk = opts.chunk_size if opts.chunk_size is not None else _chunk_for(rows, num_classes, element_size)
-    return tc.plan(batch, num_classes, element_size, dataclasses.replace(opts, chunk_size=chunk), False)
+    # every worker has a scratch tile: the budget is shared among them
+    per_worker = dataclasses.replace(opts, chunk_size=chunk, memory_budget=max(1, opts.budget // WORKERS))
+    p = tc.plan(batch, num_classes, element_size, per_worker, False)
+    return dataclasses.replace(p, workspace_bytes=p.workspace_bytes * WORKERS)
 
 
 def _plan(B: int, C: int, x_dtype: torch.dtype, W_dtype: torch.dtype, opts: FusedOptions, grads: bool) -> tc.Plan:
@@ -326,68 +333,65 @@ class _Prepared(Prepared):
             self._xg = self.xh.masked_fill(self.xh.abs() < self.tiny, 0.0)
         return self._xg
 
-    def inv_w_tile(self, c0: int, c1: int) -> Optional[Tensor]:
-        return None if self.inv_w is None else self.inv_w[c0:c1]
-
-    def tiles(self, pl: tc.Plan):
-        for r0 in range(0, self.B, pl.rows):
-            r1 = min(r0 + pl.rows, self.B)
-            yield r0, r1, [(c0, min(c0 + pl.chunk, self.C)) for c0 in range(0, self.C, pl.chunk)]
-
     def w_grad(self) -> Optional[Tensor]:
-        """``dD`` (C x D), uninitialized: the first row block writes it (see :meth:`grad_gemms`), so it is
+        """``dD`` (C x D), uninitialized: the first row block writes it (``mm``, not ``addmm``), so it is
         zeroed here only when there is no row block."""
         if not self.opts.need_W:
             return None
         make = torch.zeros if self.B == 0 else torch.empty
         return make(self.C, self.D, device=self.W.device, dtype=self.acc)
 
-    def grad_gemms(self, G: Tensor, wt: Tensor, r0: int, r1: int, c0: int, c1: int, dxh: Optional[Tensor],
-                   dD: Optional[Tensor], last_block: bool) -> None:
-        """``dxh += G wt``, ``dD += G^T xh`` (written, not added, by the first row block: no zero fill of
-        ``C x D``); after the last row block, the chunk's normalization backward."""
-        if dxh is not None:
-            dxh[r0:r1].addmm_(G, wt)
-        if dD is not None:
-            if r0 == 0:
-                torch.mm(G.t(), self.xg[r0:r1], out=dD[c0:c1])
-            else:
-                dD[c0:c1].addmm_(G.t(), self.xg[r0:r1])
-            if last_block and self.inv_w is not None:
-                w = wt if wt.stride(-1) == 1 else wt.contiguous()
-                self.ops.normalize_w_backward(dD[c0:c1], w, self.inv_w[c0:c1], self.limit)
+    def row_blocks(self, pl: tc.Plan):
+        for r0 in range(0, self.B, pl.rows):
+            yield r0, min(r0 + pl.rows, self.B)
+
+    def backward_block(self, pl: tc.Plan, r0: int, r1: int, workspace: Optional[Tensor], shift: Tensor, a: Tensor,
+                       b: Tensor, dxh: Optional[Tensor], dD: Optional[Tensor]) -> None:
+        """Both gradient GEMMs of rows ``[r0, r1)`` over all tiles, in one parallel region; after the last
+        row block each tile's normalization backward of ``W``."""
+        self.ops.bwd_block(self.xh[r0:r1], self.xg[r0:r1], self.W, self.inv_w, self.y_local[r0:r1],
+                           self.opts.scale, self.floor, self.tiny, pl.chunk, workspace, pl.rows * pl.chunk, shift,
+                           a, b, r0 == 0, r1 == self.B, self.limit, WORKERS,
+                           dxh[r0:r1] if dxh is not None else self.empty(), dD if dD is not None else self.empty())
 
 
 def _forward(prep: _Prepared, pl: tc.Plan, want_pred: bool, store: Optional[Tensor] = None, block_done=None):
-    """One pass over all tiles, row block by row block; the range's :class:`RowStats`.
+    """One pass over all tiles, one parallel region per row block; the range's :class:`RowStats`.
 
     With ``store`` each block's exp'd tiles stay there (tile k at offset
-    ``k * rows * chunk``) and ``block_done(r0, r1, cols, m_tiles, lse_block)``
-    runs before the next block overwrites them.
+    ``k * rows * chunk``) and ``block_done(r0, r1, m_tiles, lse_block)`` runs
+    before the next block overwrites them.
     """
     B, dev, acc = prep.B, prep.W.device, prep.acc
-    ops, opts = prep.ops, prep.opts
+    opts = prep.opts
+    T = math.ceil(prep.C / pl.chunk)
     N = torch.empty(B, device=dev, dtype=acc)
     target = torch.zeros(B, device=dev, dtype=acc)  # s * t where the target is in range, else 0
     best = torch.full((B,), -math.inf, device=dev, dtype=acc) if want_pred else prep.empty()
     arg = torch.zeros(B, device=dev, dtype=torch.int64) if want_pred else prep.empty(torch.int64)
-    lsum = torch.zeros(B, device=dev, dtype=acc) if opts.label_smoothing > 0 else prep.empty()
+    smoothing = opts.label_smoothing > 0
+    lsum = torch.zeros(B, device=dev, dtype=acc) if smoothing else prep.empty()
     xh = prep.xh
-    scratch = None if store is not None else torch.empty(min(B, pl.rows) * pl.chunk, device=dev, dtype=acc)
-    for r0, r1, cols in prep.tiles(pl):
+    for r0, r1 in prep.row_blocks(pl):
         R = r1 - r0
-        m_t = torch.empty(R, len(cols), device=dev, dtype=acc)
-        s_t = torch.empty(R, len(cols), device=dev, dtype=acc)
-        y = prep.y_local[r0:r1]
-        for k, (c0, c1) in enumerate(cols):
-            buf = store[k * pl.rows * pl.chunk:] if store is not None else scratch
-            tile = buf[: R * (c1 - c0)].view(R, c1 - c0)
-            torch.mm(xh[r0:r1], prep.w_tile(c0, c1).t(), out=tile)
-            ops.fwd_tile(tile, prep.inv_w_tile(c0, c1), opts.scale, y, c0, store is not None, prep.floor,
-                         m_t[:, k], s_t[:, k], target[r0:r1], best[r0:r1], arg[r0:r1], lsum[r0:r1])
-        N[r0:r1] = tc._combine(m_t, s_t) if cols else torch.full((R,), -math.inf, device=dev, dtype=acc)
+        m_t = torch.empty(R, T, device=dev, dtype=acc)
+        s_t = torch.empty(R, T, device=dev, dtype=acc)
+        arg_t = torch.empty(R, T, device=dev, dtype=torch.int64) if want_pred else prep.empty(torch.int64)
+        ls_t = torch.zeros(R, T, device=dev, dtype=acc) if smoothing else prep.empty()
+        prep.ops.fwd_block(xh[r0:r1], prep.W, prep.inv_w, prep.y_local[r0:r1], opts.scale, prep.floor, pl.chunk,
+                           store, pl.rows * pl.chunk, WORKERS, m_t, s_t, target[r0:r1], arg_t, ls_t)
+        if T == 0:
+            N[r0:r1] = -math.inf
+        else:
+            N[r0:r1] = tc._combine(m_t, s_t)
+            if want_pred:
+                mx, k = m_t.max(1)  # the first tile holding the maximum holds its first column
+                best[r0:r1] = mx
+                arg[r0:r1] = arg_t.gather(1, k.unsqueeze(1)).squeeze(1)
+            if smoothing:
+                lsum[r0:r1] = ls_t.sum(1)
         if block_done is not None:
-            block_done(r0, r1, cols, m_t, N[r0:r1])
+            block_done(r0, r1, m_t, N[r0:r1])
     if want_pred:
         take = prep.in_range & ((target > best) | ((target == best) & (prep.y_local < arg)))
         best = torch.where(take, target, best)
@@ -404,16 +408,10 @@ def _forward_fused(prep: _Prepared, pl: tc.Plan, z: Tensor, g: Tensor):
     zf, gs = z.to(acc), g.to(acc) * opts.scale
     smooth = gs * (opts.label_smoothing / prep.C_total)
 
-    def gradients(r0, r1, cols, m_t, N_block):
+    def gradients(r0, r1, m_t, N_block):
         lse = torch.logaddexp(N_block, zf[r0:r1])
-        R = r1 - r0
-        y = prep.y_local[r0:r1]
-        a_all = gs[r0:r1].unsqueeze(1) * torch.exp(m_t - lse.unsqueeze(1))  # (R, tiles)
-        for k, (c0, c1) in enumerate(cols):
-            tile = store[k * pl.rows * pl.chunk:][: R * (c1 - c0)].view(R, c1 - c0)
-            prep.ops.grad_tile(tile, prep.inv_w_tile(c0, c1), y, c0, False, opts.scale, lse,
-                               a_all[:, k].contiguous(), smooth[r0:r1], prep.floor, prep.tiny)
-            prep.grad_gemms(tile, prep.w_tile(c0, c1), r0, r1, c0, c1, dxh, dD, r1 == B)
+        a = gs[r0:r1].unsqueeze(1) * torch.exp(m_t - lse.unsqueeze(1))  # (R, tiles): exp(m_k - lse) folded in
+        prep.backward_block(pl, r0, r1, store, lse, a, smooth[r0:r1], dxh, dD)
 
     stats = _forward(prep, pl, opts.want_prediction, store, gradients)
     return stats, dxh, dD
@@ -466,21 +464,9 @@ def recompute_grads(call: Call, lse: Tensor, g: Tensor) -> tuple[Optional[Tensor
     if dxh is None and not opts.need_W:
         return None, None
     dD = prep.w_grad()
-    if dxh is None and dD is None:
-        return None, None
     lse = lse.to(prep.acc).contiguous()
-    gs = g.to(prep.acc) * opts.scale
+    gs = (g.to(prep.acc) * opts.scale).contiguous()
     smooth = gs * (opts.label_smoothing / prep.C_total)
-    xh = prep.xh
-    scratch = torch.empty(min(prep.B, pl.rows) * pl.chunk, device=x.device, dtype=prep.acc)
-    for r0, r1, cols in prep.tiles(pl):
-        R = r1 - r0
-        y = prep.y_local[r0:r1]
-        for c0, c1 in cols:
-            tile = scratch[: R * (c1 - c0)].view(R, c1 - c0)
-            wt = prep.w_tile(c0, c1)
-            torch.mm(xh[r0:r1], wt.t(), out=tile)
-            prep.ops.grad_tile(tile, prep.inv_w_tile(c0, c1), y, c0, True, opts.scale, lse[r0:r1], gs[r0:r1],
-                               smooth[r0:r1], prep.floor, prep.tiny)
-            prep.grad_gemms(tile, wt, r0, r1, c0, c1, dxh, dD, r1 == prep.B)
+    for r0, r1 in prep.row_blocks(pl):
+        prep.backward_block(pl, r0, r1, None, lse[r0:r1], gs[r0:r1], smooth[r0:r1], dxh, dD)
     return dxh, dD
