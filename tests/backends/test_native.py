@@ -172,6 +172,16 @@ def test_native_ops_pass_opcheck():
                  -87.0, torch.finfo(torch.float32).tiny)
     torch.library.opcheck(ops.grad_tile.default, grad_args)
     torch.library.opcheck(ops.normalize_w_backward.default, (torch.randn(c, 4), torch.randn(c, 4), inv_w, 1e12))
+    # the row-block drivers: 3 tiles of 3 classes (the last one short), workspace kept
+    xh, W, T, chunk = torch.randn(R, 4), torch.randn(c, 4), 3, 3
+    ws = torch.empty(T * R * chunk)
+    fwd_block_args = (xh, W, inv_w, y, 2.0, -87.0, chunk, ws, R * chunk, 2, torch.empty(R, T), torch.empty(R, T),
+                      torch.zeros(R), torch.empty(R, T, dtype=torch.int64), torch.zeros(R, T))
+    torch.library.opcheck(ops.fwd_block.default, fwd_block_args)
+    bwd_block_args = (xh, xh.clone(), W, inv_w, y, 2.0, -87.0, torch.finfo(torch.float32).tiny, chunk, ws, R * chunk,
+                      torch.randn(R), torch.rand(R, T), torch.rand(R), True, True, 1e12, 2, torch.zeros(R, 4),
+                      torch.empty(c, 4))
+    torch.library.opcheck(ops.bwd_block.default, bwd_block_args)
 
 
 # -- the kernels against PyTorch, directly -------------------------------------------------------------
