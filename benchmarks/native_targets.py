@@ -13,8 +13,14 @@ all of them alike. Reported per implementation: the median and the minimum
 of its rounds, and both ratios to the floor (the three GEMMs of the shape,
 ``torch.mm``, in the same rounds). The CPU share other processes took during
 each case is printed (``/proc/stat``): on a shared machine compare ratios,
-not seconds. ``--memory`` measures extra peak RSS (B=512, D=256, C=1M) in one
-fresh process per backend. Results also go to ``--output`` as JSON.
+not seconds. ``--memory`` measures extra peak RSS (VmHWM after one
+forward+backward minus the footprint with inputs and gradient-sized buffers)
+in one fresh process per implementation: ArcFace at B=512, D=256, C=1M
+(torch and native backends), plain cross-entropy at B=1024, D=512, C=100k
+(native, ``torch.compile`` of the naive code, Cut Cross-Entropy's
+``torch_compile`` path when installed). ``--big C`` times one native step at
+B=1024, D=128 and C classes against the floor's GEMM rate on a 100k-class
+chunk. Results also go to ``--output`` as JSON.
 """
 
 from __future__ import annotations
@@ -194,35 +200,64 @@ def busy_process() -> subprocess.Popen:
 
 
 MEMORY_CODE = r"""
-import resource, sys, gc, torch, marginops as mo
-backend = sys.argv[1]
-B, D, C = 512, 256, 1_000_000
+import gc, sys, torch, torch.nn.functional as F, marginops as mo
+impl, problem, B, D, C = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 g = torch.Generator().manual_seed(0)
 x = torch.randn(B, D, generator=g).requires_grad_(); W = torch.randn(C, D, generator=g).requires_grad_()
 y = torch.randint(0, C, (B,), generator=g)
-xs, Ws = x.detach()[:4].clone().requires_grad_(), W.detach()[:64].clone().requires_grad_()
-mo.margin_cross_entropy(xs, Ws, y[:4] % 64, mo.ArcFace(0.5), 64.0, backend=backend).backward()  # warm-up, load
-fake = [torch.ones_like(x), torch.ones_like(W)]
+margin, scale, normalize = (mo.ArcFace(0.5), 64.0, True) if problem == "arcface" else (None, 1.0, False)
+if impl in ("torch", "native"):
+    loss_fn = lambda x, W, y: mo.margin_cross_entropy(x, W, y, margin, scale, normalize=normalize, backend=impl)
+elif impl == "torch.compile(naive)":
+    loss_fn = torch.compile(lambda x, W, y: F.cross_entropy(x @ W.t(), y))
+else:
+    from cut_cross_entropy import linear_cross_entropy
+    loss_fn = lambda x, W, y: linear_cross_entropy(x, W, y, impl="torch_compile")
+loss_fn(x, W, y).backward()  # warm-up: build, load, compile at the full shape
+x.grad = W.grad = None
+fake = [torch.ones_like(x), torch.ones_like(W)]  # stand-ins for the gradients, so they are not counted
 gc.collect()
 with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
+    f.write("5")  # reset VmHWM
 def hwm():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM"):
             return int(line.split()[1]) * 1024
 base = hwm()
 del fake; gc.collect()
-loss = mo.margin_cross_entropy(x, W, y, mo.ArcFace(0.5), 64.0, backend=backend)
+loss = loss_fn(x, W, y)
 loss.backward()
 print(hwm() - base, float(loss))
 """
 
 
-def memory(backend: str) -> tuple[int, float]:
-    out = subprocess.run([sys.executable, "-c", MEMORY_CODE, backend], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent)
-    extra, loss = out.stdout.split()
+def memory(impl: str, problem: str, B: int, D: int, C: int) -> tuple[int, float]:
+    """Extra peak RSS of one forward+backward beyond inputs and gradients, in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", MEMORY_CODE, impl, problem, str(B), str(D), str(C)],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+    extra, loss = out.stdout.split()[-2:]
     return int(extra), float(loss)
+
+
+def big_step(B: int, D: int, C: int, chunk_classes: int = 100_000) -> dict:
+    """One native fwd+bwd at C classes against the floor's GEMM rate on a chunk of the same B, D."""
+    x, W, y = make_inputs(B, D, chunk_classes)
+    xd, Wd = x.detach(), W.detach()
+    rates = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        logits = torch.mm(xd, Wd.t())
+        torch.mm(logits, Wd)
+        torch.mm(logits.t(), xd)
+        rates.append(6 * B * D * chunk_classes / (time.perf_counter() - t0) / 1e9)
+    del x, W, logits
+    x, W, y = make_inputs(B, D, C)
+    load = Contention()
+    t0 = time.perf_counter()
+    mo.margin_cross_entropy(x, W, y, mo.ArcFace(0.5), 64.0, backend="native").backward()
+    sec = time.perf_counter() - t0
+    return {"case": "big", "B": B, "D": D, "C": C, "seconds": sec, "gflops": 6 * B * D * C / sec / 1e9,
+            "floor_chunk_gflops": max(rates), "others_cpu_share": load.share()}
 
 
 def main(argv=None) -> int:
@@ -230,11 +265,17 @@ def main(argv=None) -> int:
     p.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--contention", action="store_true", help="rerun mean-512 with a busy process on the cores")
-    p.add_argument("--memory", action="store_true", help="extra peak memory, B=512 D=256 C=1M, per backend")
+    p.add_argument("--memory", action="store_true",
+                   help="extra peak memory: ArcFace B=512 D=256 C=1M (torch, native); plain C=100k (native and peers)")
+    p.add_argument("--big", type=int, default=0, metavar="C",
+                   help="one native step at B=1024, D=128 and C classes (e.g. 10000000) vs the floor's GEMM rate")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     p.add_argument("--output", type=Path, default=Path("benchmarks/results/native_targets.json"))
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(f"# native backend targets: {cpu_name()}, ISA {torch.backends.cpu.get_cpu_capability()}, "
           f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
     print(f"native available: {mo.backends.native.available()}, tile bytes {mo.backends.native.tile_bytes()}")
@@ -259,11 +300,25 @@ def main(argv=None) -> int:
                   f"native {slow('native'):.2f}x, torch {slow('torch'):.2f}x; native / floor "
                   f"{slow('native') / slow('floor'):.2f} (target <= 1.2)\n")
     if args.memory:
-        for backend in ("torch", "native"):
-            extra, loss = memory(backend)
-            results.append({"case": "memory", "backend": backend, "extra_peak_bytes": extra, "loss": loss})
-            print(f"extra peak memory B=512 D=256 C=1M ArcFace mean, {backend}: {extra / 2**20:.1f} MiB "
-                  f"(loss {loss:.6f})")
+        rows = [(impl, "arcface", 512, 256, 1_000_000) for impl in ("torch", "native")]
+        rows += [(impl, "plain", 1024, 512, 100_000) for impl in ("native", "torch.compile(naive)", "cce")]
+        for impl, problem, B, D, C in rows:
+            try:
+                extra, loss = memory(impl, problem, B, D, C)
+            except subprocess.CalledProcessError as e:
+                print(f"extra peak memory {problem} B={B} D={D} C={C}, {impl}: failed ({e.stderr.strip()[-200:]})")
+                continue
+            results.append({"case": f"memory-{problem}", "impl": impl, "B": B, "D": D, "C": C,
+                            "extra_peak_bytes": extra, "loss": loss})
+            print(f"extra peak memory {problem} B={B} D={D} C={C} mean, {impl}: {extra / 2**20:.1f} MiB "
+                  f"(loss {loss:.6f})", flush=True)
+    if args.big:
+        r = big_step(1024, 128, args.big)
+        results.append(r)
+        print(f"one step B=1024 D=128 C={args.big}: {r['seconds']:.1f} s, {r['gflops']:.0f} GFLOP/s (6BDC) vs the "
+              f"floor's GEMMs on a 100k-class chunk {r['floor_chunk_gflops']:.0f} GFLOP/s: "
+              f"{r['gflops'] / r['floor_chunk_gflops']:.0%} (target >= 70%); other processes took "
+              f"{r['others_cpu_share']:.0%} of the CPU")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"cpu": cpu_name(), "results": results}, indent=1))
     return 0
