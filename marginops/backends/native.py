@@ -1,9 +1,11 @@
 """Native CPU backend: the torch backend's tiling with one fused C++ pass per logits tile.
 
-The GEMMs are PyTorch's (``torch.mm``/``addmm``: MKL, oneDNN or OpenBLAS,
+The GEMMs are PyTorch's (``at::mm``/``addmm``: MKL, oneDNN or OpenBLAS,
 whatever the installed PyTorch ships). Everything between them runs in the
-kernels of ``marginops/csrc/tile_kernels.cpp``, one parallel region and one
-pass over memory per tile instead of about ten elementwise PyTorch passes:
+kernels of ``marginops/csrc/tile_kernels.cpp``, one pass over each tile while
+it is in cache instead of about ten elementwise PyTorch passes, and one
+parallel region per row block and pass (each thread runs the GEMMs and
+passes of its own tiles) instead of several per tile:
 
 * **forward**: the scale and the inverse class norms are folded into the raw
   ``xh @ W_tile^T`` tile, the target column is excluded, and per row the
@@ -20,6 +22,8 @@ Strategies, memory budget and numerics are the torch backend's
 (:mod:`marginops.backends.torch_chunked`): the same planner decides
 workspace (three GEMMs) or recompute (four), with tile sizes derived from
 this machine's L2 cache (:func:`tile_bytes`) instead of constants.
+Gradients are the same run to run for a given thread count (no atomics;
+each thread's share of ``dX`` is added in thread order).
 
 **Building.** The kernels are compiled on first use with
 :func:`torch.utils.cpp_extension.load` for the machine they run on
