@@ -22,8 +22,8 @@ Strategies, memory budget and numerics are the torch backend's
 (:mod:`marginops.backends.torch_chunked`): the same planner decides
 workspace (three GEMMs) or recompute (four), with tile sizes derived from
 this machine's L2 cache (:func:`tile_bytes`) instead of constants.
-Gradients are the same run to run for a given thread count (no atomics;
-each thread's share of ``dX`` is added in thread order).
+Gradients are the same run to run (no atomics; the backward's tiles form
+fixed groups, each with its own ``dX`` partial, added in group order).
 
 **Building.** The kernels are compiled on first use with
 :func:`torch.utils.cpp_extension.load` for the machine they run on

@@ -340,9 +340,9 @@ void normalize_w_backward(at::Tensor dD, const at::Tensor& W, const at::Tensor& 
 // The classes are cut into tiles of `chunk`; each worker takes tiles and runs, per tile, the logits GEMM
 // (at::mm: single-threaded inside the region), the row kernels and, backward, both gradient GEMMs. One
 // region per row block and pass instead of several per tile: with another process on the cores, every
-// region waits for its slowest thread. The forward hands tiles out dynamically (its per-tile outputs do
-// not depend on who computes them); the backward gives each worker a fixed contiguous range of tiles and
-// adds the workers' partial dX in worker order, so gradients are the same run to run.
+// region waits for its slowest thread, so work is handed out dynamically: the forward's tiles one by one
+// (per-tile outputs do not depend on who computes them), the backward's in fixed groups of consecutive
+// tiles with one dX partial per group, added in group order, so gradients are the same run to run.
 
 int64_t workers_for(int64_t tiles, int64_t max_workers) {
   return std::max<int64_t>(1, std::min<int64_t>({tiles, max_workers, static_cast<int64_t>(at::get_num_threads())}));
@@ -443,7 +443,12 @@ void bwd_block(const at::Tensor& xh, const at::Tensor& xg, const at::Tensor& W, 
   if (R == 0 || T == 0 || !(need_x || need_W)) return;
   const at::Tensor x = xh.detach().contiguous(), xgc = xg.detach().contiguous();
   const int64_t nw = workers_for(T, max_workers);
-  std::vector<at::Tensor> partial(nw);
+  // Tiles form a fixed number of groups (set by max_workers, not by the threads running now), handed out
+  // dynamically; each group's tiles run in order on one thread into the group's own dX partial, and the
+  // partials are added in group order: the same bits whichever thread takes which group.
+  const int64_t groups = std::min<int64_t>(T, 2 * std::max<int64_t>(1, max_workers));
+  std::vector<at::Tensor> partial(groups);
+  std::atomic<int64_t> next{0};
   const at::ThreadLocalState tls;
   AT_DISPATCH_FLOATING_TYPES(acc, "bwd_block", [&] {
     using T_ = scalar_t;
@@ -451,8 +456,9 @@ void bwd_block(const at::Tensor& xh, const at::Tensor& xg, const at::Tensor& W, 
     at::parallel_for(0, nw, 1, [&](int64_t w_begin, int64_t w_end) {
       at::ThreadLocalStateGuard tls_guard(tls);
       for (int64_t w = w_begin; w < w_end; ++w) {
-        at::Tensor scratch;
-        const int64_t k_begin = T * w / nw, k_end = T * (w + 1) / nw;
+       at::Tensor scratch;
+       for (int64_t grp = next.fetch_add(1); grp < groups; grp = next.fetch_add(1)) {
+        const int64_t k_begin = T * grp / groups, k_end = T * (grp + 1) / groups;
         for (int64_t k = k_begin; k < k_end; ++k) {
           const int64_t c0 = k * chunk, c = std::min(chunk, C - c0);
           at::Tensor tile = tile_view(workspace, k * ws_stride, scratch, R, c, chunk, x.options());
@@ -463,8 +469,8 @@ void bwd_block(const at::Tensor& xh, const at::Tensor& xg, const at::Tensor& W, 
                         a.data_ptr<T_>() + (a_per_tile ? k : 0), a_per_tile ? T : 1, b.data_ptr<T_>(),
                         static_cast<T_>(floor_), static_cast<T_>(tiny));
           if (need_x) {
-            if (!partial[w].defined()) partial[w] = at::mm(tile, wt);
-            else partial[w].addmm_(tile, wt);
+            if (!partial[grp].defined()) partial[grp] = at::mm(tile, wt);
+            else partial[grp].addmm_(tile, wt);
           }
           if (need_W) {
             at::Tensor out = dD.narrow(0, c0, c);
@@ -477,6 +483,7 @@ void bwd_block(const at::Tensor& xh, const at::Tensor& xg, const at::Tensor& W, 
             }
           }
         }
+       }
       }
     });
   });
