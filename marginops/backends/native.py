@@ -253,6 +253,10 @@ def _l2_per_core() -> int:
 
 #: Workers of the kernels' parallel regions (PyTorch's thread count at import): each works on its own tile.
 WORKERS = max(1, torch.get_num_threads())
+#: Groups of consecutive tiles in a backward region, shrinking in size (each its own ``B_block x D`` partial of
+#: ``dX``): handed out dynamically, so a thread slowed by another process does not hold up the region, and
+#: summed in a fixed order, so gradients do not depend on which thread took which group.
+BACKWARD_GROUPS = 8
 #: Bytes of one logits tile (see :func:`tile_bytes`), fixed at import.
 TILE_BYTES = _l2_per_core()
 
@@ -355,7 +359,7 @@ class _Prepared(Prepared):
         row block each tile's normalization backward of ``W``."""
         self.ops.bwd_block(self.xh[r0:r1], self.xg[r0:r1], self.W, self.inv_w, self.y_local[r0:r1],
                            self.opts.scale, self.floor, self.tiny, pl.chunk, workspace, pl.rows * pl.chunk, shift,
-                           a, b, r0 == 0, r1 == self.B, self.limit, WORKERS,
+                           a, b, r0 == 0, r1 == self.B, self.limit, WORKERS, BACKWARD_GROUPS,
                            dxh[r0:r1] if dxh is not None else self.empty(), dD if dD is not None else self.empty())
 
 

@@ -415,7 +415,7 @@ void bwd_block(const at::Tensor& xh, const at::Tensor& xg, const at::Tensor& W, 
                const at::Tensor& y, double scale, double floor_, double tiny, int64_t chunk,
                const c10::optional<at::Tensor>& workspace, int64_t ws_stride, const at::Tensor& shift,
                const at::Tensor& a, const at::Tensor& b, bool first_block, bool last_block, double limit,
-               int64_t max_workers, at::Tensor dxh, at::Tensor dD) {
+               int64_t max_workers, int64_t groups, at::Tensor dxh, at::Tensor dD) {
   TORCH_CHECK(xh.dim() == 2 && W.dim() == 2 && xh.size(1) == W.size(1) && xg.sizes() == xh.sizes(),
               "bwd_block: xh, xg (R, D) and W (C, D)");
   TORCH_CHECK(chunk >= 1, "bwd_block: chunk must be >= 1");
@@ -443,11 +443,18 @@ void bwd_block(const at::Tensor& xh, const at::Tensor& xg, const at::Tensor& W, 
   if (R == 0 || T == 0 || !(need_x || need_W)) return;
   const at::Tensor x = xh.detach().contiguous(), xgc = xg.detach().contiguous();
   const int64_t nw = workers_for(T, max_workers);
-  // Tiles form a fixed number of groups (set by max_workers, not by the threads running now), handed out
-  // dynamically; each group's tiles run in order on one thread into the group's own dX partial, and the
-  // partials are added in group order: the same bits whichever thread takes which group.
-  const int64_t groups = std::min<int64_t>(T, 2 * std::max<int64_t>(1, max_workers));
-  std::vector<at::Tensor> partial(groups);
+  // Tiles form `groups` groups of consecutive tiles, shrinking linearly (weights G, G-1, ..., 1: the
+  // last ones handed out are small, so no thread is left with a long tail), handed out dynamically; each
+  // group's tiles run in order on one thread into the group's own dX partial, and the partials are added
+  // in group order: the same bits whichever thread takes which group, and whatever the thread count.
+  const int64_t G = std::max<int64_t>(1, std::min<int64_t>(T, groups));
+  std::vector<int64_t> bound(G + 1, 0);
+  for (int64_t g = 1; g <= G; ++g) {  // cumulative weights G + (G-1) + ... over G (G+1) / 2
+    const int64_t cum = g * G - g * (g - 1) / 2;
+    bound[g] = std::min(T - (G - g), std::max(bound[g - 1] + 1, (T * cum) / (G * (G + 1) / 2)));  // non-empty
+  }
+  bound[G] = T;
+  std::vector<at::Tensor> partial(G);
   std::atomic<int64_t> next{0};
   const at::ThreadLocalState tls;
   AT_DISPATCH_FLOATING_TYPES(acc, "bwd_block", [&] {
@@ -457,8 +464,8 @@ void bwd_block(const at::Tensor& xh, const at::Tensor& xg, const at::Tensor& W, 
       at::ThreadLocalStateGuard tls_guard(tls);
       for (int64_t w = w_begin; w < w_end; ++w) {
        at::Tensor scratch;
-       for (int64_t grp = next.fetch_add(1); grp < groups; grp = next.fetch_add(1)) {
-        const int64_t k_begin = T * grp / groups, k_end = T * (grp + 1) / groups;
+       for (int64_t grp = next.fetch_add(1); grp < G; grp = next.fetch_add(1)) {
+        const int64_t k_begin = bound[grp], k_end = bound[grp + 1];
         for (int64_t k = k_begin; k < k_end; ++k) {
           const int64_t c0 = k * chunk, c = std::min(chunk, C - c0);
           at::Tensor tile = tile_view(workspace, k * ws_stride, scratch, R, c, chunk, x.options());
@@ -508,7 +515,7 @@ TORCH_LIBRARY(marginops_native, m) {
         "Tensor(e!) arg_t, Tensor(f!) ls_t) -> ()");
   m.def("bwd_block(Tensor xh, Tensor xg, Tensor W, Tensor? inv_w, Tensor y, float scale, float floor, float tiny, "
         "int chunk, Tensor(a!)? workspace, int ws_stride, Tensor shift, Tensor a, Tensor b, bool first_block, "
-        "bool last_block, float limit, int max_workers, Tensor(b!) dxh, Tensor(c!) dD) -> ()");
+        "bool last_block, float limit, int max_workers, int groups, Tensor(b!) dxh, Tensor(c!) dD) -> ()");
   m.def("vector_bits() -> int", &vector_bits);
 }
 

@@ -179,7 +179,7 @@ def test_native_ops_pass_opcheck():
                       torch.zeros(R), torch.empty(R, T, dtype=torch.int64), torch.zeros(R, T))
     torch.library.opcheck(ops.fwd_block.default, fwd_block_args)
     bwd_block_args = (xh, xh.clone(), W, inv_w, y, 2.0, -87.0, torch.finfo(torch.float32).tiny, chunk, ws, R * chunk,
-                      torch.randn(R), torch.rand(R, T), torch.rand(R), True, True, 1e12, 2, torch.zeros(R, 4),
+                      torch.randn(R), torch.rand(R, T), torch.rand(R), True, True, 1e12, 2, 8, torch.zeros(R, 4),
                       torch.empty(c, 4))
     torch.library.opcheck(ops.bwd_block.default, bwd_block_args)
 
@@ -410,3 +410,13 @@ def test_bad_input_raises_the_named_errors_before_any_kernel():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mo.margin_cross_entropy(x, W, y, mo.ArcFace(0.5), backend="native")
+
+
+@pytest.mark.parametrize("groups", [1, 3, 32, 1000])
+def test_any_number_of_backward_groups(monkeypatch, groups):
+    """Backward tiles form shrinking groups; any count (more groups than tiles included) gives the result."""
+    monkeypatch.setattr(native, "BACKWARD_GROUPS", groups)
+    x, W, y = make_inputs(B, C, D, torch.float64, ignore=2)
+    for tiling in ("workspace", "recompute"):
+        check_against_reference(x, W, y, mo.ArcFace(0.5), 30.0, backend="native", label_smoothing=0.1,
+                                **TILINGS[tiling])
