@@ -272,12 +272,14 @@ def margin_cross_entropy(
             gradient. Default: -100.
         label_smoothing (float): in [0, 1], PyTorch's definition (uniform over all
             ``C`` classes, margined target logit included). Default: 0.0.
-        backend (str): ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``; see
+        backend (str): ``"auto"``, ``"torch"``, ``"native"``, ``"triton"`` or ``"reference"``; see
             :func:`marginops.resolve_backend` for what ``"auto"`` picks (``"triton"`` for CUDA
-            tensors when Triton is installed, else ``"torch"``). ``"triton"`` runs on CPU
-            tensors only under the Triton interpreter (``TRITON_INTERPRET=1``). Both fused
-            backends give reproducible gradients (no atomics). Default: ``"auto"``.
-        chunk_size (int, optional): classes per tile (torch) or per forward program
+            tensors when Triton is installed; for CPU tensors ``"native"``, the torch backend's
+            tiling with compiled C++ tile kernels, when they are built, else ``"torch"``).
+            ``"triton"`` runs on CPU tensors only under the Triton interpreter
+            (``TRITON_INTERPRET=1``). The fused backends give reproducible gradients (no
+            atomics). Default: ``"auto"``.
+        chunk_size (int, optional): classes per tile (torch, native) or per forward program
             (triton). Default: chosen by the backend.
         memory_budget (int, optional): bytes of scratch memory the backend may use
             beyond inputs and their gradients. Default:
@@ -291,7 +293,7 @@ def margin_cross_entropy(
             forward pass (three GEMMs; needs ``reduction`` ``"mean"``/``"sum"``
             and a budget of at least one row of ``C`` logits, else a
             ValueError; ``dW`` is accumulated in the accumulation dtype across
-            row blocks). ``"auto"``: the torch backend takes ``"workspace"``
+            row blocks). ``"auto"``: the torch and native backends take ``"workspace"``
             when blocks of at least 128 rows fit the budget, the triton
             backend ``"recompute"``. Default: ``"auto"``.
         return_stats (bool): also return :class:`MarginStats`. Default: False.

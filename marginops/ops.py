@@ -378,8 +378,11 @@ def _margin_softmax_backward(ctx, grad_loss: Optional[Tensor], *unused):
         # the forward formed the gradients for grad_output = 1; hand them over scaled, in place when
         # nothing will read them again (see the module docstring)
         own = _owns_saved_tensors()
-        dxh = (early_dx.mul_(g0) if own else early_dx * g0) if need_x else None
-        dW = (early_dW.mul_(g0) if own else early_dW * g0) if need_W else None
+        # the usual grad_output of 1 (loss.backward()) skips a pass over the C x D gradient; the check
+        # reads a scalar, so only where that costs no device sync
+        unit = own and g0.device.type == "cpu" and bool(g0 == 1)
+        dxh = (early_dx if unit else early_dx.mul_(g0) if own else early_dx * g0) if need_x else None
+        dW = (early_dW if unit else early_dW.mul_(g0) if own else early_dW * g0) if need_W else None
         dz = early_dz * g0
     else:
         g = w.to(lse.dtype) * g0

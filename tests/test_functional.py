@@ -391,14 +391,19 @@ def test_labels_of_any_integer_dtype_and_validate_labels_flag():
         assert torch.equal(out.loss, base.loss) and torch.equal(out.x_grad, base.x_grad)
 
 
-def test_auto_backend_is_torch_on_cpu():
-    assert mo.resolve_backend("auto", "cpu") == "torch"
-    assert mo.resolve_backend("auto", torch.device("cpu")) == "torch"
+def test_auto_backend_on_cpu_is_native_when_built_else_torch(monkeypatch):
+    from marginops.backends import native
+
+    cpu = "native" if native.available() else "torch"
+    assert mo.resolve_backend("auto", "cpu") == cpu
+    assert mo.resolve_backend("auto", torch.device("cpu")) == cpu
     assert mo.resolve_backend("reference") == "reference"
     assert mo.resolve_backend("torch") == "torch"
-    assert set(mo.BACKEND_NAMES) >= {"auto", "torch", "reference"}
+    assert set(mo.BACKEND_NAMES) >= {"auto", "torch", "native", "reference"}
     x, W, y = make_inputs(B, C, D)
-    assert torch.equal(run(x, W, y, backend="auto").loss, run(x, W, y, backend="torch").loss)
+    assert torch.equal(run(x, W, y, backend="auto").loss, run(x, W, y, backend=cpu).loss)
+    monkeypatch.setenv(native.ENV, "0")
+    assert mo.resolve_backend("auto", "cpu") == "torch"
     with pytest.raises(ValueError, match="backend"):
         mo.resolve_backend("cuda")
 
@@ -489,7 +494,7 @@ ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "native", "reference"])
 @pytest.mark.parametrize("overrides, exc, pattern", [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
 def test_invalid_inputs_raise_naming_the_argument(overrides, exc, pattern, backend):
     x, W, y = make_inputs(B, C, D)

@@ -23,6 +23,7 @@ from .interface import DEFAULT_MEMORY_BUDGET, Backend, Call, FusedOptions, RowSt
 BACKENDS: dict[str, str] = {
     "torch": "marginops.backends.torch_chunked",
     "triton": "marginops.backends.triton_margin",
+    "native": "marginops.backends.native",
 }
 BACKEND_NAMES = ("auto", "reference", *BACKENDS)  # the built-in names
 _HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once: "auto" stays traceable
@@ -75,8 +76,12 @@ def register_backend(name: str, module: "ModuleType | str") -> None:
 def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
     """The concrete backend that ``backend`` (possibly ``"auto"``) selects for tensors on ``device``.
 
-    ``"auto"`` picks ``"triton"`` for CUDA tensors when Triton is installed
-    and the chunked PyTorch backend ``"torch"`` otherwise. On a GPU the torch
+    ``"auto"`` picks ``"triton"`` for CUDA tensors when Triton is installed;
+    for CPU tensors the native backend ``"native"`` (the chunked tiling with
+    compiled C++ tile kernels, built on first use) when it is available
+    (:func:`marginops.backends.native.available`: not switched off by
+    ``MARGINOPS_NATIVE=0`` and the kernels built), else the chunked PyTorch
+    backend ``"torch"``. On a GPU the torch
     backend runs its GEMMs in the accumulation dtype (fp32 for 16-bit inputs)
     plus several elementwise passes per tile, while the Triton backend runs
     16-bit tensor-core GEMMs with fused epilogues; ``docs/benchmarks.md`` has
@@ -93,12 +98,16 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
         raise ValueError(f"backend must be one of {names}, got {backend!r}")
     if backend != "auto":
         return backend
-    if torch.device(device).type == "cuda" and _HAS_TRITON:
+    kind = torch.device(device).type
+    if kind == "cuda" and _HAS_TRITON:
         return "triton"
+    if kind == "cpu" and _LOADED["native"].available():
+        return "native"
     return "torch"
 
 
 _LOADED["torch"] = get_backend("torch")
+_LOADED["native"] = get_backend("native")  # importing it builds nothing: the kernels are built on first use
 
 __all__ = [
     "BACKENDS",

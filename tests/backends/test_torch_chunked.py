@@ -153,17 +153,18 @@ def test_plan_invariants(batch, classes, elt, chunk_size, budget, fused_wanted):
 ])
 def test_calls_pick_the_documented_strategy(plans, reduction, grads, expected):
     x, W, y = make_inputs(B, C, D)
-    run(x, W, y, mo.ArcFace(0.5), reduction=reduction, grad_x=grads, grad_W=grads)
+    run(x, W, y, mo.ArcFace(0.5), reduction=reduction, grad_x=grads, grad_W=grads, backend="torch")
     assert [p.strategy for p in plans] == [expected]
     plans.clear()
-    run(x, W, y, mo.ArcFace(0.5), reduction=reduction, grad_x=grads, grad_W=grads, memory_budget=SMALL_BUDGET)
+    run(x, W, y, mo.ArcFace(0.5), reduction=reduction, grad_x=grads, grad_W=grads, memory_budget=SMALL_BUDGET,
+        backend="torch")
     assert [p.strategy for p in plans] == ["recompute"]
 
 
 def test_forward_under_no_grad_does_not_fuse(plans):
     x, W, y = make_inputs(B, C, D)
     with torch.no_grad():
-        mo.margin_cross_entropy(x.requires_grad_(), W.requires_grad_(), y, mo.CosFace(0.35))
+        mo.margin_cross_entropy(x.requires_grad_(), W.requires_grad_(), y, mo.CosFace(0.35), backend="torch")
     assert [p.strategy for p in plans] == ["recompute"]
 
 
@@ -222,7 +223,7 @@ def test_multithreaded_matches_single_threaded(plans, _one_thread, strategy):
     """The rest of the suite runs on one thread (see conftest); check a larger problem on all of them."""
     x, W, y = make_inputs(300, 3001, 64, torch.float32, ignore=5)
     options = dict(chunk_size=512, memory_budget=None if strategy == "fused" else 2**18)
-    single = run(x, W, y, mo.ArcFace(0.5), **options)
+    single = run(x, W, y, mo.ArcFace(0.5), backend="torch", **options)
     assert plans[0].strategy == strategy
     torch.set_num_threads(max(2, _one_thread))
     try:
