@@ -41,7 +41,8 @@ def explain(records: Sequence[dict]) -> str:
         check = {True: "OK", False: "WRONG"}.get(m.get("check_ok"), "-")
         lines.append(f"{registry.IMPLS[impl].label:28} {loss:>10} {m['seconds']:>9.2f}s "
                      f"{m.get('ratio_to_floor', float('nan')):>7.2f}x {mem:>13}  {check}")
-    ours, naive = res.get("marginops-torch", {}), res.get("naive", {})
+    ours = res.get("marginops-native") or res.get("marginops-torch", {})
+    naive = res.get("naive", {})
     lines.append("")
     if ours.get("status") == "ok" and naive.get("status") == "ok":
         speed = naive["seconds"] / ours["seconds"]
@@ -70,7 +71,10 @@ def main(batch: Optional[int] = None, dim: Optional[int] = None, classes: Option
          output=None) -> int:
     cases = presets.PRESETS["demo"].cases
     b, d, c = cases[0].batch, cases[0].dim, cases[0].classes
-    cases = [replace(k, batch=batch or b, dim=dim or d, classes=classes or c) for k in cases]
+    # marginops as backend="auto" runs it on a CPU: the native kernels, or the torch backend without them
+    ours = "marginops-native" if registry.unavailable("marginops-native", "cpu") is None else "marginops-torch"
+    cases = [replace(k, impl=ours if k.impl == "marginops-native" else k.impl, batch=batch or b, dim=dim or d,
+                     classes=classes or c) for k in cases]
     print("marginops demo: one training step of a classification head with a margin, each implementation in a "
           "fresh process (check, then time and memory)", flush=True)
     records = runner.run(cases, preset="demo")

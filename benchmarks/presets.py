@@ -12,8 +12,8 @@ from typing import Optional
 from .runner import Case
 
 MiB = 2**20
-CPU_PEERS = ("floor", "marginops-torch", "naive", "naive-compiled", "pml")
-PLAIN_PEERS = ("floor", "marginops-torch", "naive", "naive-compiled", "torch-linear-ce", "cce")
+CPU_PEERS = ("floor", "marginops-native", "marginops-torch", "naive", "naive-compiled", "pml")
+PLAIN_PEERS = ("floor", "marginops-native", "marginops-torch", "naive", "naive-compiled", "torch-linear-ce", "cce")
 GPU_IMPLS = ("floor", "marginops-triton", "marginops-triton-ws", "marginops-torch", "naive", "naive-compiled",
              "torch-linear-ce", "cce", "liger")
 
@@ -51,7 +51,7 @@ _TARGET_MEMORY = (512, 256, 1_000_000)
 
 PRESETS = {p.name: p for p in (
     Preset("demo", "the demo: ArcFace(0.5), s=30, B=512, D=256, C=200k, float32, CPU",
-           sweep("ordinary", ("floor", "marginops-torch", "naive", "pml"), [(512, 256, 200_000)], repeats=2)),
+           sweep("ordinary", ("floor", "marginops-native", "naive", "pml"), [(512, 256, 200_000)], repeats=2)),
     Preset("quick", "small shapes in a few minutes: ArcFace and plain CE at B=256, D=128, C=20k",
            sweep("ordinary", CPU_PEERS, [(256, 128, 20_000)], repeats=3, max_seconds=5.0)
            + sweep("plain", PLAIN_PEERS[1:], [(256, 128, 20_000)], repeats=3, max_seconds=5.0)),

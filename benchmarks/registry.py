@@ -185,6 +185,7 @@ class Impl:
 IMPLS = {i.name: i for i in (
     Impl("floor", "3-GEMM floor", bxc_tensors=1),
     Impl("marginops-torch", "marginops (torch)"),
+    Impl("marginops-native", "marginops (native C++)"),
     Impl("marginops-triton", "marginops (triton, recompute)", needs_triton=True),
     Impl("marginops-triton-ws", "marginops (triton, workspace)", needs_triton=True),
     Impl("naive", "naive PyTorch", bxc_tensors=5),
@@ -199,7 +200,7 @@ IMPLS = {i.name: i for i in (
 )}
 
 #: marginops' own implementations (the rest are the floor and what a user would pick instead).
-OURS = ("marginops-torch", "marginops-triton", "marginops-triton-ws")
+OURS = ("marginops-torch", "marginops-native", "marginops-triton", "marginops-triton-ws")
 
 
 def check_impl(name: str) -> Impl:
@@ -232,6 +233,13 @@ def unavailable(name: str, device: str) -> Optional[str]:
 
         if device != "cuda" and not triton_margin.is_interpreted():
             return "the triton backend needs a CUDA GPU (or TRITON_INTERPRET=1, the interpreter)"
+    if name == "marginops-native":
+        from marginops.backends import native
+
+        if device != "cpu":
+            return "the native backend runs on CPUs"
+        if not native.available():
+            return "the native kernels are switched off or did not build (see the warning)"
     if name == "torch-linear-ce" and not hasattr(F, "linear_cross_entropy"):
         return f"torch {torch.__version__} has no F.linear_cross_entropy"
     return None
@@ -291,7 +299,7 @@ def loss_function(name: str, problem: Problem, *, device: str = "cpu", reduction
         raise ValueError(f"{name} is run with reduction='mean' only, got {reduction!r}")
     margin, s, normalize = problem.margin_object(), problem.scale, problem.normalize
     if name in OURS:
-        options = dict(backend="torch") if name == "marginops-torch" else dict(backend="triton")
+        options = dict(backend={"marginops-torch": "torch", "marginops-native": "native"}.get(name, "triton"))
         if name == "marginops-triton":
             options["strategy"] = "recompute"
 
