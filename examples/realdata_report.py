@@ -7,7 +7,8 @@ Run from the repository root after the runs::
     python -m examples.realdata_report --untrained  # first measures the untrained encoders' floor
 
 Reads the run records ``docs/results/realdata/<corpus>-<margin>-s<seed>.json`` and the memory
-measurements ``docs/results/realdata/memory.jsonl`` (lines printed by ``python -m benchmarks.memory``),
+measurements ``docs/results/realdata/memory.jsonl`` (written by ``--memory``: the benchmark runner, one fresh
+process per figure),
 writes ``docs/img/realdata_training.png`` (training loss and held-out top-1 over training) and
 ``docs/img/realdata_abstain.png`` (answer-or-abstain: precision against recall), and replaces the text
 between ``<!-- realdata:begin -->`` and ``<!-- realdata:end -->`` in ``docs/results.md``.
@@ -94,6 +95,29 @@ def counts(corpus: str, by_margin: dict) -> str:
             f"embedding {s['dim']}, AdamW lr {s['lr']:g}, one thread")
 
 
+MEMORY_CLASSES = (4000, 5000, 18_831, 85_707)  # the runs' training classes, then the full corpora's
+
+
+def measure_memory(path: Path) -> None:
+    """Extra peak memory of one forward+backward of the head at the training shapes (B=256, D=128), marginops
+    (as ``backend="auto"`` runs it on this CPU) against the naive head, each case in a fresh process."""
+    from benchmarks import registry, runner
+
+    ours = "marginops-native" if registry.unavailable("marginops-native", "cpu") is None else "marginops-torch"
+    cases = [runner.Case(impl, "ordinary", 256, 128, c, repeats=0, check=False)
+             for c in MEMORY_CLASSES for impl in (ours, "naive")]
+    records = runner.run(cases, preset="realdata-memory")
+    by_case = defaultdict(dict)
+    for r in records:
+        by_case[(r["implementation"], r["batch"], r["dim"], r["classes"])][r["metric"]] = r["value"]
+    with path.open("w") as f:
+        for (impl, b, d, c), m in by_case.items():
+            if m.get("status") == "ok":
+                f.write(json.dumps({"impl": "reference" if impl == "naive" else "marginops", "backend": impl,
+                                    "batch": b, "dim": d, "classes": c,
+                                    "extra_peak_bytes": m["extra_peak_bytes"]}) + "\n")
+
+
 def memory_table(path: Path) -> str:
     if not path.exists():
         return "(no memory measurements)"
@@ -102,7 +126,7 @@ def memory_table(path: Path) -> str:
         if line.strip():
             r = json.loads(line)
             rows[(r["batch"], r["dim"], r["classes"])][r["impl"]] = r["extra_peak_bytes"] / 2**20
-    lines = ["| B x D x C | marginops (torch backend) | reference (materializes B x C) | ratio |", "|---|---|---|---|"]
+    lines = ["| B x D x C | marginops | naive head (materializes B x C) | ratio |", "|---|---|---|---|"]
     for (b, d, c), v in sorted(rows.items(), key=lambda kv: kv[0][2]):
         if "marginops" in v and "reference" in v:
             lines.append(f"| {b} x {d} x {c:,} | {v['marginops']:.1f} MiB | {v['reference']:.1f} MiB | "
@@ -257,7 +281,11 @@ def main() -> None:
     p.add_argument("--print", action="store_true", help="print the generated markdown instead of editing --doc")
     p.add_argument("--untrained", action="store_true",
                    help="first measure the untrained encoders (seeds 0-2) into <runs>/<corpus>-untrained.json")
+    p.add_argument("--memory", action="store_true",
+                   help="first measure the head's extra peak memory into <runs>/memory.jsonl (about a minute)")
     args = p.parse_args()
+    if args.memory:
+        measure_memory(args.runs / "memory.jsonl")
     if args.untrained:
         for corpus in ("wordnet", "glyphs"):
             (args.runs / f"{corpus}-untrained.json").write_text(json.dumps(untrained(corpus), indent=1))

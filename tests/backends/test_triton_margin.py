@@ -572,7 +572,9 @@ def test_registered_and_auto_for_cuda_tensors():
     assert "triton" in BACKENDS and "triton" in mo.BACKEND_NAMES
     assert resolve_backend("auto", "cuda") == "triton"
     assert resolve_backend("auto", torch.device("cuda", 0)) == "triton"
-    assert resolve_backend("auto", "cpu") == "torch"
+    from marginops.backends import native
+
+    assert resolve_backend("auto", "cpu") == ("native" if native.available() else "torch")
     assert resolve_backend("triton", "cpu") == "triton"
 
 
