@@ -133,7 +133,9 @@ def test_the_example_trains_under_torchrun(tmp_path):
            str(dist_cases.free_port()), str(root / "examples" / "train_sharded.py"), "--steps", "6",
            "--classes", "300", "--batch", "16", "--log-every", "3", "--sample-rate", "0.5", "--checkpoint", str(ckpt)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root,
-                          env={**os.environ, "OMP_NUM_THREADS": "1",  # this tree's marginops, installed or not
+                          # MARGINOPS_NATIVE=0: two ranks must not both build the native kernels on first use
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MARGINOPS_NATIVE": "0",
+                               # this tree's marginops, installed or not
                                "PYTHONPATH": os.pathsep.join(filter(None, (str(root), os.environ.get("PYTHONPATH"))))})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step     6  loss" in proc.stdout and "saved" in proc.stdout, proc.stdout[-2000:]
