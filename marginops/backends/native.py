@@ -22,8 +22,10 @@ Strategies, memory budget and numerics are the torch backend's
 (:mod:`marginops.backends.torch_chunked`): the same planner decides
 workspace (three GEMMs) or recompute (four), with tile sizes derived from
 this machine's L2 cache (:func:`tile_bytes`) instead of constants.
-Gradients are the same run to run (no atomics; the backward's tiles form
-fixed groups, each with its own ``dX`` partial, added in group order).
+Results are the same run to run (no atomics): each parallel region hands
+out fixed groups of consecutive tiles (:data:`GROUPS`), and what the groups
+produce (the forward's per-row statistics, the backward's ``dX`` partials)
+is combined in group order.
 
 **Building.** The kernels are compiled on first use with
 :func:`torch.utils.cpp_extension.load` for the machine they run on
@@ -45,6 +47,7 @@ The module-level functions at the end implement
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -142,13 +145,14 @@ def load() -> bool:
         from torch.utils import cpp_extension
 
         build_dir.mkdir(parents=True, exist_ok=True)
-        before = _built(build_dir)
-        start = time.perf_counter()
-        cpp_extension.load(name=_LIB, sources=[str(SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
-                           build_directory=str(build_dir), is_python_module=False, verbose=False)
-        if _built(build_dir) != before:  # compiled now (first use, or the source or flags changed)
-            print(f"marginops: built the native CPU kernels in {time.perf_counter() - start:.1f} s "
-                  f"(cached in {build_dir})", file=sys.stderr)
+        with _build_lock(build_dir):
+            before = _built(build_dir)
+            start = time.perf_counter()
+            cpp_extension.load(name=_LIB, sources=[str(SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
+                               build_directory=str(build_dir), is_python_module=False, verbose=False)
+            if _built(build_dir) != before:  # compiled now (first use, or the source or flags changed)
+                print(f"marginops: built the native CPU kernels in {time.perf_counter() - start:.1f} s "
+                      f"(cached in {build_dir})", file=sys.stderr)
         _register_fakes()
         _state["ok"] = True
     except Exception as e:  # no compiler, no ninja, a compile error: the torch backend serves
@@ -157,6 +161,34 @@ def load() -> bool:
         warnings.warn(f"marginops: the native CPU kernels could not be built; backend='auto' uses the pure-PyTorch "
                       f"backend instead. The compiler's message is in {log}", RuntimeWarning, stacklevel=2)
     return _state["ok"]
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """One process at a time builds or loads the kernels of ``build_dir`` (several ranks starting together
+    on a fresh machine): an ``flock``, which the system releases if its holder dies.
+
+    PyTorch's own build lock is a ``lock`` file that a killed build leaves behind, after which every later
+    load waits for it forever. Under this lock no other process of ours is building, so such a file is stale
+    and is removed.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: PyTorch's lock alone
+        yield
+        return
+    with open(build_dir / "marginops-build.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            print(f"marginops: waiting for another process building the native CPU kernels in {build_dir}",
+                  file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _built(build_dir: Path) -> dict:
@@ -253,17 +285,19 @@ def _l2_per_core() -> int:
 
 #: Workers of the kernels' parallel regions (PyTorch's thread count at import): each works on its own tile.
 WORKERS = max(1, torch.get_num_threads())
-#: Groups of consecutive tiles in a backward region, shrinking in size (each its own ``B_block x D`` partial of
-#: ``dX``): handed out dynamically, so a thread slowed by another process does not hold up the region, and
-#: summed in a fixed order, so gradients do not depend on which thread took which group.
-BACKWARD_GROUPS = 8
+#: Groups of consecutive tiles per parallel region, shrinking in size, handed out dynamically (a thread
+#: slowed by another process does not hold up the region) and combined in a fixed order (results do not
+#: depend on which thread took which group). The forward keeps one set of row statistics per group (per
+#: tile with the workspace), the backward a ``B_block x D`` partial of ``dX`` per group still running or
+#: waiting for an earlier one.
+GROUPS = 16
 #: Bytes of one logits tile (see :func:`tile_bytes`), fixed at import.
-TILE_BYTES = _l2_per_core()
+TILE_BYTES = _l2_per_core() // 2
 
 
 def tile_bytes() -> int:
-    """Bytes of one logits tile: one core's L2 (each worker of a row block's parallel region runs the
-    GEMMs and passes of its own tiles).
+    """Bytes of one logits tile: half of one core's L2 (each worker of a row block's parallel region runs
+    the GEMMs and passes of its own tiles; the other half holds the GEMM's weight tile and input rows).
 
     Read once, at import (sysfs), so that a call's plan is a pure function of
     its sizes and options, as ``torch.compile`` needs.
@@ -359,7 +393,7 @@ class _Prepared(Prepared):
         row block each tile's normalization backward of ``W``."""
         self.ops.bwd_block(self.xh[r0:r1], self.xg[r0:r1], self.W, self.inv_w, self.y_local[r0:r1],
                            self.opts.scale, self.floor, self.tiny, pl.chunk, workspace, pl.rows * pl.chunk, shift,
-                           a, b, r0 == 0, r1 == self.B, self.limit, WORKERS, BACKWARD_GROUPS,
+                           a, b, r0 == 0, r1 == self.B, self.limit, WORKERS, GROUPS,
                            dxh[r0:r1] if dxh is not None else self.empty(), dD if dD is not None else self.empty())
 
 
@@ -380,20 +414,21 @@ def _forward(prep: _Prepared, pl: tc.Plan, want_pred: bool, store: Optional[Tens
     smoothing = opts.label_smoothing > 0
     lsum = torch.zeros(B, device=dev, dtype=acc) if smoothing else prep.empty()
     xh = prep.xh
+    G = T if store is not None else max(1, min(T, GROUPS))  # statistics per tile group (per tile: workspace)
     for r0, r1 in prep.row_blocks(pl):
         R = r1 - r0
-        m_t = torch.empty(R, T, device=dev, dtype=acc)
-        s_t = torch.empty(R, T, device=dev, dtype=acc)
-        arg_t = torch.empty(R, T, device=dev, dtype=torch.int64) if want_pred else prep.empty(torch.int64)
-        ls_t = torch.zeros(R, T, device=dev, dtype=acc) if smoothing else prep.empty()
+        m_t = torch.empty(R, G, device=dev, dtype=acc)
+        s_t = torch.empty(R, G, device=dev, dtype=acc)
+        arg_t = torch.empty(R, G, device=dev, dtype=torch.int64) if want_pred else prep.empty(torch.int64)
+        ls_t = torch.zeros(R, G, device=dev, dtype=acc) if smoothing else prep.empty()
         prep.ops.fwd_block(xh[r0:r1], prep.W, prep.inv_w, prep.y_local[r0:r1], opts.scale, prep.floor, pl.chunk,
-                           store, pl.rows * pl.chunk, WORKERS, m_t, s_t, target[r0:r1], arg_t, ls_t)
+                           store, pl.rows * pl.chunk, WORKERS, GROUPS, m_t, s_t, target[r0:r1], arg_t, ls_t)
         if T == 0:
             N[r0:r1] = -math.inf
         else:
             N[r0:r1] = tc._combine(m_t, s_t)
             if want_pred:
-                mx, k = m_t.max(1)  # the first tile holding the maximum holds its first column
+                mx, k = m_t.max(1)  # the first group holding the maximum holds its first column
                 best[r0:r1] = mx
                 arg[r0:r1] = arg_t.gather(1, k.unsqueeze(1)).squeeze(1)
             if smoothing:

@@ -40,6 +40,7 @@
 #include <vector>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
 #include <xmmintrin.h>
@@ -340,9 +341,28 @@ void normalize_w_backward(at::Tensor dD, const at::Tensor& W, const at::Tensor& 
 // The classes are cut into tiles of `chunk`; each worker takes tiles and runs, per tile, the logits GEMM
 // (at::mm: single-threaded inside the region), the row kernels and, backward, both gradient GEMMs. One
 // region per row block and pass instead of several per tile: with another process on the cores, every
-// region waits for its slowest thread, so work is handed out dynamically: the forward's tiles one by one
-// (per-tile outputs do not depend on who computes them), the backward's in fixed groups of consecutive
-// tiles with one dX partial per group, added in group order, so gradients are the same run to run.
+// region waits for its slowest thread, so work is handed out dynamically, in fixed groups of consecutive
+// tiles (group_bounds). A group's tiles run in order on one thread, and what groups produce is combined in
+// group order, so results are the same bits run to run whichever thread takes which group:
+//   forward: one (max, sum-exp, argmax, logit sum) per row and group, merged tile by tile within the group
+//     (R x groups numbers, not R x tiles: at C = 10M that would be tens of MiB); with the workspace each
+//     group is one tile, since the backward needs each kept tile's own max;
+//   backward: group 0 accumulates dX into the output, each later group into a partial that is added as
+//     soon as every group before it is in, then reused: a few partials live at a time, not one per group.
+
+// Tile boundaries of `G` groups of consecutive tiles out of `T`, shrinking linearly (weights G, G-1, ..., 1:
+// the last ones handed out are small, so no thread is left with a long tail), every group non-empty.
+std::vector<int64_t> group_bounds(int64_t T, int64_t G) {
+  std::vector<int64_t> bound(G + 1, 0);
+  for (int64_t g = 1; g <= G; ++g) {  // cumulative weights G + (G-1) + ... over G (G+1) / 2
+    const int64_t cum = g * G - g * (g - 1) / 2;
+    bound[g] = std::min(T - (G - g), std::max(bound[g - 1] + 1, (T * cum) / (G * (G + 1) / 2)));
+  }
+  bound[G] = T;
+  return bound;
+}
+
+int64_t group_count(int64_t T, int64_t groups) { return std::max<int64_t>(1, std::min(T, groups)); }
 
 int64_t workers_for(int64_t tiles, int64_t max_workers) {
   return std::max<int64_t>(1, std::min<int64_t>({tiles, max_workers, static_cast<int64_t>(at::get_num_threads())}));
@@ -362,49 +382,75 @@ at::Tensor tile_view(const c10::optional<at::Tensor>& workspace, int64_t offset,
 
 void fwd_block(const at::Tensor& xh, const at::Tensor& W, const c10::optional<at::Tensor>& inv_w,
                const at::Tensor& y, double scale, double floor_, int64_t chunk,
-               const c10::optional<at::Tensor>& workspace, int64_t ws_stride, int64_t max_workers, at::Tensor m_t,
-               at::Tensor s_t, at::Tensor target, at::Tensor arg_t, at::Tensor ls_t) {
+               const c10::optional<at::Tensor>& workspace, int64_t ws_stride, int64_t max_workers, int64_t groups,
+               at::Tensor m_t, at::Tensor s_t, at::Tensor target, at::Tensor arg_t, at::Tensor ls_t) {
   TORCH_CHECK(xh.dim() == 2 && W.dim() == 2 && xh.size(1) == W.size(1), "fwd_block: xh (R, D) and W (C, D)");
   TORCH_CHECK(chunk >= 1, "fwd_block: chunk must be >= 1");
   const auto acc = xh.scalar_type();
   TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "fwd_block: xh must be float32 or float64");
   const int64_t R = xh.size(0), C = W.size(0), T = (C + chunk - 1) / chunk;
+  const bool store = workspace.has_value() && workspace->defined();
+  const int64_t G = store ? T : group_count(T, groups);  // the workspace keeps per-tile maxima
   if (inv_w.has_value() && inv_w->defined()) check_vec(*inv_w, C, acc, "fwd_block", "inv_w");
   check_vec(y, R, at::kLong, "fwd_block", "y");
   check_vec(target, R, acc, "fwd_block", "target");
   for (const at::Tensor* t : {&m_t, &s_t})
-    TORCH_CHECK(t->is_contiguous() && t->dim() == 2 && t->size(0) == R && t->size(1) == T && t->scalar_type() == acc,
-                "fwd_block: m_t and s_t must be contiguous (R, tiles) of xh's dtype");
+    TORCH_CHECK(t->is_contiguous() && t->dim() == 2 && t->size(0) == R && t->size(1) == G && t->scalar_type() == acc,
+                "fwd_block: m_t and s_t must be contiguous (R, groups) of xh's dtype (groups: tiles with a workspace)");
   const bool want_arg = arg_t.numel() > 0, want_sum = ls_t.numel() > 0;
   if (want_arg)
-    TORCH_CHECK(arg_t.is_contiguous() && arg_t.numel() == R * T && arg_t.scalar_type() == at::kLong, "fwd_block: arg_t");
+    TORCH_CHECK(arg_t.is_contiguous() && arg_t.numel() == R * G && arg_t.scalar_type() == at::kLong, "fwd_block: arg_t");
   if (want_sum)
-    TORCH_CHECK(ls_t.is_contiguous() && ls_t.numel() == R * T && ls_t.scalar_type() == acc, "fwd_block: ls_t");
-  const bool store = workspace.has_value() && workspace->defined();
+    TORCH_CHECK(ls_t.is_contiguous() && ls_t.numel() == R * G && ls_t.scalar_type() == acc, "fwd_block: ls_t");
   if (store)
     TORCH_CHECK(workspace->is_contiguous() && workspace->scalar_type() == acc && ws_stride >= R * chunk &&
                 workspace->numel() >= (T - 1) * ws_stride + R * (C - (T - 1) * chunk), "fwd_block: workspace");
   if (R == 0 || T == 0) return;
   const at::Tensor x = xh.detach().contiguous();
-  const int64_t nw = workers_for(T, max_workers);
+  const int64_t nw = workers_for(G, max_workers);
+  const std::vector<int64_t> bound = group_bounds(T, G);
   std::atomic<int64_t> next{0};
   const at::ThreadLocalState tls;  // the caller's dispatch state (below autograd) for the workers' GEMMs
   AT_DISPATCH_FLOATING_TYPES(acc, "fwd_block", [&] {
     using T_ = scalar_t;
     const T_* iw = opt_ptr<T_>(inv_w);
+    const T_ ninf = -std::numeric_limits<T_>::infinity(), fl = static_cast<T_>(floor_);
+    T_* mg = m_t.data_ptr<T_>();
+    T_* sg = s_t.data_ptr<T_>();
     at::parallel_for(0, nw, 1, [&](int64_t w_begin, int64_t w_end) {
       at::ThreadLocalStateGuard tls_guard(tls);
       for (int64_t w = w_begin; w < w_end; ++w) {
         at::Tensor scratch;
-        for (int64_t k = next.fetch_add(1); k < T; k = next.fetch_add(1)) {
-          const int64_t c0 = k * chunk, c = std::min(chunk, C - c0);
-          at::Tensor tile = tile_view(workspace, k * ws_stride, scratch, R, c, chunk, x.options());
-          at::mm_out(tile, x, weight_tile(W, c0, c, acc).t());
-          FwdOut<T_> o{m_t.data_ptr<T_>() + k, T, s_t.data_ptr<T_>() + k, T, target.data_ptr<T_>(), nullptr,
-                       want_arg ? arg_t.data_ptr<int64_t>() + k : nullptr, T,
-                       want_sum ? ls_t.data_ptr<T_>() + k : nullptr, T};
-          fwd_rows<T_>(tile.data_ptr<T_>(), c, 0, R, c, iw ? iw + c0 : nullptr, static_cast<T_>(scale),
-                       y.data_ptr<int64_t>(), c0, store, static_cast<T_>(floor_), o);
+        std::vector<T_> tm(R), ts(R), best(R);  // this tile's max and sum-exp; the group's max so far
+        for (int64_t grp = next.fetch_add(1); grp < G; grp = next.fetch_add(1)) {
+          std::fill(best.begin(), best.end(), ninf);
+          if (want_arg)
+            for (int64_t i = 0; i < R; ++i) arg_t.data_ptr<int64_t>()[i * G + grp] = bound[grp] * chunk;
+          for (int64_t k = bound[grp]; k < bound[grp + 1]; ++k) {
+            const int64_t c0 = k * chunk, c = std::min(chunk, C - c0);
+            const bool first = k == bound[grp];
+            at::Tensor tile = tile_view(workspace, k * ws_stride, scratch, R, c, chunk, x.options());
+            at::mm_out(tile, x, weight_tile(W, c0, c, acc).t());
+            FwdOut<T_> o{first ? mg + grp : tm.data(), first ? G : 1, first ? sg + grp : ts.data(), first ? G : 1,
+                         target.data_ptr<T_>(), want_arg ? best.data() : nullptr,
+                         want_arg ? arg_t.data_ptr<int64_t>() + grp : nullptr, G,
+                         want_sum ? ls_t.data_ptr<T_>() + grp : nullptr, G};
+            fwd_rows<T_>(tile.data_ptr<T_>(), c, 0, R, c, iw ? iw + c0 : nullptr, static_cast<T_>(scale),
+                         y.data_ptr<int64_t>(), c0, store, fl, o);
+            if (first) continue;
+            // merge this tile's (max, sum) into the group's: sums rescaled to the larger finite max
+            // (each sum is relative to its own max, or to 0 where the max is -inf: then it counts nothing)
+            for (int64_t i = 0; i < R; ++i) {
+              T_& m = mg[i * G + grp];
+              T_& sum = sg[i * G + grp];
+              const T_ mk = tm[i], M = std::max(m, mk);
+              if (M == ninf) continue;
+              const T_ old = m == ninf ? T_(0) : sum * std::exp(std::max(m - M, fl));
+              const T_ add = mk == ninf ? T_(0) : ts[i] * std::exp(std::max(mk - M, fl));
+              m = M;
+              sum = old + add;
+            }
+          }
         }
       }
     });
@@ -442,19 +488,15 @@ void bwd_block(const at::Tensor& xh, const at::Tensor& xg, const at::Tensor& W, 
                           dD.scalar_type() == acc, "bwd_block: dD");
   if (R == 0 || T == 0 || !(need_x || need_W)) return;
   const at::Tensor x = xh.detach().contiguous(), xgc = xg.detach().contiguous();
-  const int64_t nw = workers_for(T, max_workers);
-  // Tiles form `groups` groups of consecutive tiles, shrinking linearly (weights G, G-1, ..., 1: the
-  // last ones handed out are small, so no thread is left with a long tail), handed out dynamically; each
-  // group's tiles run in order on one thread into the group's own dX partial, and the partials are added
-  // in group order: the same bits whichever thread takes which group, and whatever the thread count.
-  const int64_t G = std::max<int64_t>(1, std::min<int64_t>(T, groups));
-  std::vector<int64_t> bound(G + 1, 0);
-  for (int64_t g = 1; g <= G; ++g) {  // cumulative weights G + (G-1) + ... over G (G+1) / 2
-    const int64_t cum = g * G - g * (g - 1) / 2;
-    bound[g] = std::min(T - (G - g), std::max(bound[g - 1] + 1, (T * cum) / (G * (G + 1) / 2)));  // non-empty
-  }
-  bound[G] = T;
-  std::vector<at::Tensor> partial(G);
+  const int64_t G = group_count(T, groups);
+  const int64_t nw = workers_for(G, max_workers);
+  const std::vector<int64_t> bound = group_bounds(T, G);
+  // dX: group 0 accumulates into dxh itself (zero on entry); group g > 0 into a partial, added to dxh once
+  // groups 0..g-1 are in (`added`: groups added so far), then returned to `pool` for a later group.
+  std::mutex mu;
+  std::vector<at::Tensor> finished(G), pool;
+  std::vector<char> done(G, 0);
+  int64_t added = 0;
   std::atomic<int64_t> next{0};
   const at::ThreadLocalState tls;
   AT_DISPATCH_FLOATING_TYPES(acc, "bwd_block", [&] {
@@ -465,8 +507,13 @@ void bwd_block(const at::Tensor& xh, const at::Tensor& xg, const at::Tensor& W, 
       for (int64_t w = w_begin; w < w_end; ++w) {
        at::Tensor scratch;
        for (int64_t grp = next.fetch_add(1); grp < G; grp = next.fetch_add(1)) {
-        const int64_t k_begin = bound[grp], k_end = bound[grp + 1];
-        for (int64_t k = k_begin; k < k_end; ++k) {
+        at::Tensor part;
+        if (need_x && grp > 0) {
+          std::lock_guard<std::mutex> lock(mu);
+          if (!pool.empty()) { part = pool.back(); pool.pop_back(); }
+        }
+        if (need_x && grp > 0 && !part.defined()) part = at::empty({R, D}, x.options());
+        for (int64_t k = bound[grp]; k < bound[grp + 1]; ++k) {
           const int64_t c0 = k * chunk, c = std::min(chunk, C - c0);
           at::Tensor tile = tile_view(workspace, k * ws_stride, scratch, R, c, chunk, x.options());
           const at::Tensor wt = weight_tile(W, c0, c, acc);
@@ -476,8 +523,9 @@ void bwd_block(const at::Tensor& xh, const at::Tensor& xg, const at::Tensor& W, 
                         a.data_ptr<T_>() + (a_per_tile ? k : 0), a_per_tile ? T : 1, b.data_ptr<T_>(),
                         static_cast<T_>(floor_), static_cast<T_>(tiny));
           if (need_x) {
-            if (!partial[grp].defined()) partial[grp] = at::mm(tile, wt);
-            else partial[grp].addmm_(tile, wt);
+            if (grp == 0) dxh.addmm_(tile, wt);
+            else if (k == bound[grp]) at::mm_out(part, tile, wt);
+            else part.addmm_(tile, wt);
           }
           if (need_W) {
             at::Tensor out = dD.narrow(0, c0, c);
@@ -490,13 +538,22 @@ void bwd_block(const at::Tensor& xh, const at::Tensor& xg, const at::Tensor& W, 
             }
           }
         }
+        if (need_x) {
+          std::lock_guard<std::mutex> lock(mu);
+          done[grp] = 1;
+          finished[grp] = part;
+          for (; added < G && done[added]; ++added) {
+            if (added == 0) continue;  // group 0 wrote into dxh
+            dxh.add_(finished[added]);
+            pool.push_back(finished[added]);
+            finished[added].reset();
+          }
+        }
        }
       }
     });
   });
-  if (need_x)
-    for (const at::Tensor& p : partial)
-      if (p.defined()) dxh.add_(p);
+  TORCH_CHECK(!need_x || added == G, "bwd_block: not every group's dX was added");
 }
 
 int64_t vector_bits() { return static_cast<int64_t>(Vectorized<float>::size()) * 32; }
@@ -511,7 +568,7 @@ TORCH_LIBRARY(marginops_native, m) {
         "Tensor a, Tensor b, float floor, float tiny) -> ()");
   m.def("normalize_w_backward(Tensor(a!) dD, Tensor W, Tensor inv_w, float limit) -> ()");
   m.def("fwd_block(Tensor xh, Tensor W, Tensor? inv_w, Tensor y, float scale, float floor, int chunk, "
-        "Tensor(a!)? workspace, int ws_stride, int max_workers, Tensor(b!) m_t, Tensor(c!) s_t, Tensor(d!) target, "
+        "Tensor(a!)? workspace, int ws_stride, int max_workers, int groups, Tensor(b!) m_t, Tensor(c!) s_t, Tensor(d!) target, "
         "Tensor(e!) arg_t, Tensor(f!) ls_t) -> ()");
   m.def("bwd_block(Tensor xh, Tensor xg, Tensor W, Tensor? inv_w, Tensor y, float scale, float floor, float tiny, "
         "int chunk, Tensor(a!)? workspace, int ws_stride, Tensor shift, Tensor a, Tensor b, bool first_block, "
