@@ -414,7 +414,10 @@ def train(task: Task, args: argparse.Namespace, *, quiet: bool = False) -> dict:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                 if k in ("margin", "scale", "m", "max_classes", "eval_classes", "epochs", "batch", "lr", "dim",
                          "seed", "backend")}
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "train_seconds": 0.0, "loss_trace": [], "history": []}
+    # train_cpu_seconds: this process's CPU time in the training steps, which other jobs on the machine (or a
+    # paused run) do not inflate the way they inflate the wall-clock train_seconds
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "train_seconds": 0.0, "train_cpu_seconds": 0.0,
+                             "loss_trace": [], "history": []}
     ckpt = args.checkpoint
     if args.resume and ckpt is not None and Path(ckpt).exists():
         saved = torch.load(ckpt, weights_only=False)
@@ -447,7 +450,7 @@ def train(task: Task, args: argparse.Namespace, *, quiet: bool = False) -> dict:
     bar = tqdm(total=total, initial=state["step"], disable=quiet, mininterval=2.0, dynamic_ncols=True,
                desc=f"{task.name} {args.margin}")
     while state["epoch"] < args.epochs:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         perm = torch.randperm(n, generator=gen)
         run_loss, run_n = 0.0, 0
         for i in range(steps_per_epoch):
@@ -471,6 +474,7 @@ def train(task: Task, args: argparse.Namespace, *, quiet: bool = False) -> dict:
         if run_n:
             state["loss_trace"].append([state["step"], run_loss / run_n])
         state["train_seconds"] += time.perf_counter() - t0
+        state["train_cpu_seconds"] = state.get("train_cpu_seconds", 0.0) + time.process_time() - c0
         state["epoch"] += 1
         ev = evaluate(final=False)
         state["history"].append({"epoch": state["epoch"], "step": state["step"],
@@ -496,7 +500,8 @@ def train(task: Task, args: argparse.Namespace, *, quiet: bool = False) -> dict:
     result = {"complete": True, "corpus": task.name, "settings": settings, "train_classes": task.num_classes,
               "train_samples": n, "eval_classes": int(len(torch.unique(task.eval_y))),
               "eval_samples": int(len(task.eval_y)), "steps": state["step"],
-              "train_seconds": state["train_seconds"], "threads": torch.get_num_threads(),
+              "train_seconds": state["train_seconds"], "train_cpu_seconds": state.get("train_cpu_seconds"),
+              "threads": torch.get_num_threads(),
               "loss_trace": state["loss_trace"], "history": state["history"], "final": final,
               "info": task.info}
     if args.out is not None:

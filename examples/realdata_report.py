@@ -6,9 +6,10 @@ Run from the repository root after the runs::
     python -m examples.realdata_report --print    # prints it instead
     python -m examples.realdata_report --untrained  # first measures the untrained encoders' floor
 
-Reads the run records ``docs/results/realdata/<corpus>-<margin>-s<seed>.json`` and the memory
-measurements ``docs/results/realdata/memory.jsonl`` (written by ``--memory``: the benchmark runner, one fresh
-process per figure),
+Reads the run records ``docs/results/realdata/<corpus>-<margin>-s<seed>.json`` (the full-scale grid), those
+of the scale-down grid (``docs/results/realdata-small/``) and of its longer runs
+(``docs/results/realdata-long/``), and the memory measurements ``docs/results/realdata/memory.jsonl``
+(written by ``--memory``: the benchmark runner, one fresh process per figure),
 writes ``docs/img/realdata_training.png`` (training loss and held-out top-1 over training) and
 ``docs/img/realdata_abstain.png`` (answer-or-abstain: precision against recall), and replaces the text
 between ``<!-- realdata:begin -->`` and ``<!-- realdata:end -->`` in ``docs/results.md``.
@@ -23,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 RUNS = Path("docs/results/realdata")
+SMALL_RUNS = Path("docs/results/realdata-small")
 LONG_RUNS = Path("docs/results/realdata-long")
 DOC = Path("docs/results.md")
 IMG = Path("docs/img")
@@ -30,6 +32,8 @@ ORDER = ("softmax", "normface", "cosface", "arcface", "sphereface", "simpler")
 LABEL = {"softmax": "softmax", "normface": "NormFace (no margin)", "cosface": "CosFace", "arcface": "ArcFace",
          "sphereface": "SphereFace", "simpler": "simpler A-Softmax"}
 BEGIN, END = "<!-- realdata:begin -->", "<!-- realdata:end -->"
+README = Path("README.md")
+README_BEGIN, README_END = "<!-- realdata-summary:begin -->", "<!-- realdata-summary:end -->"
 
 
 def load_runs(runs: Path) -> dict:
@@ -67,7 +71,7 @@ def table(corpus: str, by_margin: dict) -> str:
     head = ["margin", "seeds", "top-1", "top-5", "top-10", "AP", "recall @ P0.9", "must-abstain kept @ P0.9"]
     if glyphs:
         head.insert(3, "top-1, held-out font")
-    head.append("train s")
+    head.append(time_header(r for rs in by_margin.values() for r in rs))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for kind in ORDER:
         rs = by_margin.get(kind)
@@ -80,9 +84,18 @@ def table(corpus: str, by_margin: dict) -> str:
             cells.append(stat([x["top1_by_group"][font] for x in f]))
         cells += [stat([x["top5"] for x in f]), stat([x["top10"] for x in f]), stat([x["ap"] for x in f]),
                   stat([x["recall_at_p90"] for x in f]), stat([x["abstain_ok_at_p90"] for x in f]),
-                  stat([r["train_seconds"] for r in rs], 0)]
+                  stat([train_seconds(r) for r in rs], 0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def time_header(records) -> str:
+    return "train CPU s" if all(r.get("train_cpu_seconds") for r in records) else "train s (wall, shared machine)"
+
+
+def train_seconds(r: dict) -> float:
+    """CPU seconds of the training steps (one thread), or wall-clock seconds in records that predate them."""
+    return r.get("train_cpu_seconds") or r["train_seconds"]
 
 
 def counts(corpus: str, by_margin: dict) -> str:
@@ -95,7 +108,7 @@ def counts(corpus: str, by_margin: dict) -> str:
             f"embedding {s['dim']}, AdamW lr {s['lr']:g}, one thread")
 
 
-MEMORY_CLASSES = (4000, 5000, 18_831, 85_707)  # the runs' training classes, then the full corpora's
+MEMORY_CLASSES = (4000, 5000, 18_831, 20_000, 85_707)  # the runs' training classes, and all of WordNet's
 
 
 def measure_memory(path: Path) -> None:
@@ -183,11 +196,13 @@ def plots(runs: dict, img: Path) -> list[str]:
 
 
 #: The sizes of ``examples/realdata_grid.sh`` (the untrained baseline embeds the same held-out samples).
-GRID_SIZES = {"wordnet": ["--max-classes", "5000", "--eval-classes", "2000", "--epochs", "8"],
-              "glyphs": ["--max-classes", "4000", "--eval-classes", "1000", "--epochs", "4"]}
+GRID_SIZES = {("wordnet", "full"): ["--max-classes", "20000", "--eval-classes", "5000", "--epochs", "10"],
+              ("glyphs", "full"): ["--epochs", "6"],
+              ("wordnet", "small"): ["--max-classes", "5000", "--eval-classes", "2000", "--epochs", "8"],
+              ("glyphs", "small"): ["--max-classes", "4000", "--eval-classes", "1000", "--epochs", "4"]}
 
 
-def untrained(corpus: str, seeds=(0, 1, 2)) -> dict:
+def untrained(corpus: str, scale: str = "full", seeds=(0, 1, 2)) -> dict:
     """Held-out metrics of the *untrained* encoder (its initialization under each seed): what the
     architecture alone gives, the floor any training must beat."""
     import importlib
@@ -196,7 +211,7 @@ def untrained(corpus: str, seeds=(0, 1, 2)) -> dict:
     mod = importlib.import_module(f"examples.train_{corpus}")
     finals = []
     for seed in seeds:
-        args = mod.parse_args(GRID_SIZES[corpus] + ["--seed", str(seed), "--threads", "1"])
+        args = mod.parse_args(GRID_SIZES[corpus, scale] + ["--seed", str(seed), "--threads", "1"])
         task = mod.build_task(args)
         r = retrieval_metrics(embed(task.encoder, task.eval_x), task.eval_y, groups=task.eval_groups,
                               group_names=task.group_names)
@@ -244,7 +259,9 @@ def long_section(long_runs: dict, short_runs: dict) -> str:
     """Table of the longer runs, next to the same margins' short runs of the same seed."""
     parts = []
     for corpus, by_margin in long_runs.items():
-        lines = ["| margin | epochs | steps | top-1 | top-5 | top-10 | AP | recall @ P0.9 | train s |",
+        every = [r for src in (short_runs.get(corpus, {}), by_margin) for rs in src.values() for r in rs]
+        lines = ["| margin | epochs | steps | top-1 | top-5 | top-10 | AP | recall @ P0.9 | "
+                 f"{time_header(every)} |",
                  "|---|---|---|---|---|---|---|---|---|"]
         for kind in ORDER:
             for src in (short_runs.get(corpus, {}), by_margin):
@@ -254,30 +271,78 @@ def long_section(long_runs: dict, short_runs: dict) -> str:
                     f = r["final"]
                     lines.append(f"| {margin_label(r)} | {r['settings']['epochs']} | {r['steps']} | {f['top1']:.4f} | "
                                  f"{f['top5']:.4f} | {f['top10']:.4f} | {f['ap']:.4f} | {f['recall_at_p90']:.4f} | "
-                                 f"{r['train_seconds']:.0f} |")
+                                 f"{train_seconds(r):.0f} |")
         name = {"wordnet": "WordNet", "glyphs": "CJK glyphs"}.get(corpus, corpus)
-        parts += [f"#### {name}: longer training (seed 0), next to the same seed's short run", "", "\n".join(lines), ""]
+        parts += [f"#### {name}, scale-down: longer training (seed 0), next to the same seed's short run", "",
+                  "\n".join(lines), ""]
     return "\n".join(parts)
 
 
-def generated(runs: dict, memory: Path) -> str:
+def results_tables(runs: dict, runs_dir: Path, suffix: str = "") -> list[str]:
+    """Per corpus: what was trained and evaluated, and the table of margins (with the untrained encoder's
+    row where ``<runs_dir>/<corpus>-untrained.json`` exists)."""
     parts = []
     names = {"wordnet": "WordNet 3.0 synsets", "glyphs": "CJK glyphs"}
     for corpus in ("wordnet", "glyphs"):
         if corpus not in runs:
             continue
-        row = untrained_row(memory.parent / f"{corpus}-untrained.json", corpus == "glyphs")
-        parts += [f"#### {names[corpus]}", "", counts(corpus, runs[corpus]) + ".", "",
+        row = untrained_row(runs_dir / f"{corpus}-untrained.json", corpus == "glyphs")
+        parts += [f"#### {names[corpus]}{suffix}", "", counts(corpus, runs[corpus]) + ".", "",
                   table(corpus, runs[corpus]) + ("\n" + row if row else ""), ""]
-    parts += ["#### Head's extra peak memory (one forward + backward, CosFace s=30)", "", memory_table(memory), ""]
+    return parts
+
+
+def generated(runs: dict, runs_dir: Path, small: dict, small_dir: Path) -> str:
+    parts = results_tables(runs, runs_dir)
+    parts += ["#### Head's extra peak memory (one forward + backward, CosFace s=30)", "",
+              memory_table(runs_dir / "memory.jsonl"), ""]
+    if small:
+        parts += results_tables(small, small_dir, ", scale-down (the first 5,000 synsets / 4,000 characters)")
     return "\n".join(parts)
+
+
+def readme_summary(runs: dict, runs_dir: Path) -> str:
+    """README's table: held-out top-1 per corpus and margin (mean ± std over seeds), bold where best."""
+    names = {"wordnet": "WordNet", "glyphs": "glyphs"}
+    kinds = [k for k in ORDER if any(k in runs[c] for c in runs)]
+    lines = ["| corpus (training / held-out classes) | untrained | " + " | ".join(LABEL[k] for k in kinds) + " |",
+             "|" + "---|" * (len(kinds) + 2)]
+    for corpus in ("wordnet", "glyphs"):
+        if corpus not in runs:
+            continue
+        r0 = next(iter(runs[corpus].values()))[0]
+        cells = [f"{names[corpus]} ({r0['train_classes']:,} / {r0['eval_classes']:,}), {r0['settings']['epochs']} epochs"]
+        u = runs_dir / f"{corpus}-untrained.json"
+        cells.append(stat([f["top1"] for f in json.loads(u.read_text())["final"]], 3) if u.exists() else "")
+        means = {k: statistics.mean(r["final"]["top1"] for r in runs[corpus][k]) for k in kinds if k in runs[corpus]}
+        best = max(means, key=means.get)
+        for k in kinds:
+            if k not in runs[corpus]:
+                cells.append("")
+                continue
+            v = stat([r["final"]["top1"] for r in runs[corpus][k]], 3)
+            cells.append(f"**{v}**" if k == best else v)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def replace_between(path: Path, begin: str, end: str, text: str) -> None:
+    doc = path.read_text()
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"error: {path} lacks the markers {begin} ... {end}")
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(head + begin + "\n" + text + "\n" + end + tail)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=Path, default=RUNS)
-    p.add_argument("--long-runs", type=Path, default=LONG_RUNS, help="records of the longer runs (optional)")
+    p.add_argument("--small-runs", type=Path, default=SMALL_RUNS, help="records of the scale-down grid (optional)")
+    p.add_argument("--long-runs", type=Path, default=LONG_RUNS,
+                   help="records of the scale-down grid's longer runs (optional)")
     p.add_argument("--doc", type=Path, default=DOC)
+    p.add_argument("--readme", type=Path, default=README, help="file holding the summary table's markers")
     p.add_argument("--print", action="store_true", help="print the generated markdown instead of editing --doc")
     p.add_argument("--untrained", action="store_true",
                    help="first measure the untrained encoders (seeds 0-2) into <runs>/<corpus>-untrained.json")
@@ -288,26 +353,23 @@ def main() -> None:
         measure_memory(args.runs / "memory.jsonl")
     if args.untrained:
         for corpus in ("wordnet", "glyphs"):
-            (args.runs / f"{corpus}-untrained.json").write_text(json.dumps(untrained(corpus), indent=1))
+            (args.runs / f"{corpus}-untrained.json").write_text(json.dumps(untrained(corpus, "full"), indent=1))
     runs = load_runs(args.runs)
     if not runs:
         raise SystemExit(f"error: no run records in {args.runs}")
     plots(runs, IMG)
-    text = generated(runs, args.runs / "memory.jsonl")
+    small = load_runs(args.small_runs) if args.small_runs.exists() else {}
+    text = generated(runs, args.runs, small, args.small_runs)
     long_runs = load_runs(args.long_runs) if args.long_runs.exists() else {}
     if long_runs:
-        text += "\n" + long_section(long_runs, runs)
-        long_plot(long_runs, runs, IMG)
+        text += "\n" + long_section(long_runs, small)
+        long_plot(long_runs, small, IMG)
     if args.print:
-        print(text)
+        print(text + "\n\n" + readme_summary(runs, args.runs))
         return
-    doc = args.doc.read_text()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"error: {args.doc} lacks the markers {BEGIN} ... {END}")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    args.doc.write_text(head + BEGIN + "\n" + text + "\n" + END + tail)
-    print(f"updated {args.doc}, {IMG}/realdata_training.png, {IMG}/realdata_abstain.png")
+    replace_between(args.doc, BEGIN, END, text)
+    replace_between(args.readme, README_BEGIN, README_END, readme_summary(runs, args.runs))
+    print(f"updated {args.doc}, {args.readme}, {IMG}/realdata_training.png, {IMG}/realdata_abstain.png")
 
 
 if __name__ == "__main__":

@@ -338,12 +338,23 @@ def test_report_table_means_and_spread(tmp_path):
         (tmp_path / f"wordnet-cosface-s{seed}.json").write_text(json.dumps(record("cosface", seed, top1)))
     (tmp_path / "wordnet-softmax-s0.json").write_text(json.dumps(record("softmax", 0, 0.1)))
     (tmp_path / "wordnet-arcface-s0.json").write_text(json.dumps({"complete": False, "epoch": 1}))
-    text = realdata_report.generated(realdata_report.load_runs(tmp_path), tmp_path / "memory.jsonl")
+    runs = realdata_report.load_runs(tmp_path)
+    text = realdata_report.generated(runs, tmp_path, {}, tmp_path / "none")
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert "0.4000 ± 0.2000" in rows["CosFace (s=30, m=0.35)"]     # mean and sample std of 0.2, 0.4, 0.6
     assert "| 0,1,2 |" in rows["CosFace (s=30, m=0.35)"] and "| 11 ± 1 |" in rows["CosFace (s=30, m=0.35)"]
     assert "| 0.1000 |" in rows["softmax"]
     assert not any(k.startswith("ArcFace") for k in rows)            # an unfinished run is left out
+    assert "train s (wall, shared machine)" in text                  # records without CPU seconds
+    summary = realdata_report.readme_summary(runs, tmp_path)
+    assert "| **0.400 ± 0.200** |" in summary and "| 0.100 |" in summary  # the best margin in bold
+    for seed in range(3):  # records with CPU seconds: those are reported
+        p = tmp_path / f"wordnet-cosface-s{seed}.json"
+        p.write_text(json.dumps({**json.loads(p.read_text()), "train_cpu_seconds": 5.0}))
+    p = tmp_path / "wordnet-softmax-s0.json"
+    p.write_text(json.dumps({**json.loads(p.read_text()), "train_cpu_seconds": 5.0}))
+    text = realdata_report.generated(realdata_report.load_runs(tmp_path), tmp_path, {}, tmp_path / "none")
+    assert "train CPU s" in text and "| 5 ± 0 |" in text
 
 
 @pytest.mark.parametrize("bad, message", [
