@@ -301,6 +301,15 @@ def generated(runs: dict, runs_dir: Path, small: dict, small_dir: Path) -> str:
     return "\n".join(parts)
 
 
+def page_text(runs_dir: Path = RUNS, small_dir: Path = SMALL_RUNS, long_dir: Path = LONG_RUNS) -> str:
+    """The generated part of ``docs/results.md``: the grids' tables, the memory table, the longer runs."""
+    runs = load_runs(runs_dir)
+    small = load_runs(small_dir) if small_dir.exists() else {}
+    long_runs = load_runs(long_dir) if long_dir.exists() else {}
+    text = generated(runs, runs_dir, small, small_dir)
+    return text + "\n" + long_section(long_runs, small) if long_runs else text
+
+
 def readme_summary(runs: dict, runs_dir: Path) -> str:
     """README's table: held-out top-1 per corpus and margin (mean ± std over seeds), bold where best."""
     names = {"wordnet": "WordNet", "glyphs": "glyphs"}
@@ -359,11 +368,10 @@ def main() -> None:
         raise SystemExit(f"error: no run records in {args.runs}")
     plots(runs, IMG)
     small = load_runs(args.small_runs) if args.small_runs.exists() else {}
-    text = generated(runs, args.runs, small, args.small_runs)
     long_runs = load_runs(args.long_runs) if args.long_runs.exists() else {}
     if long_runs:
-        text += "\n" + long_section(long_runs, small)
         long_plot(long_runs, small, IMG)
+    text = page_text(args.runs, args.small_runs, args.long_runs)
     if args.print:
         print(text + "\n\n" + readme_summary(runs, args.runs))
         return

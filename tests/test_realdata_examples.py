@@ -369,3 +369,15 @@ def test_cli_rejects_bad_arguments(bad, message):
     from examples import train_wordnet
     with pytest.raises(SystemExit, match=message):
         train_wordnet.parse_args(bad)
+
+
+def test_committed_pages_are_generated_from_the_committed_records():
+    """docs/results.md and README's summary hold what the committed run records give, nothing typed in."""
+    from examples import realdata_report as rr
+    root = Path(__file__).resolve().parent.parent
+    runs, small, long_ = (root / d for d in (rr.RUNS, rr.SMALL_RUNS, rr.LONG_RUNS))
+    page = (root / rr.DOC).read_text()
+    assert rr.BEGIN + "\n" + rr.page_text(runs, small, long_) + "\n" + rr.END in page
+    readme = (root / rr.README).read_text()
+    summary = rr.readme_summary(rr.load_runs(runs), runs)
+    assert rr.README_BEGIN + "\n" + summary + "\n" + rr.README_END in readme
