@@ -311,7 +311,8 @@ def page_text(runs_dir: Path = RUNS, small_dir: Path = SMALL_RUNS, long_dir: Pat
 
 
 def readme_summary(runs: dict, runs_dir: Path) -> str:
-    """README's table: held-out top-1 per corpus and margin (mean ± std over seeds), bold where best."""
+    """README's table: held-out top-1 per corpus and margin (mean ± std over seeds); bold: the best, and any
+    margin whose mean lies within a seed spread (its own or the best's) of it."""
     names = {"wordnet": "WordNet", "glyphs": "glyphs"}
     kinds = [k for k in ORDER if any(k in runs[c] for c in runs)]
     lines = ["| corpus (training / held-out classes) | untrained | " + " | ".join(LABEL[k] for k in kinds) + " |",
@@ -323,14 +324,17 @@ def readme_summary(runs: dict, runs_dir: Path) -> str:
         cells = [f"{names[corpus]} ({r0['train_classes']:,} / {r0['eval_classes']:,}), {r0['settings']['epochs']} epochs"]
         u = runs_dir / f"{corpus}-untrained.json"
         cells.append(stat([f["top1"] for f in json.loads(u.read_text())["final"]], 3) if u.exists() else "")
-        means = {k: statistics.mean(r["final"]["top1"] for r in runs[corpus][k]) for k in kinds if k in runs[corpus]}
-        best = max(means, key=means.get)
+        top1 = {k: [r["final"]["top1"] for r in runs[corpus][k]] for k in kinds if k in runs[corpus]}
+        mean = {k: statistics.mean(v) for k, v in top1.items()}
+        sd = {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in top1.items()}
+        best = max(mean, key=mean.get)
         for k in kinds:
-            if k not in runs[corpus]:
+            if k not in top1:
                 cells.append("")
                 continue
-            v = stat([r["final"]["top1"] for r in runs[corpus][k]], 3)
-            cells.append(f"**{v}**" if k == best else v)
+            v = stat(top1[k], 3)
+            tied = mean[best] - mean[k] <= max(sd[best], sd[k])  # within a seed spread of the best: bold too
+            cells.append(f"**{v}**" if tied else v)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
