@@ -79,6 +79,11 @@ def main() -> None:
         torch.save(state, args.checkpoint)
         print(f"{args.steps} steps in {time.perf_counter() - start:.1f} s on {world} ranks; saved {args.checkpoint} "
               f"(head weight {tuple(state['head']['weight'].shape)})")
+    # Free the DDP wrapper and the head (they hold the process group) while every rank is still connected:
+    # released after destroy_process_group, on exit, gloo's teardown could wait forever for a peer that
+    # had already gone (seen on a fresh machine: the run finished, one rank never exited).
+    dist.barrier()
+    del encoder, head, optimizer, state
     dist.destroy_process_group()
 
 

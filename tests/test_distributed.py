@@ -123,6 +123,7 @@ def test_shard_ranges_tile_the_classes(classes, world):
 def test_the_example_trains_under_torchrun(tmp_path):
     """``examples/train_sharded.py`` as the README runs it, shortened: 2 ranks, a few steps, a checkpoint."""
     import os
+    import signal
     import subprocess
     import sys
     from pathlib import Path
@@ -132,13 +133,20 @@ def test_the_example_trains_under_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
            str(dist_cases.free_port()), str(root / "examples" / "train_sharded.py"), "--steps", "6",
            "--classes", "300", "--batch", "16", "--log-every", "3", "--sample-rate", "0.5", "--checkpoint", str(ckpt)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root,
-                          # MARGINOPS_NATIVE=0: two ranks must not both build the native kernels on first use
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "MARGINOPS_NATIVE": "0",
-                               # this tree's marginops, installed or not
-                               "PYTHONPATH": os.pathsep.join(filter(None, (str(root), os.environ.get("PYTHONPATH"))))})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "step     6  loss" in proc.stdout and "saved" in proc.stdout, proc.stdout[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "MARGINOPS_NATIVE": "0",  # two ranks must not both build the native kernels on first use
+           "HOME": str(tmp_path),  # a fresh machine's: a rank once hung on exit there, after the run
+           "PYTHONPATH": os.pathsep.join(filter(None, (str(root), os.environ.get("PYTHONPATH"))))}  # this tree
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its ranks, not torchrun alone
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 300 s\n{out[-2000:]}\n{err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    assert "step     6  loss" in out and "saved" in out, out[-2000:]
     state = torch.load(ckpt)
     assert state["head"]["weight"].shape == (300, 128)
     head = mo.MarginHead(128, 300)
