@@ -213,12 +213,9 @@ def busy_process() -> subprocess.Popen:
 
 MEMORY_CODE = r"""
 import gc, sys, torch, torch.nn.functional as F, marginops as mo
+from benchmarks.native_targets import make_inputs
 impl, problem, B, D, C = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
-g = torch.Generator().manual_seed(0)
-x = torch.randn(B, D, generator=g).requires_grad_(); W = torch.randn(C, D, generator=g).requires_grad_()
-if problem == "plain":  # W drawn like nn.Linear's, as make_inputs(linear=True)
-    W = (W.detach() / D ** 0.5).requires_grad_()
-y = torch.randint(0, C, (B,), generator=g)
+x, W, y = make_inputs(B, D, C, linear=problem == "plain")  # the timed cases' inputs
 margin, scale, normalize = (mo.ArcFace(0.5), 64.0, True) if problem == "arcface" else (None, 1.0, False)
 if impl in ("torch", "native"):
     loss_fn = lambda x, W, y: mo.margin_cross_entropy(x, W, y, margin, scale, normalize=normalize, backend=impl)

@@ -301,11 +301,13 @@ def generated(runs: dict, runs_dir: Path, small: dict, small_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def page_text(runs_dir: Path = RUNS, small_dir: Path = SMALL_RUNS, long_dir: Path = LONG_RUNS) -> str:
+def load_optional(runs: Path) -> dict:
+    """:func:`load_runs`, or nothing where the folder does not exist."""
+    return load_runs(runs) if runs.exists() else {}
+
+
+def page_text(runs: dict, runs_dir: Path, small: dict, small_dir: Path, long_runs: dict) -> str:
     """The generated part of ``docs/results.md``: the grids' tables, the memory table, the longer runs."""
-    runs = load_runs(runs_dir)
-    small = load_runs(small_dir) if small_dir.exists() else {}
-    long_runs = load_runs(long_dir) if long_dir.exists() else {}
     text = generated(runs, runs_dir, small, small_dir)
     return text + "\n" + long_section(long_runs, small) if long_runs else text
 
@@ -371,11 +373,10 @@ def main() -> None:
     if not runs:
         raise SystemExit(f"error: no run records in {args.runs}")
     plots(runs, IMG)
-    small = load_runs(args.small_runs) if args.small_runs.exists() else {}
-    long_runs = load_runs(args.long_runs) if args.long_runs.exists() else {}
+    small, long_runs = load_optional(args.small_runs), load_optional(args.long_runs)
     if long_runs:
         long_plot(long_runs, small, IMG)
-    text = page_text(args.runs, args.small_runs, args.long_runs)
+    text = page_text(runs, args.runs, small, args.small_runs, long_runs)
     if args.print:
         print(text + "\n\n" + readme_summary(runs, args.runs))
         return

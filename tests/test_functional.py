@@ -137,10 +137,15 @@ def problems(draw):
 @settings(max_examples=100)
 @given(problems())
 def test_random_problems_match_reference(problem):
+    check_random_problem(problem)
+
+
+def check_random_problem(problem, **kwargs) -> None:
+    """One drawn :func:`problems` case against the float64 reference (``kwargs``: e.g. the backend)."""
     b, c, d, y, margin, options, seed = problem
     x, W, _ = make_inputs(b, c, d, generator=torch.Generator().manual_seed(seed))
     scale = 30.0 if options["normalize"] else 1.0
-    check_against_reference(x, W, y, margin, scale, **options)
+    check_against_reference(x, W, y, margin, scale, **options, **kwargs)
 
 
 # -- peers: plain mode is ordinary softmax cross-entropy ----------------------------------------

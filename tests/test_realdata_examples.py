@@ -377,7 +377,8 @@ def test_committed_pages_are_generated_from_the_committed_records():
     root = Path(__file__).resolve().parent.parent
     runs, small, long_ = (root / d for d in (rr.RUNS, rr.SMALL_RUNS, rr.LONG_RUNS))
     page = (root / rr.DOC).read_text()
-    assert rr.BEGIN + "\n" + rr.page_text(runs, small, long_) + "\n" + rr.END in page
+    text = rr.page_text(rr.load_runs(runs), runs, rr.load_optional(small), small, rr.load_optional(long_))
+    assert rr.BEGIN + "\n" + text + "\n" + rr.END in page
     readme = (root / rr.README).read_text()
     summary = rr.readme_summary(rr.load_runs(runs), runs)
     assert rr.README_BEGIN + "\n" + summary + "\n" + rr.README_END in readme

@@ -25,7 +25,7 @@ from marginops.backends import torch_chunked as tc
 from marginops.backends.interface import Call, check_backend
 
 from ..conftest import assert_close_to_oracle, check_against_reference, make_inputs, run
-from ..test_functional import MARGINS, problems
+from ..test_functional import MARGINS, check_random_problem, problems
 from .ranges import LABELS_13, check_ranges_match_whole
 
 B, C, D = 13, 37, 8
@@ -85,10 +85,7 @@ def test_per_row_margins_and_all_ignored_rows(reduction):
 @settings(max_examples=60)
 @given(problems())
 def test_random_problems_match_reference(problem):
-    b, c, d, y, margin, options, seed = problem
-    x, W, _ = make_inputs(b, c, d, generator=torch.Generator().manual_seed(seed))
-    scale = 30.0 if options["normalize"] else 1.0
-    check_against_reference(x, W, y, margin, scale, backend="native", **options)
+    check_random_problem(problem, backend="native")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
