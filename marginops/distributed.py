@@ -50,7 +50,7 @@ from .backends import Call, FusedOptions, RowStats, combine_stats, get_backend, 
 from .backends.common import acc_dtype, inverse_norms
 from .adacos import AdaCos
 from .functional import (MarginStats, _add_row_terms, _apply_margin, _label_check, _resolve_margin, _validate,
-                         check_filter_threshold, loss_dtype, row_weights)
+                         check_filter_threshold, check_gradient_filter, loss_dtype, row_weights)
 from .subcenter import SubCenter
 from .margins import MarginLike
 from .modules import _OPTIONS, init_class_weights
@@ -406,7 +406,8 @@ class ShardedMarginHead(nn.Module):
                             reduce=reduction != "none", chunk_size=chunk_size, memory_budget=memory_budget,
                             want_prediction=return_stats, strategy="recompute",
                             need_x=grad_on and x.requires_grad, need_W=grad_on and W.requires_grad,
-                            class_start=class_start, num_classes=num_classes, filter_threshold=filter_threshold)
+                            class_start=class_start, num_classes=num_classes, filter_threshold=filter_threshold,
+                            gradient_filter=check_gradient_filter(o.get("gradient_filter")))
         inv_x = inverse_norms(x.detach(), acc) if normalize else None
         inv_w = inverse_norms(W.detach(), acc) if normalize else None
         valid, safe, w = row_weights(y, ignore_index, reduction, acc)

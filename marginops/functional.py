@@ -137,6 +137,13 @@ def check_filter_threshold(threshold, normalize: bool, label_smoothing: float) -
     return threshold
 
 
+def check_gradient_filter(threshold) -> Optional[float]:
+    """The ``gradient_filter`` option, validated: a probability in ``(0, 1]``, or None (off)."""
+    if threshold is None:
+        return None
+    return _check_number("gradient_filter", threshold, low=0.0, high=1.0, low_open=True)
+
+
 def split_sub_centers(margin, weight_rows: int, label_smoothing: float):
     """``(margin, k, classes)``: a :class:`SubCenter` unwrapped into its margin and ``k``."""
     if not isinstance(margin, SubCenter):
@@ -235,6 +242,7 @@ def margin_cross_entropy(
     return_stats: bool = False,
     validate_labels: Union[bool, str] = True,
     interclass_filtering_threshold: Optional[float] = None,
+    gradient_filter: Optional[float] = None,
 ) -> Union[Tensor, tuple[Tensor, MarginStats]]:
     r"""Margin softmax cross-entropy over many classes without materializing ``B x C`` logits.
 
@@ -316,6 +324,12 @@ def margin_cross_entropy(
             (filtered ones included: it measures what the model predicts). Needs
             ``normalize=True`` and ``label_smoothing=0`` (else a ValueError). Default:
             None (no filtering).
+        gradient_filter (float, optional): in ``(0, 1]``. Opt-in gradient filtering, as Cut
+            Cross-Entropy's ``filter_eps``: in the gradient pass a tile of classes whose
+            probabilities ``p_ij`` all lie below this threshold for every row of the tile is
+            skipped, its (tiny) contribution to the gradients dropped. An approximation that
+            saves time when most tiles are negligible (trained models, large ``C``); the loss and
+            ``stats`` stay exact. Default: None (every tile, the exact gradients).
 
     Returns:
         The loss (a scalar, or ``(B,)`` for ``reduction="none"``) in the wider of the
@@ -372,6 +386,7 @@ def margin_cross_entropy(
         raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
     margin, sub_centers, C = split_sub_centers(margin, W.shape[0], label_smoothing)
     filter_threshold = check_filter_threshold(interclass_filtering_threshold, normalize, label_smoothing)
+    gradient_filter = check_gradient_filter(gradient_filter)
     if policy is not None:
         scale = policy.scale_for_step(C)
     name = resolve_backend(backend, x.device)
@@ -385,6 +400,9 @@ def margin_cross_entropy(
     check = _label_check(validate_labels, x.device)
 
     if name == "reference":
+        if gradient_filter is not None:
+            raise NotImplementedError("backend='reference' computes the exact gradients; gradient_filter "
+                                      f"= {gradient_filter} needs a fused backend")
         ops.check_labels(labels, C, ignore_index, "host" if check != "none" else "none")
         common = torch.promote_types(x.dtype, W.dtype)
         out = reference.margin_cross_entropy_reference(
@@ -404,7 +422,7 @@ def margin_cross_entropy(
         scale=scale, normalize=normalize, label_smoothing=label_smoothing, reduce=reduction != "none", eps=EPS,
         chunk_size=chunk_size, memory_budget=memory_budget, want_prediction=return_stats, strategy=strategy,
         need_x=grad_on and x.requires_grad, need_W=grad_on and W.requires_grad,
-        filter_threshold=filter_threshold, sub_centers=sub_centers,
+        filter_threshold=filter_threshold, sub_centers=sub_centers, gradient_filter=gradient_filter,
     )
     if strategy == "workspace" and opts.reduce and (opts.need_x or opts.need_W):
         # a budget too small for the workspace is a bad static option: say so before any operator runs

@@ -250,11 +250,12 @@ def target_cosine(x: Tensor, W: Tensor, labels: Tensor, inv_x: Optional[Tensor],
 
 
 def _options(scale, normalize, label_smoothing, reduce, chunk_size, memory_budget, strategy, want_prediction,
-             need_x, need_W, filter_threshold, sub_centers) -> FusedOptions:
+             need_x, need_W, filter_threshold, sub_centers, gradient_filter=None) -> FusedOptions:
     return FusedOptions(scale=scale, normalize=normalize, label_smoothing=label_smoothing, reduce=reduce,
                         chunk_size=chunk_size, memory_budget=memory_budget, strategy=strategy,
                         want_prediction=want_prediction, need_x=need_x, need_W=need_W,
-                        filter_threshold=filter_threshold, sub_centers=sub_centers)
+                        filter_threshold=filter_threshold, sub_centers=sub_centers,
+                        gradient_filter=gradient_filter)
 
 
 def _early_shapes(x: Tensor, W: Tensor, backend: str, opts: FusedOptions):
@@ -287,10 +288,10 @@ def _margin_softmax(x: Tensor, W: Tensor, y: Tensor, inv_x: Optional[Tensor], in
                     w: Tensor, carrier_x: Tensor, carrier_W: Tensor, backend: str, scale: float, normalize: bool,
                     label_smoothing: float, reduce: bool, chunk_size: Optional[int],
                     memory_budget: Optional[int], strategy: str, want_prediction: bool, need_x: bool,
-                    need_W: bool, filter_threshold: Optional[float],
-                    sub_centers: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    need_W: bool, filter_threshold: Optional[float], sub_centers: int,
+                    gradient_filter: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     opts = _options(scale, normalize, label_smoothing, reduce, chunk_size, memory_budget, strategy, want_prediction,
-                    need_x, need_W, filter_threshold, sub_centers)
+                    need_x, need_W, filter_threshold, sub_centers, gradient_filter)
     num_classes = W.shape[0] // sub_centers
     module = get_backend(backend)
     call = Call(x, W, y, inv_x, inv_w, opts)
@@ -313,9 +314,10 @@ def _margin_softmax(x: Tensor, W: Tensor, y: Tensor, inv_x: Optional[Tensor], in
 
 @_margin_softmax.register_fake
 def _(x, W, y, inv_x, inv_w, z, w, carrier_x, carrier_W, backend, scale, normalize, label_smoothing, reduce,
-      chunk_size, memory_budget, strategy, want_prediction, need_x, need_W, filter_threshold, sub_centers):
+      chunk_size, memory_budget, strategy, want_prediction, need_x, need_W, filter_threshold, sub_centers,
+      gradient_filter):
     opts = _options(scale, normalize, label_smoothing, reduce, chunk_size, memory_budget, strategy, want_prediction,
-                    need_x, need_W, filter_threshold, sub_centers)
+                    need_x, need_W, filter_threshold, sub_centers, gradient_filter)
     acc = acc_dtype(x.dtype, W.dtype)
     B = x.shape[0]
     early, W_grad_dtype = _early_shapes(x, W, backend, opts)
@@ -331,9 +333,9 @@ def _margin_softmax_grads(x: Tensor, W: Tensor, y: Tensor, inv_x: Optional[Tenso
                           lse: Tensor, g: Tensor, backend: str, scale: float, normalize: bool,
                           label_smoothing: float, chunk_size: Optional[int], memory_budget: Optional[int],
                           strategy: str, need_x: bool, need_W: bool, filter_threshold: Optional[float],
-                          sub_centers: int) -> tuple[Tensor, Tensor]:
+                          sub_centers: int, gradient_filter: Optional[float]) -> tuple[Tensor, Tensor]:
     opts = _options(scale, normalize, label_smoothing, False, chunk_size, memory_budget, strategy, False,
-                    need_x, need_W, filter_threshold, sub_centers)
+                    need_x, need_W, filter_threshold, sub_centers, gradient_filter)
     with _no_autocast(x.device):
         dxh, dW = get_backend(backend).recompute_grads(Call(x, W, y, inv_x, inv_w, opts), lse, g)
     return (dxh if dxh is not None else x.new_zeros(0, dtype=lse.dtype),
@@ -342,9 +344,9 @@ def _margin_softmax_grads(x: Tensor, W: Tensor, y: Tensor, inv_x: Optional[Tenso
 
 @_margin_softmax_grads.register_fake
 def _(x, W, y, inv_x, inv_w, lse, g, backend, scale, normalize, label_smoothing, chunk_size, memory_budget,
-      strategy, need_x, need_W, filter_threshold, sub_centers):
+      strategy, need_x, need_W, filter_threshold, sub_centers, gradient_filter):
     opts = _options(scale, normalize, label_smoothing, False, chunk_size, memory_budget, strategy, False,
-                    need_x, need_W, filter_threshold, sub_centers)
+                    need_x, need_W, filter_threshold, sub_centers, gradient_filter)
     W_grad_dtype = get_backend(backend).weight_grad_dtype(x.dtype, W.dtype, opts)
     return (x.new_empty(x.shape if need_x else 0, dtype=lse.dtype),
             W.new_empty(W.shape, dtype=W_grad_dtype) if need_W else x.new_empty(0, dtype=lse.dtype))
@@ -372,7 +374,7 @@ def _margin_softmax_backward(ctx, grad_loss: Optional[Tensor], *unused):
     _no_double_backward("margin_softmax")
     x, W, y, inv_x, inv_w, z, w, lse, early_dx, early_dW, early_dz = ctx.saved_tensors
     (scale, normalize, label_smoothing, reduce, chunk_size, memory_budget, strategy, _, need_x, need_W,
-     filter_threshold, sub_centers) = ctx.options
+     filter_threshold, sub_centers, gradient_filter) = ctx.options
     g0 = grad_loss.to(lse.dtype)
     if ctx.early:
         # the forward formed the gradients for grad_output = 1; hand them over scaled, in place when
@@ -390,7 +392,7 @@ def _margin_softmax_backward(ctx, grad_loss: Optional[Tensor], *unused):
         if need_x or need_W:
             dxh, dW = _margin_softmax_grads(x, W, y, inv_x, inv_w, lse, g, ctx.backend, scale, normalize,
                                             label_smoothing, chunk_size, memory_budget, strategy, need_x, need_W,
-                                            filter_threshold, sub_centers)
+                                            filter_threshold, sub_centers, gradient_filter)
             dxh, dW = (dxh if need_x else None), (dW if need_W else None)
         dz = target_grad(g, z.to(lse.dtype), lse, label_smoothing, W.shape[0] // sub_centers)
     grads[5] = dz.to(z.dtype) if ctx.needs_input_grad[5] else None
@@ -421,5 +423,5 @@ def margin_softmax(x: Tensor, W: Tensor, y: Tensor, inv_x: Optional[Tensor], inv
     out = _margin_softmax(x, W, y, inv_x, inv_w, z, w, carrier_x, carrier_W, backend, opts.scale,
                           opts.normalize, opts.label_smoothing, opts.reduce, opts.chunk_size, opts.memory_budget,
                           opts.strategy, opts.want_prediction, opts.need_x, opts.need_W, opts.filter_threshold,
-                          opts.sub_centers)
+                          opts.sub_centers, opts.gradient_filter)
     return out[0], out[1], out[2], out[6]

@@ -16,7 +16,8 @@ argmax, sum of the logit sums), and the backward of every range takes the
 combined per-row log-sum-exp.
 
 **Tile-math options.** ``FusedOptions.filter_threshold`` (inter-class
-filtering) and ``FusedOptions.sub_centers`` change what a tile computes; a
+filtering), ``FusedOptions.sub_centers`` and ``FusedOptions.gradient_filter``
+change what a tile computes; a
 backend that cannot do one must raise NotImplementedError naming it, never
 ignore it. With ``sub_centers = k`` the weight has ``k`` rows per class and
 ``C_local`` above counts classes (``W`` has ``k C_local`` rows, ``dW`` too).
@@ -76,6 +77,10 @@ class FusedOptions:
     # c k .. c k + k - 1); a class's cosine is the largest of its rows', and its gradient goes to
     # that row only (the lowest index on ties). 1: one row per class.
     sub_centers: int = 1
+    # Opt-in gradient filtering (Cut Cross-Entropy's ``filter_eps``): in the gradient pass, a tile whose
+    # probabilities ``exp(logit - lse)`` all lie below this threshold adds nothing (it is skipped, not
+    # computed). An approximation, off (None) by default; the loss and the statistics stay exact.
+    gradient_filter: Optional[float] = None
 
     @property
     def budget(self) -> int:

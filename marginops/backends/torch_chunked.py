@@ -104,6 +104,9 @@ class _Prepared(Prepared):
         self.floor = _exp_floor(self.acc)
         self.tiny = torch.finfo(self.acc).tiny
         self._xs: Optional[Tensor] = None
+        if self.opts.gradient_filter is not None:  # not yet implemented here: never silently exact
+            raise NotImplementedError(f"gradient_filter is not implemented by this backend yet "
+                                      f"(gradient_filter={self.opts.gradient_filter})")
         thr = self.opts.filter_threshold
         # inter-class filtering compares logits: s * cos > s * threshold
         self.filter_logit = None if thr is None else self.opts.scale * thr

@@ -567,6 +567,9 @@ class _Prepared(Prepared):
         # (max 65504) cannot hold s / |W_j| for tiny or zero rows (1 / eps = 1e12), so float16 keeps G
         # unscaled and multiplies normalized rows of each chunk instead.
         self.scale_g = self.inv_w is None or call.W.dtype != torch.float16
+        if self.opts.gradient_filter is not None:  # not yet implemented here: never silently exact
+            raise NotImplementedError(f"gradient_filter is not implemented by this backend yet "
+                                      f"(gradient_filter={self.opts.gradient_filter})")
         thr = opts.filter_threshold
         self.filter_logit = None if thr is None else opts.scale * thr  # compared in float32 by the kernels
 
