@@ -65,6 +65,8 @@ class Prepared:
 
     def __init__(self, call: Call):
         opts = call.opts
+        if call.row_scale is not None:  # no backend multiplies per-row scales yet: never silently ignored
+            raise NotImplementedError("per-row scales (Call.row_scale) are not implemented by this backend yet")
         self.call = call
         self.opts = opts
         self.x, self.W, self.y = call.x, call.W, call.y

@@ -115,7 +115,8 @@ class Call:
     already pointed at a valid class (their row weight is 0); ``inv_x``
     (B,) and ``inv_w`` (C_local,) the inverse row norms ``1 / max(|row|, eps)``
     in the accumulation dtype (a row whose norm was clamped has exactly
-    ``1 / eps``), or None when ``opts.normalize`` is False.
+    ``1 / eps``), or None when ``opts.normalize`` is False; ``row_scale``
+    (B,) per-row factors on ``opts.scale``, or None.
     """
 
     x: Tensor
@@ -124,6 +125,10 @@ class Call:
     inv_x: Optional[Tensor]
     inv_w: Optional[Tensor]
     opts: FusedOptions
+    #: Per-row scale factors (B,), accumulation dtype, positive, or None: with them every logit of row
+    #: ``i`` is ``opts.scale * row_scale[i] * cos_ij`` (the target logit ``z`` is the caller's), and the
+    #: statistics and gradients a backend returns are those of these logits.
+    row_scale: Optional[Tensor] = None
 
 
 class RowStats(NamedTuple):
