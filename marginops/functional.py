@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from . import ops, reference
+from ._checks import EPS, check_number, check_optional_int, check_tensor
 from .backends import FusedOptions, get_backend, resolve_backend
 from .backends.common import acc_dtype, inverse_norms
 from .adacos import AdaCos
@@ -21,7 +22,6 @@ __all__ = ["margin_cross_entropy", "MarginStats", "REDUCTIONS"]
 REDUCTIONS = ("mean", "sum", "none")
 STRATEGIES = ("auto", "recompute", "workspace")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-EPS = reference.EPS
 
 
 class MarginStats(NamedTuple):
@@ -49,41 +49,11 @@ class MarginStats(NamedTuple):
     prediction: Tensor
 
 
-def _check_tensor(name: str, value, dim: int) -> Tensor:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.dim() != dim:
-        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(value.shape)}")
-    return value
-
-
-def _check_number(name: str, value, *, low: float, high: float, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if v < low or v > high or (low_open and v == low):
-        rng = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise ValueError(f"{name} must lie in {rng}, got {value!r}")
-    return v
-
-
-def _check_optional_int(name: str, value, low: int) -> Optional[int]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value!r}")
-    return int(value)
-
-
 def _validate(x, W, y, scale, reduction, ignore_index, label_smoothing, normalize, chunk_size, memory_budget,
               strategy, validate_labels):
-    _check_tensor("embeddings", x, 2)
-    _check_tensor("weight", W, 2)
-    _check_tensor("labels", y, 1)
+    check_tensor("embeddings", x, 2)
+    check_tensor("weight", W, 2)
+    check_tensor("labels", y, 1)
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"embeddings must be a floating-point tensor ({', '.join(map(str, _FLOAT_DTYPES))}), "
                         f"got dtype {x.dtype}")
@@ -104,21 +74,21 @@ def _validate(x, W, y, scale, reduction, ignore_index, label_smoothing, normaliz
         raise ValueError("weight must have at least one class (row), got shape " + str(tuple(W.shape)))
     if D < 1:
         raise ValueError(f"embeddings must have at least one feature, got shape {tuple(x.shape)}")
-    scale = _check_number("scale", scale, low=0.0, high=math.inf, low_open=True)
+    scale = check_number("scale", scale, low=0.0, high=math.inf, low_open=True)
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
-    label_smoothing = _check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {normalize!r}")
-    chunk_size = _check_optional_int("chunk_size", chunk_size, 1)
+    chunk_size = check_optional_int("chunk_size", chunk_size, 1)
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy == "workspace" and reduction == "none":
         raise ValueError("strategy='workspace' computes gradients during the forward pass for a scalar loss; "
                          "it needs reduction 'mean' or 'sum', got reduction='none'")
-    memory_budget = _check_optional_int("memory_budget", memory_budget, 1)
+    memory_budget = check_optional_int("memory_budget", memory_budget, 1)
     if not (isinstance(validate_labels, bool) or validate_labels in ("host", "device")):
         raise ValueError(f"validate_labels must be True, False, 'host' or 'device', got {validate_labels!r}")
     return scale, label_smoothing, chunk_size, memory_budget
@@ -128,7 +98,7 @@ def check_filter_threshold(threshold, normalize: bool, label_smoothing: float) -
     """The ``interclass_filtering_threshold`` option, validated (None: no filtering)."""
     if threshold is None:
         return None
-    threshold = _check_number("interclass_filtering_threshold", threshold, low=-1.0, high=1.0)
+    threshold = check_number("interclass_filtering_threshold", threshold, low=-1.0, high=1.0)
     if not normalize:
         raise ValueError("interclass_filtering_threshold is a cosine threshold and needs normalize=True")
     if label_smoothing > 0:
@@ -141,7 +111,7 @@ def check_gradient_filter(threshold) -> Optional[float]:
     """The ``gradient_filter`` option, validated: a probability in ``(0, 1]``, or None (off)."""
     if threshold is None:
         return None
-    return _check_number("gradient_filter", threshold, low=0.0, high=1.0, low_open=True)
+    return check_number("gradient_filter", threshold, low=0.0, high=1.0, low_open=True)
 
 
 def split_sub_centers(margin, weight_rows: int, label_smoothing: float):

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-EPS = 1e-12  # same floor on norms as F.normalize and the fused backends
+from ._checks import EPS  # the floor on norms of F.normalize and the fused backends
+
 
 
 class ReferenceOutput(NamedTuple):

@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backends.common import acc_dtype
-from .functional import _check_number, _check_optional_int, _check_tensor
-from .reference import EPS
+from ._checks import EPS, check_number, check_optional_int, check_tensor
 from .subcenter import check_sub_centers, check_weight_rows
 
 __all__ = ["topk_cosine", "answer_or_abstain", "TILE_BYTES"]
@@ -40,8 +39,8 @@ TILE_BYTES = 8 * 2**20
 
 
 def _validate(queries, centers, k, chunk_size, normalize, sub_centers=1) -> tuple[int, Optional[int]]:
-    _check_tensor("queries", queries, 2)
-    _check_tensor("centers", centers, 2)
+    check_tensor("queries", queries, 2)
+    check_tensor("centers", centers, 2)
     for name, t in (("queries", queries), ("centers", centers)):
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be a floating-point tensor ({', '.join(map(str, _FLOAT_DTYPES))}), "
@@ -61,7 +60,7 @@ def _validate(queries, centers, k, chunk_size, normalize, sub_centers=1) -> tupl
                          f"{' / sub_centers' if sub_centers > 1 else ''}), got k = {k}")
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {normalize!r}")
-    return int(k), _check_optional_int("chunk_size", chunk_size, 1)
+    return int(k), check_optional_int("chunk_size", chunk_size, 1)
 
 
 def _default_chunk(batch: int, dtype: torch.dtype) -> int:
@@ -180,7 +179,7 @@ def answer_or_abstain(queries: Tensor, centers: Tensor, threshold: float, *,
         TypeError, ValueError: as :func:`topk_cosine`; ValueError for a ``threshold``
         that is not finite or outside ``[-1, 1]`` (TypeError if it is not a number).
     """
-    threshold = _check_number("threshold", threshold, low=-1.0, high=1.0)
+    threshold = check_number("threshold", threshold, low=-1.0, high=1.0)
     values, indices = topk_cosine(queries, centers, 1, chunk_size=chunk_size)
     cosines = values.squeeze(1).clamp(-1.0, 1.0)
     answers = torch.where(cosines >= threshold, indices.squeeze(1), torch.full_like(indices.squeeze(1), -1))

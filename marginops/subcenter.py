@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .margins import MarginLike, NoMargin
-from .reference import EPS
+from ._checks import EPS, check_number, check_optional_int, check_tensor
 
 __all__ = ["SubCenter", "check_sub_centers", "drop_non_dominant_sub_centers", "DominantSubCenters"]
 
@@ -139,12 +139,11 @@ def drop_non_dominant_sub_centers(weight: Tensor, k: int, embeddings: Tensor, la
         ValueError: ``k < 1``; rows of ``weight`` not a multiple of ``k``; mismatched shapes;
             labels outside ``[0, C)``; ``max_angle`` outside ``[0, 180]``.
     """
-    from .functional import _check_number, _check_optional_int, _check_tensor
 
     k = check_sub_centers(k)
-    _check_tensor("weight", weight, 2)
-    _check_tensor("embeddings", embeddings, 2)
-    _check_tensor("labels", labels, 1)
+    check_tensor("weight", weight, 2)
+    check_tensor("embeddings", embeddings, 2)
+    check_tensor("labels", labels, 1)
     for name, t in (("weight", weight), ("embeddings", embeddings)):
         if not t.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
@@ -156,9 +155,9 @@ def drop_non_dominant_sub_centers(weight: Tensor, k: int, embeddings: Tensor, la
         raise ValueError(f"weight has {weight.shape[1]} features per row but embeddings have {D}")
     if labels.shape[0] != N:
         raise ValueError(f"labels has {labels.shape[0]} entries but embeddings has {N} rows")
-    batch_size = _check_optional_int("batch_size", batch_size, 1)
+    batch_size = check_optional_int("batch_size", batch_size, 1)
     if max_angle is not None:
-        max_angle = _check_number("max_angle", max_angle, low=0.0, high=180.0)
+        max_angle = check_number("max_angle", max_angle, low=0.0, high=180.0)
     labels = labels.to(weight.device).long()
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= C))
