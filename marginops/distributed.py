@@ -48,11 +48,11 @@ from torch import Tensor, nn
 from . import ops
 from .backends import Call, FusedOptions, RowStats, combine_stats, get_backend, resolve_backend
 from .backends.common import acc_dtype, inverse_norms
-from .adacos import AdaCos
+from .margins.adacos import AdaCos
 from .functional import (MarginStats, _add_row_terms, _apply_margin, _label_check, _resolve_margin, _validate,
                          check_filter_threshold, check_gradient_filter, loss_dtype, row_weights)
-from .subcenter import SubCenter
-from .margins import MarginLike
+from .margins.subcenter import SubCenter
+from .margins.zoo import MarginLike
 from .modules import _OPTIONS, init_class_weights
 
 __all__ = ["ShardedMarginHead", "shard_range"]

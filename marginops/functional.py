@@ -13,9 +13,9 @@ from . import ops, reference
 from ._checks import EPS, check_number, check_optional_int, check_tensor
 from .backends import FusedOptions, get_backend, resolve_backend
 from .backends.common import acc_dtype, inverse_norms
-from .adacos import AdaCos
-from .margins import Margin, MarginLike, NoMargin
-from .subcenter import SubCenter, check_weight_rows
+from .margins.adacos import AdaCos
+from .margins.zoo import Margin, MarginLike, NoMargin
+from .margins.subcenter import SubCenter, check_weight_rows
 
 __all__ = ["margin_cross_entropy", "MarginStats", "REDUCTIONS"]
 

@@ -10,11 +10,11 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .adacos import AdaCos
+from .margins.adacos import AdaCos
 from .functional import margin_cross_entropy
 from .retrieval import topk_cosine
-from .margins import MarginLike
-from .subcenter import SubCenter, check_sub_centers
+from .margins.zoo import MarginLike
+from .margins.subcenter import SubCenter, check_sub_centers
 
 __all__ = ["MarginHead"]
 

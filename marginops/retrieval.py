@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .backends.common import acc_dtype
 from ._checks import EPS, check_number, check_optional_int, check_tensor
-from .subcenter import check_sub_centers, check_weight_rows
+from .margins.subcenter import check_sub_centers, check_weight_rows
 
 __all__ = ["topk_cosine", "answer_or_abstain", "TILE_BYTES"]
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import marginops as mo
-from marginops.adaptive import ARC_MARGIN_MAX, AdaFace, ElasticFace, MagFace
-from marginops.schedule import MarginScheduler
+from marginops.margins.adaptive import ARC_MARGIN_MAX, AdaFace, ElasticFace, MagFace
+from marginops.margins.schedule import MarginScheduler
 
 from .conftest import assert_close_to_oracle, make_inputs, run
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import marginops as mo
-from marginops.margins import SIN2_FLOOR
+from marginops.margins.zoo import SIN2_FLOOR
 
 from .conftest import assert_close_to_oracle
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import marginops as mo
-from marginops.schedule import MarginScheduler
+from marginops.margins.schedule import MarginScheduler
 
 from .test_margins import expected_arcface, expected_combined
 

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .margins import ArcFace, CosFace, Margin, _check_param, _on, safe_acos
+from .zoo import ArcFace, CosFace, Margin, _check_param, _on, safe_acos
 
 __all__ = ["ElasticFace", "AdaFace", "MagFace"]
 

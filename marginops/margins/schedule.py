@@ -15,7 +15,7 @@ import math
 import numbers
 from typing import Any
 
-from .margins import Margin, _check_param, _IntegerAngular
+from .zoo import Margin, _check_param, _IntegerAngular
 
 __all__ = ["MarginScheduler", "MODES", "EXP_RATE"]
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .margins import MarginLike, NoMargin
-from ._checks import EPS, check_number, check_optional_int, check_tensor
+from .zoo import MarginLike, NoMargin
+from .._checks import EPS, check_number, check_optional_int, check_tensor
 
 __all__ = ["SubCenter", "check_sub_centers", "drop_non_dominant_sub_centers", "DominantSubCenters"]
 
