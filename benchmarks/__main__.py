@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="only these implementations (the floor is always kept)")
     r.add_argument("--output", type=Path, default=None)
     r.add_argument("--timeout", type=float, default=900.0, help="seconds per case (default: 900)")
+    r.add_argument("--rounds", type=int, default=None,
+                   help="time interleaved, this many rounds per shape in one process (default: the preset's)")
+    r.add_argument("--busy", action="store_true", help="with one busy process beside the cases")
     rep = sub.add_parser("report", help="regenerate README/docs tables and plots from the committed records")
     rep.add_argument("--check", action="store_true", help="write nothing; exit 1 if a page is out of date")
     rep.add_argument("--no-plots", action="store_true")
@@ -62,7 +65,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         preset = presets.get(args.preset)
         cases = [c for c in preset.cases if args.impls is None or c.impl in args.impls or c.impl == "floor"]
         path = args.output or runner.RESULTS_DIR / f"{preset.name}.json"
-        records = runner.run(cases, preset=preset.name, timeout=args.timeout, output=path)
+        rounds = args.rounds if args.rounds is not None else preset.rounds
+        if rounds is not None and rounds < 1:
+            raise SystemExit(f"--rounds must be >= 1, got {rounds}")
+        records = runner.run(cases, preset=preset.name, timeout=args.timeout, output=path, rounds=rounds,
+                             busy=args.busy or preset.busy)
         from . import report
 
         print(report.blocks(records)[f"preset:{preset.name}"])

@@ -30,14 +30,19 @@ class Target:
     against: Optional[str] = None  # an implementation of the same case, "floor", or None
     reduction: str = "mean"
     memory_budget: Optional[int] = None
+    against_problem: Optional[str] = None  # the other implementation's problem (default: the same)
 
 
 @dataclass(frozen=True)
 class Preset:
+    """Named cases; ``rounds``: timed interleaved (see :mod:`benchmarks.runner`); ``busy``: beside a busy process."""
+
     name: str
     description: str
     cases: tuple[Case, ...]
     targets: tuple[Target, ...] = ()
+    rounds: Optional[int] = None
+    busy: bool = False
 
 
 def sweep(problem: str, impls, shapes, **options) -> tuple[Case, ...]:
@@ -46,6 +51,7 @@ def sweep(problem: str, impls, shapes, **options) -> tuple[Case, ...]:
 
 
 _GPU = dict(dtype="bfloat16", device="cuda")
+_NATIVE = ("floor", "marginops-native", "marginops-torch")
 _TARGET_SHAPE = (1024, 512, 100_000)
 _TARGET_MEMORY = (512, 256, 1_000_000)
 
@@ -84,8 +90,45 @@ PRESETS = {p.name: p for p in (
     Preset("shapes", "B and D sweeps, ArcFace, C=100k",
            sweep("ordinary", CPU_PEERS, [(256, 512, 100_000), (4096, 512, 100_000), (1024, 128, 100_000),
                                           (1024, 2048, 100_000)], repeats=2)),
-    Preset("huge", "one training step at C=10M, D=128, B=1024",
-           sweep("ordinary", ("floor", "marginops-torch", "naive"), [(1024, 128, 10_000_000)], repeats=0)),
+    Preset("huge", "one training step at C=10M, D=128, B=1024 (GFLOP/s against the floor's at C=100k)",
+           sweep("ordinary", ("floor",), [(1024, 128, 100_000)], repeats=2)
+           + sweep("ordinary", ("marginops-native", "marginops-torch"), [(1024, 128, 10_000_000)], repeats=0)),
+    Preset("native", "the native backend's targets: ArcFace(0.5), s=64, float32, interleaved (ratios of minima)",
+           sweep("arcface64", _NATIVE, [_TARGET_SHAPE, (1024, 128, 100_000), (256, 512, 100_000)])
+           + (Case("marginops-native", "arcface64", *_TARGET_SHAPE, reduction="none"),)
+           + sweep("plain", ("floor", "marginops-native", "naive-compiled", "cce"), [_TARGET_SHAPE]),
+           targets=(
+               Target("B=1024, D=512, C=100k: <= 1.06x the floor", "arcface64", "marginops-native", "seconds_min",
+                      1.06, "floor"),
+               Target("reduction='none' (four GEMMs): <= 1.38x the floor", "arcface64", "marginops-native",
+                      "seconds_min", 1.38, "floor", reduction="none"),
+               Target("plain CE: faster than torch.compile(naive)", "plain", "marginops-native", "seconds_min",
+                      1.0, "naive-compiled"),
+               Target("plain CE: faster than Cut Cross-Entropy (torch_compile)", "plain", "marginops-native",
+                      "seconds_min", 1.0, "cce"),
+           ), rounds=4),
+    Preset("native-busy", "the native backend beside one busy process (B=1024, D=512, C=100k): compare its "
+           "ratios with the native preset's", sweep("arcface64", _NATIVE, [_TARGET_SHAPE]), rounds=4, busy=True),
+    Preset("native-memory", "extra peak memory: ArcFace at B=512, D=256, C=1M; plain CE at C=100k",
+           sweep("arcface64", ("marginops-native", "marginops-torch"), [_TARGET_MEMORY], repeats=0)
+           + sweep("plain", ("marginops-native", "naive-compiled", "cce"), [_TARGET_SHAPE], repeats=0),
+           targets=(
+               Target("ArcFace, C=1M: native <= the torch backend", "arcface64", "marginops-native",
+                      "extra_peak_bytes", 1.0, "marginops-torch"),
+           )),
+    Preset("engine", "sub-centres and inter-class filtering on the native backend against plain ArcFace, "
+           "interleaved",
+           sweep("arcface64-s", ("floor", "marginops-native"), [(256, 128, 60_000), _TARGET_SHAPE])
+           + sweep("arcface-sub3", ("marginops-native",), [(256, 128, 60_000)])
+           + sweep("arcface-filter", ("marginops-native",), [_TARGET_SHAPE]),
+           targets=(
+               Target("sub-centres k=3, B=256, C=20k, D=128: <= 1.2x plain ArcFace over the same 60k rows",
+                      "arcface-sub3", "marginops-native", "seconds_min", 1.2, "marginops-native",
+                      against_problem="arcface64-s"),
+               Target("inter-class filtering, B=1024, D=512, C=100k: <= 1.05x the same call without it",
+                      "arcface-filter", "marginops-native", "seconds_min", 1.05, "marginops-native",
+                      against_problem="arcface64-s"),
+           ), rounds=5),
     Preset("gpu", "one GPU: B=8192, D=2304 (the published Cut Cross-Entropy shape), C=256k and 1M, bfloat16",
            sweep("arcface64", GPU_IMPLS[:6], [(8192, 2304, 256_000)], **_GPU)
            + sweep("plain", ("marginops-triton", "marginops-triton-ws", "naive") + GPU_IMPLS[6:],

@@ -57,14 +57,28 @@ class Problem:
     normalize: bool
     inputs: str
     description: str
+    sub_centers: int = 1  # k rows of W per class: a case's C counts rows (C / k classes)
+    filter_threshold: Optional[float] = None  # inter-class filtering (marginops only)
 
     @property
     def is_plain(self) -> bool:
         """Plain linear cross-entropy: what ``F.linear_cross_entropy``, CCE and Liger compute."""
         return not self.normalize and self.scale == 1.0 and self.margin == "none"
 
-    def margin_object(self) -> Optional[mo.Margin]:
-        return {"arcface": mo.ArcFace(0.5), "cosface": mo.CosFace(0.35), "none": None}[self.margin]
+    @property
+    def is_plain_margin(self) -> bool:
+        """The loss every peer computes: no sub-centres, no filtering."""
+        return self.sub_centers == 1 and self.filter_threshold is None
+
+    def margin_object(self):
+        """The margin argument of ``margin_cross_entropy`` (wrapped in ``SubCenter`` for sub-centres)."""
+        margin = {"arcface": mo.ArcFace(0.5), "cosface": mo.CosFace(0.35), "none": None}[self.margin]
+        return mo.SubCenter(margin, self.sub_centers) if self.sub_centers > 1 else margin
+
+    def options(self) -> dict:
+        """Options of ``margin_cross_entropy`` beyond margin and scale."""
+        extra = {} if self.filter_threshold is None else {"interclass_filtering_threshold": self.filter_threshold}
+        return {"normalize": self.normalize, **extra}
 
 
 PROBLEMS = {p.name: p for p in (
@@ -75,6 +89,12 @@ PROBLEMS = {p.name: p for p in (
     Problem("realistic", "arcface", 64.0, True, "trained",
             "ArcFace(0.5), s=64, a trained model's cosines (targets U(0.7, 0.9), others ~ N(0, 0.35^2))"),
     Problem("plain", "none", 1.0, False, "linear", "plain linear cross-entropy (normalize=False, s=1, no margin)"),
+    Problem("arcface-sub3", "arcface", 64.0, True, "gaussian",
+            "sub-center ArcFace(0.5), s=64, k=3 (C counts the 3 C/3 rows of W)", sub_centers=3),
+    Problem("arcface-filter", "arcface", 64.0, True, "gaussian",
+            "ArcFace(0.5), s=64, inter-class filtering at cos > 0.1", filter_threshold=0.1),
+    Problem("arcface64-s", "arcface", 64.0, True, "gaussian", "ArcFace(0.5), s=64, Gaussian embeddings (the "
+            "plain twin of arcface-sub3 and arcface-filter)"),
 )}
 
 
@@ -163,6 +183,14 @@ def make_inputs(shape: Shape, kind: str, *, dtype: torch.dtype = torch.float32, 
     return Inputs(x.to(dtype).requires_grad_(), W.to(dtype).requires_grad_(), y)
 
 
+def problem_inputs(problem: Problem, shape: Shape, **kwargs) -> Inputs:
+    """:func:`make_inputs` of the problem's kind, labels among its ``C / k`` classes (sub-centres)."""
+    inp = make_inputs(shape, problem.inputs, **kwargs)
+    if problem.sub_centers > 1:
+        inp.y = inp.y // problem.sub_centers
+    return inp
+
+
 # -- implementations ------------------------------------------------------------------------------
 
 
@@ -216,6 +244,8 @@ def unsupported(name: str, problem: Problem) -> Optional[str]:
         return f"{name} computes plain linear cross-entropy only"
     if impl.margins_only and (problem.margin == "none" or not problem.normalize):
         return f"{name} always normalizes and applies a margin"
+    if name not in OURS and not problem.is_plain_margin:
+        return f"{name} has no sub-centres or inter-class filtering"
     return None
 
 
@@ -307,8 +337,8 @@ def loss_function(name: str, problem: Problem, *, device: str = "cpu", reduction
             extra = {"memory_budget": memory_budget}
             if name == "marginops-triton-ws":
                 extra = {"strategy": "workspace", "memory_budget": memory_budget or workspace_budget(len(x), len(W))}
-            return mo.margin_cross_entropy(x, W, y, margin, s, normalize=normalize, reduction=reduction,
-                                           validate_labels=False, **options, **extra)
+            return mo.margin_cross_entropy(x, W, y, margin, s, reduction=reduction, validate_labels=False,
+                                           **problem.options(), **options, **extra)
 
         return ours
     if name in ("naive", "naive-compiled"):

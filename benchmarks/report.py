@@ -58,6 +58,8 @@ COLUMNS = (
     ("seconds", "seconds", lambda v: f"{v:.3f}"),
     ("seconds_min", "min s", lambda v: f"{v:.3f}"),
     ("ratio_to_floor", "x floor", lambda v: f"{v:.2f}"),
+    ("ratio_to_floor_min", "x floor (min)", lambda v: f"{v:.3f}"),
+    ("gflops", "GFLOP/s", lambda v: f"{v:,.0f}"),
     ("extra_peak_bytes", "extra peak MiB", _mib),
     ("queries_per_second", "queries/s", lambda v: f"{v:,.0f}"),
     ("weight_and_grad_bytes", "weight+grad MiB per rank", _mib),
@@ -109,9 +111,12 @@ def targets_table(cases: dict[tuple, dict], preset: presets.Preset) -> str:
                                and (t.against is not None or k[3] == 1_000_000)), (None, None))
         base = None
         if ours is not None and t.against is not None:
-            base = next((m for k, m in cases.items() if k[1:6] == ours_key[1:6] and k[-1] == t.against
-                         and t.metric in m and (t.against == "floor" or (k[0] == t.problem and k[6] == "mean"))),
-                        None)
+            other = t.against_problem or t.problem
+            bases = [(k, m) for k, m in cases.items() if k[1:6] == ours_key[1:6] and k[-1] == t.against
+                     and t.metric in m and (t.against == "floor" or (k[0] == other and k[6] == "mean"))]
+            # the floor measured beside this very case where there is one (same problem and reduction)
+            bases.sort(key=lambda km: km[0][0] != ours_key[0] or km[0][6] != ours_key[6])
+            base = bases[0][1] if bases else None
         if ours is None or (t.against is not None and base is None):
             rows.append([t.text, "not measured", "-"])
             continue

@@ -26,6 +26,16 @@ which does, in order (:func:`measure`):
 The parent adds the ratio to the floor of the same shape from the same run
 and writes long-format records (:func:`records_of`): one row per
 implementation x case x metric, each with the machine and versions.
+
+**Interleaved timing** (``rounds``, a preset's or ``--rounds``): the cases that
+share a shape and a kind of inputs run in *one* fresh process
+(:func:`measure_interleaved`): each is checked and warmed up (compiled), then
+they are timed round-robin, so an implementation's k-th run lies in round k
+and drifting load from other processes hits all of them alike. Records then
+carry the median and the minimum over rounds (``seconds``, ``seconds_min``)
+and both ratios to the floor; memory is not measured in that mode (a
+process's peak is shared by its cases). With ``busy`` a single-threaded GEMM
+loop runs beside the cases, as another user's job would.
 """
 
 from __future__ import annotations
@@ -253,19 +263,23 @@ def check(case: Case) -> dict:
         dim = max(dim, registry.TRAINED_SPREAD_DIM + 1)
     shape = registry.Shape(min(case.batch, 48), dim, min(case.classes, 1536))
     dtype = registry.DTYPES[case.dtype]
-    inp = registry.make_inputs(shape, problem.inputs, dtype=dtype, device=case.device, seed=1)
+    inp = registry.problem_inputs(problem, shape, dtype=dtype, device=case.device, seed=1)
     ref_in = inp.to(torch.float64)
     loss64 = mo.margin_cross_entropy(ref_in.x, ref_in.W, ref_in.y, problem.margin_object(), problem.scale,
-                                     normalize=problem.normalize, reduction=case.reduction, backend="reference")
+                                     reduction=case.reduction, backend="reference", **problem.options())
     (loss64.sum() if loss64.dim() else loss64).backward()
     ref = (loss64.detach(), ref_in.x.grad, ref_in.W.grad)
     step = registry.step_function(case.impl, problem, inp, device=case.device, reduction=case.reduction,
                                   memory_budget=case.memory_budget)
     errs = _errors(step, inp, ref)
     allowed = {"float64": (1e-10, 1e-8), "float32": (1e-4, 1e-3)}.get(case.dtype)
-    if allowed is None:  # 16-bit inputs: no worse than twice the naive code in the same dtype
-        naive = _errors(registry.step_function("naive", problem, inp, device=case.device,
-                                               reduction=case.reduction), inp, ref)
+    if allowed is None:  # 16-bit inputs: no worse than twice the naive computation in the same dtype
+        def naive_step():
+            loss = mo.margin_cross_entropy(inp.x, inp.W, inp.y, problem.margin_object(), problem.scale,
+                                           reduction=case.reduction, backend="reference", **problem.options())
+            (loss.sum() if loss.dim() else loss).backward()
+            return loss.detach()
+        naive = _errors(naive_step, inp, ref)
         allowed = (max(2e-2, 2 * naive[0]), max(2e-2, 2 * max(naive[1:])))
     ok = errs[0] <= allowed[0] and max(errs[1:]) <= allowed[1]
     return {"ok": ok, "loss_err": errs[0], "grad_x_err": errs[1], "grad_w_err": errs[2],
@@ -310,7 +324,7 @@ def measure(case: Case) -> dict:
         out["check"] = check(case)
         if not out["check"]["ok"]:
             out["status"] = "wrong"
-    inp = registry.make_inputs(case.shape, problem.inputs, dtype=dtype, device=case.device)
+    inp = registry.problem_inputs(problem, case.shape, dtype=dtype, device=case.device)
     step = registry.step_function(case.impl, problem, inp, device=case.device, reduction=case.reduction,
                                   memory_budget=case.memory_budget)
     if impl.compiles:  # compile for this W on a few rows, so that the measured step does not compile
@@ -346,16 +360,70 @@ def measure(case: Case) -> dict:
     return out
 
 
+def _failure(e: Exception) -> dict:
+    """A case's failure as its result (an OOM, a compiler error, ...)."""
+    text = f"{type(e).__name__}: {e}"
+    oom = isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))) or "out of memory" in text.lower()
+    return {"status": "oom" if oom else "failed", "error": text[-1500:]}
+
+
+def measure_interleaved(cases: Sequence[Case], rounds: int) -> list[dict]:
+    """Cases of one shape in *this* process: each checked and warmed up, then timed round-robin
+    for ``rounds`` rounds on the same inputs (see the module docstring); one result per case."""
+    first = cases[0]
+    inputs: dict[str, registry.Inputs] = {}  # one set per problem (sub-centres draw fewer labels)
+    results, steps = [], []
+    for case in cases:
+        out: dict = {"status": "ok"}
+        step = None
+        problem = registry.PROBLEMS[case.problem]
+        inp = inputs.setdefault(case.problem, registry.problem_inputs(
+            problem, case.shape, dtype=registry.DTYPES[case.dtype], device=case.device))
+        try:
+            if case.impl != "floor" and case.check:
+                out["check"] = check(case)
+                out["status"] = "ok" if out["check"]["ok"] else "wrong"
+            step = registry.step_function(case.impl, problem, inp, device=case.device, reduction=case.reduction,
+                                          memory_budget=case.memory_budget)
+            step()  # warm-up: libraries, thread pools, compilation
+        except Exception as e:  # noqa: BLE001
+            out, step = _failure(e), None
+        inp.clear_grads()
+        results.append(out)
+        steps.append((step, inp))
+    share = CpuShare()
+    for _ in range(rounds):
+        for out, (step, inp) in zip(results, steps):
+            if step is None:
+                continue
+            gc.collect()
+            t0 = time.perf_counter()
+            step()
+            if first.device == "cuda":
+                torch.cuda.synchronize()
+            out.setdefault("samples", []).append(time.perf_counter() - t0)
+            inp.clear_grads()
+    took = share.others()
+    for out in results:
+        if out.get("samples"):
+            out.update(seconds=statistics.median(out["samples"]), seconds_min=min(out["samples"]),
+                       others_cpu_share=None if took is None else took[1])
+    return results
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m benchmarks.runner '<case as JSON>'``: measure, print one JSON line (status 0 on failure too)."""
+    """``python -m benchmarks.runner '<case as JSON>'``: measure, print one JSON line (status 0 on failure too);
+    ``python -m benchmarks.runner --rounds N '<cases as a JSON list>'``: :func:`measure_interleaved`."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv[0] == "--rounds":
+        cases = [Case(**c) for c in json.loads(argv[2])]
+        print(json.dumps(measure_interleaved(cases, int(argv[1]))), flush=True)
+        return 0
     case = Case(**json.loads(argv[0]))
     try:
         result = measure(case)
-    except Exception as e:  # noqa: BLE001 - the case's failure is its result (an OOM, a compiler error, ...)
-        text = f"{type(e).__name__}: {e}"
-        oom = isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))) or "out of memory" in text.lower()
-        result = {"status": "oom" if oom else "failed", "error": text[-1500:]}
+    except Exception as e:  # noqa: BLE001 - the case's failure is its result
+        result = _failure(e)
     print(json.dumps(result), flush=True)
     return 0
 
@@ -376,18 +444,27 @@ def available_bytes(device: str) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_case(case: Case, timeout: float = 900.0, env: Optional[dict] = None) -> dict:
-    """One case in a fresh process, or the reason it was not run; always a dict with ``"status"``."""
+#: glibc settings for the measuring processes on CPU: every allocation of 64 KiB or more gets its own mapping,
+#: returned to the system when freed, so resident memory follows the live allocations. With glibc's defaults,
+#: memory freed earlier (a warm-up's) stays resident and is reused unseen: one case measured anywhere from 3 to
+#: 8 MiB. Not for interleaved timing: a mapping per allocation slows code with many large temporaries.
+EXACT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def why_not(case: Case) -> Optional[str]:
+    """Why ``case`` cannot run here (the implementation, the device, the memory), or None."""
     why = registry.unsupported(case.impl, registry.PROBLEMS[case.problem])
     why = why or registry.unavailable(case.impl, case.device)
-    if why is not None:
-        return {"status": "skipped", "error": why}
-    need = estimate_bytes(case)
-    if case.device == "cpu" or torch.cuda.is_available():
-        avail = available_bytes(case.device)
+    if why is None and (case.device == "cpu" or torch.cuda.is_available()):
+        need, avail = estimate_bytes(case), available_bytes(case.device)
         if need > 0.8 * avail:
-            return {"status": "skipped", "error": f"needs ~{need / GiB:.0f} GiB, {avail / GiB:.0f} GiB free"}
-    cmd = [sys.executable, "-m", "benchmarks.runner", json.dumps(dataclasses.asdict(case))]
+            why = f"needs ~{need / GiB:.0f} GiB, {avail / GiB:.0f} GiB free"
+    return why
+
+
+def _child(args: list[str], timeout: float, env: Optional[dict]) -> "dict | list":
+    """``python -m benchmarks.runner ARGS`` in a fresh process: its last output line, parsed."""
+    cmd = [sys.executable, "-m", "benchmarks.runner", *args]
     try:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
                               env=env or os.environ.copy())
@@ -400,13 +477,53 @@ def run_case(case: Case, timeout: float = 900.0, env: Optional[dict] = None) -> 
     return json.loads(lines[-1])
 
 
+def run_case(case: Case, timeout: float = 900.0, env: Optional[dict] = None) -> dict:
+    """One case in a fresh process, or the reason it was not run; always a dict with ``"status"``."""
+    why = why_not(case)
+    if why is not None:
+        return {"status": "skipped", "error": why}
+    env = dict(env or os.environ)
+    if case.device == "cpu":
+        env.update(EXACT_MALLOC)
+    return _child([json.dumps(dataclasses.asdict(case))], timeout, env)
+
+
+def run_interleaved(cases: Sequence[Case], rounds: int, timeout: float = 900.0,
+                    env: Optional[dict] = None) -> list[dict]:
+    """Cases of one problem and shape timed round-robin in one fresh process; one result per case."""
+    results: list[Optional[dict]] = [None] * len(cases)
+    runnable = []
+    for i, case in enumerate(cases):
+        why = why_not(case)
+        if why is not None:
+            results[i] = {"status": "skipped", "error": why}
+        else:
+            runnable.append(i)
+    if runnable:
+        out = _child(["--rounds", str(rounds), json.dumps([dataclasses.asdict(cases[i]) for i in runnable])],
+                     timeout, env)
+        for k, i in enumerate(runnable):
+            results[i] = out[k] if isinstance(out, list) else out
+    return results
+
+
+def busy_process() -> subprocess.Popen:
+    """Another user's job: one single-threaded GEMM loop, until killed."""
+    code = ("import torch; torch.set_num_threads(1); a = torch.randn(512, 512)\n"
+            "while True: a = torch.mm(a, a).mul_(1e-3)")
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def records_of(case: Case, result: dict, *, floor_seconds: Optional[float], preset: str, machine: dict,
+def records_of(case: Case, result: dict, *, floor_seconds: Optional[dict], preset: str, machine: dict,
                date: str, **extra) -> list[dict]:
-    """Long-format records of one case: one per metric, each with the case, machine and versions."""
+    """Long-format records of one case: one per metric, each with the case, machine and versions.
+
+    ``floor_seconds``: the floor's ``seconds`` (and ``seconds_min``) at the case's shape in the same run.
+    """
     base = {"preset": preset, "date": date, "implementation": case.impl, "problem": case.problem,
             "batch": case.batch, "dim": case.dim, "classes": case.classes, "dtype": case.dtype,
             "device": case.device, "reduction": case.reduction, "memory_budget": case.memory_budget,
@@ -414,28 +531,49 @@ def records_of(case: Case, result: dict, *, floor_seconds: Optional[float], pres
     metrics: dict = {"status": result["status"]}
     if result.get("error"):
         metrics["error"] = result["error"]
-    for k in ("seconds", "first_seconds", "extra_peak_bytes", "loss", "others_cpu_share", "rejected_runs",
-              "samples"):
+    for k in ("seconds", "seconds_min", "first_seconds", "extra_peak_bytes", "loss", "others_cpu_share",
+              "rejected_runs", "samples"):
         if result.get(k) is not None:
             metrics[k] = result[k]
-    if "seconds" in result and floor_seconds:
-        metrics["ratio_to_floor"] = result["seconds"] / floor_seconds
+    if "seconds" in result:
+        metrics["gflops"] = case.shape.flops / result["seconds_min" if "seconds_min" in result else "seconds"] / 1e9
+    floor = floor_seconds or {}
+    for k, ratio in (("seconds", "ratio_to_floor"), ("seconds_min", "ratio_to_floor_min")):
+        if k in result and floor.get(k):
+            metrics[ratio] = result[k] / floor[k]
     for k, v in (result.get("check") or {}).items():
         metrics[f"check_{k}"] = v
     return [{**base, "metric": k, "value": v} for k, v in metrics.items()]
 
 
+def _units(cases: Sequence[Case], rounds: Optional[int]) -> list[list[Case]]:
+    """What runs in one process: each case alone, or (interleaved) the cases of one shape whose problems draw
+    the same kind of inputs."""
+    if not rounds:
+        return [[c] for c in cases]
+    units: dict[tuple, list[Case]] = {}
+    for c in cases:
+        kind = registry.PROBLEMS[c.problem].inputs
+        units.setdefault((kind, c.batch, c.dim, c.classes, c.dtype, c.device), []).append(c)
+    return list(units.values())
+
+
 def run(cases: Iterable[Case], *, preset: str, timeout: float = 900.0, progress: bool = True,
         deadline: Optional[float] = None, env: Optional[dict] = None, output: Optional[Path] = None,
-        **extra) -> list[dict]:
+        rounds: Optional[int] = None, busy: bool = False, **extra) -> list[dict]:
     """Run ``cases`` (each floor before the cases of its shape), return their records.
 
-    ``deadline`` (``time.monotonic()``): cases not started by then are recorded
-    as ``skipped``. ``output``: the records so far are written there after every
-    case (a long run that is stopped keeps what it measured). ``extra`` goes
-    into every record.
+    ``rounds``: time interleaved, ``rounds`` rounds per problem and shape (module
+    docstring); ``busy``: with one busy process beside the cases. ``deadline``
+    (``time.monotonic()``): cases not started by then are recorded as ``skipped``.
+    ``output``: the records so far are written there after every case (a long run
+    that is stopped keeps what it measured). ``extra`` goes into every record.
     """
     cases = list(cases)
+    if rounds:
+        extra.update(rounds=rounds)
+    if busy:
+        extra.update(busy=True)
     try:
         from tqdm import tqdm
     except ImportError:  # a bare GPU machine: one line per case instead of a bar
@@ -448,22 +586,33 @@ def run(cases: Iterable[Case], *, preset: str, timeout: float = 900.0, progress:
                 print(f"{self.desc}: {text}", file=sys.stderr, flush=True)
 
     machine, date = machine_info(), now()
-    floors: dict[tuple, float] = {}
+    floors: dict[tuple, dict] = {}
     records = []
-    bar = tqdm(cases, desc=preset, unit="case", disable=not progress, file=sys.stderr)
-    for case in bar:
-        bar.set_postfix_str(f"{case.impl} {case.shape}")
-        if deadline is not None and time.monotonic() > deadline:
-            result = {"status": "skipped", "error": "the time budget ran out before it started"}
-        else:
-            result = run_case(case, timeout=timeout, env=env)
-        shape_key = (case.batch, case.dim, case.classes, case.dtype, case.device)
-        if case.impl == "floor" and result.get("seconds"):
-            floors[shape_key] = result["seconds"]
-        records += records_of(case, result, floor_seconds=floors.get(shape_key), preset=preset, machine=machine,
-                              date=date, **extra)
-        if output is not None:
-            write_records(output, records)
+    hog = busy_process() if busy else None
+    try:
+        bar = tqdm(_units(cases, rounds), desc=preset, unit="process", disable=not progress, file=sys.stderr)
+        for unit in bar:
+            bar.set_postfix_str(f"{', '.join(c.impl for c in unit)} {unit[0].shape}")
+            if deadline is not None and time.monotonic() > deadline:
+                results = [{"status": "skipped", "error": "the time budget ran out before it started"}] * len(unit)
+            elif rounds:
+                results = run_interleaved(unit, rounds, timeout=timeout, env=env)
+            else:
+                results = [run_case(unit[0], timeout=timeout, env=env)]
+            for case, result in zip(unit, results):
+                shape_key = (case.batch, case.dim, case.classes, case.dtype, case.device)
+                if case.impl == "floor" and result.get("seconds"):
+                    floors[shape_key] = result
+            for case, result in zip(unit, results):
+                shape_key = (case.batch, case.dim, case.classes, case.dtype, case.device)
+                records += records_of(case, result, floor_seconds=floors.get(shape_key), preset=preset,
+                                      machine=machine, date=date, **extra)
+            if output is not None:
+                write_records(output, records)
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
     return records
 
 

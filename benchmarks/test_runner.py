@@ -49,11 +49,11 @@ def test_unsupported_and_unavailable_cases_are_recorded_as_skipped():
 def test_records_are_long_format_with_machine_and_floor_ratio():
     case = Case("naive", "ordinary", 4, 8, 16)
     recs = runner.records_of(case, {"status": "ok", "seconds": 2.0, "extra_peak_bytes": 10,
-                                    "check": {"ok": True}}, floor_seconds=0.5, preset="p", machine={"cpu": "x"},
-                             date="d")
+                                    "check": {"ok": True}}, floor_seconds={"seconds": 0.5}, preset="p",
+                             machine={"cpu": "x"}, date="d")
     by_metric = {r["metric"]: r["value"] for r in recs}
     assert by_metric == {"status": "ok", "seconds": 2.0, "extra_peak_bytes": 10, "ratio_to_floor": 4.0,
-                         "check_ok": True}
+                         "gflops": 6 * 4 * 8 * 16 / 2.0 / 1e9, "check_ok": True}
     assert all(r["machine"] == {"cpu": "x"} and r["implementation"] == "naive" and r["classes"] == 16
                for r in recs)
 
@@ -72,8 +72,28 @@ def test_demo_summary_says_what_was_measured():
         result = {"status": "ok", "seconds": s, "extra_peak_bytes": mem, "others_cpu_share": 0.0}
         if impl != "floor":
             result.update(loss=25.0, check={"ok": True})
-        recs += runner.records_of(Case(impl, "ordinary", 512, 256, 200_000), result, floor_seconds=1.0,
-                                  preset="demo", machine=runner.machine_info(), date="d")
+        recs += runner.records_of(Case(impl, "ordinary", 512, 256, 200_000), result,
+                                  floor_seconds={"seconds": 1.0}, preset="demo", machine=runner.machine_info(),
+                                  date="d")
     text = " ".join(demo.explain(recs).split())
     assert "3.0x faster" in text and "20 MiB of extra memory instead of 800 MiB (40x less)" in text
     assert "marginops needed 1.20x that" in text and "Other programs" not in text
+
+
+def test_interleaved_mode_times_a_shape_in_one_process_with_ratios_of_minima():
+    """Cases of one shape (several problems over the same kind of inputs) run round-robin in one fresh
+    process: every case gets one sample per round, the median and minimum, and both ratios to the floor."""
+    cases = [Case("floor", "arcface64-s", 16, 12, 600), Case("marginops-torch", "arcface64-s", 16, 12, 600),
+             Case("marginops-torch", "arcface-sub3", 16, 12, 600), Case("naive", "arcface-sub3", 16, 12, 600),
+             Case("marginops-torch", "plain", 16, 12, 600)]
+    assert [len(u) for u in runner._units(cases, 3)] == [4, 1]  # gaussian inputs together; plain draws linear W
+    records = runner.run(cases, preset="t", rounds=3, progress=False)
+    by = {(r["implementation"], r["problem"], r["metric"]): r["value"] for r in records}
+    for impl, problem in (("marginops-torch", "arcface64-s"), ("marginops-torch", "arcface-sub3")):
+        assert by[impl, problem, "status"] == "ok" and by[impl, problem, "check_ok"] is True
+        assert len(by[impl, problem, "samples"]) == 3
+        assert by[impl, problem, "seconds_min"] == min(by[impl, problem, "samples"])
+        floor = by["floor", "arcface64-s", "seconds_min"]
+        assert by[impl, problem, "ratio_to_floor_min"] == pytest.approx(by[impl, problem, "seconds_min"] / floor)
+    assert by["naive", "arcface-sub3", "status"] == "skipped"  # the naive head has no sub-centres
+    assert all(r["rounds"] == 3 for r in records)
