@@ -11,7 +11,6 @@ from . import presets, registry
 
 #: Subcommands with their own argument parsers: name -> (module, one line).
 TOOLS = {
-    "compare": ("compare", "time and extra memory of this tree against another git revision, interleaved"),
     "distributed": ("distributed", "per-rank memory and step time of ShardedMarginHead at several world sizes"),
     "retrieval": ("retrieval", "top-k cosine retrieval against brute force"),
     "model": ("perf_model", "predicted GPU times of the Triton backend (a model, not a measurement)"),
@@ -34,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--rounds", type=int, default=None,
                    help="time interleaved, this many rounds per shape in one process (default: the preset's)")
     r.add_argument("--busy", action="store_true", help="with one busy process beside the cases")
+    r.add_argument("--against", metavar="REV", default=None,
+                   help="also run marginops' cases on the marginops of git revision REV, processes alternating")
+    r.add_argument("--processes", type=int, default=3, help="with --against: processes per tree (default: 3)")
     rep = sub.add_parser("report", help="regenerate README/docs tables and plots from the committed records")
     rep.add_argument("--check", action="store_true", help="write nothing; exit 1 if a page is out of date")
     rep.add_argument("--no-plots", action="store_true")
@@ -69,7 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if rounds is not None and rounds < 1:
             raise SystemExit(f"--rounds must be >= 1, got {rounds}")
         records = runner.run(cases, preset=preset.name, timeout=args.timeout, output=path, rounds=rounds,
-                             busy=args.busy or preset.busy)
+                             busy=args.busy or preset.busy, against=args.against, processes=args.processes)
         from . import report
 
         print(report.blocks(records)[f"preset:{preset.name}"])

@@ -93,6 +93,9 @@ PRESETS = {p.name: p for p in (
     Preset("huge", "one training step at C=10M, D=128, B=1024 (GFLOP/s against the floor's at C=100k)",
            sweep("ordinary", ("floor",), [(1024, 128, 100_000)], repeats=2)
            + sweep("ordinary", ("marginops-native", "marginops-torch"), [(1024, 128, 10_000_000)], repeats=0)),
+    Preset("compare", "this tree against a revision (run compare --against REV): ArcFace(0.5), s=30, the "
+           "default backend, B=1024, D=512, C=100k", sweep("ordinary", ("marginops-default",), [_TARGET_SHAPE])
+           + (Case("marginops-default", "ordinary", *_TARGET_SHAPE, reduction="none"),), rounds=2),
     Preset("native", "the native backend's targets: ArcFace(0.5), s=64, float32, interleaved (ratios of minima)",
            sweep("arcface64", _NATIVE, [_TARGET_SHAPE, (1024, 128, 100_000), (256, 512, 100_000)])
            + (Case("marginops-native", "arcface64", *_TARGET_SHAPE, reduction="none"),)

@@ -7,6 +7,8 @@ name means the same computation everywhere:
 =======================  ===========================================================================
 ``floor``                the three GEMMs of the shape (logits, dX, dW; ``6 B D C`` FLOPs), no loss
 ``marginops-torch``      ``mo.margin_cross_entropy(..., backend="torch")`` (chunked PyTorch)
+``marginops-native``     ``backend="native"`` (C++ tile kernels between BLAS GEMMs, CPU)
+``marginops-default``    ``backend="auto"``: what a user gets
 ``marginops-triton``     ``backend="triton"``, ``strategy="recompute"`` (four GEMMs, no logits kept)
 ``marginops-triton-ws``  ``backend="triton"``, ``strategy="workspace"`` (three GEMMs, logits kept
                          within a budget: :func:`workspace_budget`)
@@ -214,6 +216,7 @@ IMPLS = {i.name: i for i in (
     Impl("floor", "3-GEMM floor", bxc_tensors=1),
     Impl("marginops-torch", "marginops (torch)"),
     Impl("marginops-native", "marginops (native C++)"),
+    Impl("marginops-default", "marginops (default backend)"),
     Impl("marginops-triton", "marginops (triton, recompute)", needs_triton=True),
     Impl("marginops-triton-ws", "marginops (triton, workspace)", needs_triton=True),
     Impl("naive", "naive PyTorch", bxc_tensors=5),
@@ -228,7 +231,7 @@ IMPLS = {i.name: i for i in (
 )}
 
 #: marginops' own implementations (the rest are the floor and what a user would pick instead).
-OURS = ("marginops-torch", "marginops-native", "marginops-triton", "marginops-triton-ws")
+OURS = ("marginops-torch", "marginops-native", "marginops-default", "marginops-triton", "marginops-triton-ws")
 
 
 def check_impl(name: str) -> Impl:
@@ -329,7 +332,8 @@ def loss_function(name: str, problem: Problem, *, device: str = "cpu", reduction
         raise ValueError(f"{name} is run with reduction='mean' only, got {reduction!r}")
     margin, s, normalize = problem.margin_object(), problem.scale, problem.normalize
     if name in OURS:
-        options = dict(backend={"marginops-torch": "torch", "marginops-native": "native"}.get(name, "triton"))
+        options = dict(backend={"marginops-torch": "torch", "marginops-native": "native",
+                                "marginops-default": "auto"}.get(name, "triton"))
         if name == "marginops-triton":
             options["strategy"] = "recompute"
 

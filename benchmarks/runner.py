@@ -40,6 +40,7 @@ loop runs beside the cases, as another user's job would.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -50,6 +51,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -462,11 +464,12 @@ def why_not(case: Case) -> Optional[str]:
     return why
 
 
-def _child(args: list[str], timeout: float, env: Optional[dict]) -> "dict | list":
-    """``python -m benchmarks.runner ARGS`` in a fresh process: its last output line, parsed."""
+def _child(args: list[str], timeout: float, env: Optional[dict], tree: Optional[Path] = None) -> "dict | list":
+    """``python -m benchmarks.runner ARGS`` in a fresh process (in ``tree``, see :func:`other_tree`): its last
+    output line, parsed."""
     cmd = [sys.executable, "-m", "benchmarks.runner", *args]
     try:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+        proc = subprocess.run(cmd, cwd=tree or REPO_ROOT, capture_output=True, text=True, timeout=timeout,
                               env=env or os.environ.copy())
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "error": f"no result after {timeout:.0f} s"}
@@ -477,7 +480,7 @@ def _child(args: list[str], timeout: float, env: Optional[dict]) -> "dict | list
     return json.loads(lines[-1])
 
 
-def run_case(case: Case, timeout: float = 900.0, env: Optional[dict] = None) -> dict:
+def run_case(case: Case, timeout: float = 900.0, env: Optional[dict] = None, tree: Optional[Path] = None) -> dict:
     """One case in a fresh process, or the reason it was not run; always a dict with ``"status"``."""
     why = why_not(case)
     if why is not None:
@@ -485,11 +488,30 @@ def run_case(case: Case, timeout: float = 900.0, env: Optional[dict] = None) -> 
     env = dict(env or os.environ)
     if case.device == "cpu":
         env.update(EXACT_MALLOC)
-    return _child([json.dumps(dataclasses.asdict(case))], timeout, env)
+    return _child([json.dumps(dataclasses.asdict(case))], timeout, env, tree)
+
+
+@contextlib.contextmanager
+def other_tree(rev: str):
+    """A folder where ``python -m benchmarks.runner`` runs *this* benchmarks code on ``marginops`` of git
+    revision ``rev`` (a temporary worktree); yields ``(folder, short sha)``."""
+    sha = subprocess.run(["git", "rev-parse", "--short=10", rev], cwd=REPO_ROOT, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        other, folder = Path(tmp) / "other", Path(tmp) / "run"
+        subprocess.run(["git", "worktree", "add", "--detach", str(other), sha], cwd=REPO_ROOT, check=True,
+                       capture_output=True)
+        try:
+            folder.mkdir()
+            (folder / "marginops").symlink_to(other / "marginops")
+            (folder / "benchmarks").symlink_to(REPO_ROOT / "benchmarks")
+            yield folder, sha
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(other)], cwd=REPO_ROOT, capture_output=True)
 
 
 def run_interleaved(cases: Sequence[Case], rounds: int, timeout: float = 900.0,
-                    env: Optional[dict] = None) -> list[dict]:
+                    env: Optional[dict] = None, tree: Optional[Path] = None) -> list[dict]:
     """Cases of one problem and shape timed round-robin in one fresh process; one result per case."""
     results: list[Optional[dict]] = [None] * len(cases)
     runnable = []
@@ -501,7 +523,7 @@ def run_interleaved(cases: Sequence[Case], rounds: int, timeout: float = 900.0,
             runnable.append(i)
     if runnable:
         out = _child(["--rounds", str(rounds), json.dumps([dataclasses.asdict(cases[i]) for i in runnable])],
-                     timeout, env)
+                     timeout, env, tree)
         for k, i in enumerate(runnable):
             results[i] = out[k] if isinstance(out, list) else out
     return results
@@ -524,7 +546,8 @@ def records_of(case: Case, result: dict, *, floor_seconds: Optional[dict], prese
 
     ``floor_seconds``: the floor's ``seconds`` (and ``seconds_min``) at the case's shape in the same run.
     """
-    base = {"preset": preset, "date": date, "implementation": case.impl, "problem": case.problem,
+    impl = case.impl + (f"@{extra['tree']}" if extra.get("tree") else "")
+    base = {"preset": preset, "date": date, "implementation": impl, "problem": case.problem,
             "batch": case.batch, "dim": case.dim, "classes": case.classes, "dtype": case.dtype,
             "device": case.device, "reduction": case.reduction, "memory_budget": case.memory_budget,
             "machine": machine, **extra}
@@ -558,13 +581,38 @@ def _units(cases: Sequence[Case], rounds: Optional[int]) -> list[list[Case]]:
     return list(units.values())
 
 
+def _merge(results: Sequence[dict]) -> dict:
+    """One case's results from several processes: samples pooled, the lowest memory, the first failure."""
+    bad = next((r for r in results if r.get("status") != "ok"), None)
+    if bad is not None:
+        return bad
+    out = dict(results[0])
+    samples = [s for r in results for s in r.get("samples", [])]
+    if samples:
+        out.update(samples=samples, seconds=statistics.median(samples), seconds_min=min(samples))
+    if all(r.get("extra_peak_bytes") is not None for r in results):
+        out["extra_peak_bytes"] = min(r["extra_peak_bytes"] for r in results)
+    return out
+
+
+def _measure_unit(unit: list[Case], rounds: Optional[int], timeout: float, env: Optional[dict],
+                  tree: Optional[Path]) -> list[dict]:
+    if rounds:
+        return run_interleaved(unit, rounds, timeout=timeout, env=env, tree=tree)
+    return [run_case(unit[0], timeout=timeout, env=env, tree=tree)]
+
+
 def run(cases: Iterable[Case], *, preset: str, timeout: float = 900.0, progress: bool = True,
         deadline: Optional[float] = None, env: Optional[dict] = None, output: Optional[Path] = None,
-        rounds: Optional[int] = None, busy: bool = False, **extra) -> list[dict]:
+        rounds: Optional[int] = None, busy: bool = False, against: Optional[str] = None,
+        processes: int = 3, **extra) -> list[dict]:
     """Run ``cases`` (each floor before the cases of its shape), return their records.
 
     ``rounds``: time interleaved, ``rounds`` rounds per problem and shape (module
-    docstring); ``busy``: with one busy process beside the cases. ``deadline``
+    docstring); ``busy``: with one busy process beside the cases. ``against``: a git
+    revision; marginops' cases also run on its ``marginops`` (recorded as
+    ``IMPL@SHA``), fresh processes of the two trees alternating ``processes`` times
+    per case, samples pooled. ``deadline``
     (``time.monotonic()``): cases not started by then are recorded as ``skipped``.
     ``output``: the records so far are written there after every case (a long run
     that is stopped keeps what it measured). ``extra`` goes into every record.
@@ -588,31 +636,38 @@ def run(cases: Iterable[Case], *, preset: str, timeout: float = 900.0, progress:
     machine, date = machine_info(), now()
     floors: dict[tuple, dict] = {}
     records = []
-    hog = busy_process() if busy else None
-    try:
-        bar = tqdm(_units(cases, rounds), desc=preset, unit="process", disable=not progress, file=sys.stderr)
+    with contextlib.ExitStack() as stack:
+        trees: list[tuple[Optional[Path], str]] = [(None, "")]
+        if against is not None:
+            folder, sha = stack.enter_context(other_tree(against))
+            trees.append((folder, f"@{sha}"))
+        if busy:
+            hog = busy_process()
+            stack.callback(lambda: (hog.kill(), hog.wait()))
+        bar = tqdm(_units(cases, rounds), desc=preset, unit="case", disable=not progress, file=sys.stderr)
         for unit in bar:
             bar.set_postfix_str(f"{', '.join(c.impl for c in unit)} {unit[0].shape}")
-            if deadline is not None and time.monotonic() > deadline:
-                results = [{"status": "skipped", "error": "the time budget ran out before it started"}] * len(unit)
-            elif rounds:
-                results = run_interleaved(unit, rounds, timeout=timeout, env=env)
-            else:
-                results = [run_case(unit[0], timeout=timeout, env=env)]
-            for case, result in zip(unit, results):
-                shape_key = (case.batch, case.dim, case.classes, case.dtype, case.device)
-                if case.impl == "floor" and result.get("seconds"):
-                    floors[shape_key] = result
-            for case, result in zip(unit, results):
-                shape_key = (case.batch, case.dim, case.classes, case.dtype, case.device)
-                records += records_of(case, result, floor_seconds=floors.get(shape_key), preset=preset,
-                                      machine=machine, date=date, **extra)
+            late = deadline is not None and time.monotonic() > deadline
+            runs: dict[str, list[list[dict]]] = {suffix: [] for _, suffix in trees}
+            for _ in range(processes if against is not None and not late else 1):
+                for tree, suffix in trees:
+                    runs[suffix].append(
+                        [{"status": "skipped", "error": "the time budget ran out before it started"}] * len(unit)
+                        if late else _measure_unit(unit, rounds, timeout, env, tree))
+            for suffix, per_process in runs.items():
+                results = [_merge(r) for r in zip(*per_process)]
+                for case, result in zip(unit, results):
+                    if case.impl == "floor" and result.get("seconds") and not suffix:
+                        floors[(case.batch, case.dim, case.classes, case.dtype, case.device)] = result
+                tag = {"tree": suffix[1:]} if suffix else {}
+                for case, result in zip(unit, results):
+                    if suffix and case.impl not in registry.OURS:
+                        continue  # the other revision's floor and peers are the same code
+                    shape_key = (case.batch, case.dim, case.classes, case.dtype, case.device)
+                    records += records_of(case, result, floor_seconds=floors.get(shape_key), preset=preset,
+                                          machine=machine, date=date, **extra, **tag)
             if output is not None:
                 write_records(output, records)
-    finally:
-        if hog is not None:
-            hog.kill()
-            hog.wait()
     return records
 
 

@@ -97,3 +97,16 @@ def test_interleaved_mode_times_a_shape_in_one_process_with_ratios_of_minima():
         assert by[impl, problem, "ratio_to_floor_min"] == pytest.approx(by[impl, problem, "seconds_min"] / floor)
     assert by["naive", "arcface-sub3", "status"] == "skipped"  # the naive head has no sub-centres
     assert all(r["rounds"] == 3 for r in records)
+
+
+def test_against_a_revision_runs_our_cases_on_its_marginops(tmp_path):
+    """``--against REV``: our implementation also runs on the other revision's marginops (here HEAD, so
+    the same code), processes alternating, records tagged with its sha; the floor runs once."""
+    cases = [Case(impl, "ordinary", 8, 6, 50, repeats=1) for impl in ("floor", "marginops-torch")]
+    records = runner.run(cases, preset="t", against="HEAD", processes=2, progress=False)
+    impls = {r["implementation"] for r in records}
+    sha = next(i for i in impls if "@" in i).split("@")[1]
+    assert impls == {"floor", "marginops-torch", f"marginops-torch@{sha}"}
+    by = {(r["implementation"], r["metric"]): r["value"] for r in records}
+    assert by[f"marginops-torch@{sha}", "status"] == "ok" and by[f"marginops-torch@{sha}", "check_ok"] is True
+    assert len(by["marginops-torch", "samples"]) == 2  # one timed step per process, two processes
