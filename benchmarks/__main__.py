@@ -12,7 +12,6 @@ from . import presets, registry
 #: Subcommands with their own argument parsers: name -> (module, one line).
 TOOLS = {
     "distributed": ("distributed", "per-rank memory and step time of ShardedMarginHead at several world sizes"),
-    "retrieval": ("retrieval", "top-k cosine retrieval against brute force"),
     "model": ("perf_model", "predicted GPU times of the Triton backend (a model, not a measurement)"),
 }
 

@@ -93,6 +93,8 @@ PRESETS = {p.name: p for p in (
     Preset("huge", "one training step at C=10M, D=128, B=1024 (GFLOP/s against the floor's at C=100k)",
            sweep("ordinary", ("floor",), [(1024, 128, 100_000)], repeats=2)
            + sweep("ordinary", ("marginops-native", "marginops-torch"), [(1024, 128, 10_000_000)], repeats=0)),
+    Preset("retrieval", "top-10 cosine retrieval among 1M centres, D=256, 1024 queries: topk_cosine against brute "
+           "force", sweep("top10", ("marginops-topk", "brute-force-topk"), [(1024, 256, 1_000_000)], repeats=3)),
     Preset("compare", "this tree against a revision (run compare --against REV): ArcFace(0.5), s=30, the "
            "default backend, B=1024, D=512, C=100k", sweep("ordinary", ("marginops-default",), [_TARGET_SHAPE])
            + (Case("marginops-default", "ordinary", *_TARGET_SHAPE, reduction="none"),), rounds=2),

@@ -6,6 +6,8 @@ name means the same computation everywhere:
 
 =======================  ===========================================================================
 ``floor``                the three GEMMs of the shape (logits, dX, dW; ``6 B D C`` FLOPs), no loss
+``marginops-topk``       ``mo.topk_cosine`` (retrieval problems: the ``k`` nearest classes, chunked)
+``brute-force-topk``     one ``B x C`` cosine matrix and ``torch.topk`` (retrieval problems)
 ``marginops-torch``      ``mo.margin_cross_entropy(..., backend="torch")`` (chunked PyTorch)
 ``marginops-native``     ``backend="native"`` (C++ tile kernels between BLAS GEMMs, CPU)
 ``marginops-default``    ``backend="auto"``: what a user gets
@@ -61,6 +63,7 @@ class Problem:
     description: str
     sub_centers: int = 1  # k rows of W per class: a case's C counts rows (C / k classes)
     filter_threshold: Optional[float] = None  # inter-class filtering (marginops only)
+    topk: int = 0  # > 0: not a loss but top-k cosine retrieval of the x rows among the W rows (no gradients)
 
     @property
     def is_plain(self) -> bool:
@@ -95,6 +98,8 @@ PROBLEMS = {p.name: p for p in (
             "sub-center ArcFace(0.5), s=64, k=3 (C counts the 3 C/3 rows of W)", sub_centers=3),
     Problem("arcface-filter", "arcface", 64.0, True, "gaussian",
             "ArcFace(0.5), s=64, inter-class filtering at cos > 0.1", filter_threshold=0.1),
+    Problem("top10", "none", 1.0, True, "queries",
+            "top-10 cosine retrieval (each query a centre plus noise of the same size), no gradients", topk=10),
     Problem("arcface64-s", "arcface", 64.0, True, "gaussian", "ArcFace(0.5), s=64, Gaussian embeddings (the "
             "plain twin of arcface-sub3 and arcface-filter)"),
 )}
@@ -170,6 +175,10 @@ def make_inputs(shape: Shape, kind: str, *, dtype: torch.dtype = torch.float32, 
             raise ValueError(f"sphere inputs need dim >= 3, got {D}")
         x, W = _on_sphere(B, D, 3, gen, device), _on_sphere(C, D, 3, gen, device)
         y = torch.randint(0, C, (B,), generator=gen, device=device)
+    elif kind == "queries":  # each query one centre plus noise: one clearly nearest class, as in the FAQ use
+        W = torch.randn(C, D, generator=gen, device=device, dtype=dtype)
+        y = torch.randint(0, C, (B,), generator=gen, device=device)
+        x = W[y] + torch.randn(B, D, generator=gen, device=device, dtype=dtype)
     elif kind == "trained":
         if D <= TRAINED_SPREAD_DIM:
             raise ValueError(f"trained inputs need dim > {TRAINED_SPREAD_DIM}, got {D}")
@@ -181,7 +190,7 @@ def make_inputs(shape: Shape, kind: str, *, dtype: torch.dtype = torch.float32, 
         t = torch.rand(B, 1, generator=gen, device=device).mul_(0.2).add_(0.7)
         x = t * w + (1 - t * t).sqrt() * u
     else:
-        raise ValueError(f"kind must be one of gaussian, linear, sphere, trained; got {kind!r}")
+        raise ValueError(f"kind must be one of gaussian, linear, sphere, trained, queries; got {kind!r}")
     return Inputs(x.to(dtype).requires_grad_(), W.to(dtype).requires_grad_(), y)
 
 
@@ -210,10 +219,13 @@ class Impl:
     needs_triton: bool = False  # marginops' Triton backend: CUDA, or the interpreter on CPU
     compiles: bool = False  # compiles on first use (warmed up at the measured shape's class count)
     bxc_tensors: int = 0  # B x C float32 tensors held at the peak (to refuse cases that cannot fit)
+    retrieval: bool = False  # computes top-k retrieval problems only
 
 
 IMPLS = {i.name: i for i in (
     Impl("floor", "3-GEMM floor", bxc_tensors=1),
+    Impl("marginops-topk", "marginops topk_cosine", retrieval=True),
+    Impl("brute-force-topk", "brute force (B x C scores, torch.topk)", retrieval=True, bxc_tensors=1),
     Impl("marginops-torch", "marginops (torch)"),
     Impl("marginops-native", "marginops (native C++)"),
     Impl("marginops-default", "marginops (default backend)"),
@@ -243,6 +255,8 @@ def check_impl(name: str) -> Impl:
 def unsupported(name: str, problem: Problem) -> Optional[str]:
     """Why ``name`` does not compute ``problem``, or None."""
     impl = check_impl(name)
+    if impl.retrieval != (problem.topk > 0) and name != "floor":
+        return f"{name} does not compute {problem.name} ({'a loss' if problem.topk else 'top-k retrieval'})"
     if impl.plain_only and not problem.is_plain:
         return f"{name} computes plain linear cross-entropy only"
     if impl.margins_only and (problem.margin == "none" or not problem.normalize):
@@ -388,6 +402,13 @@ def step_function(name: str, problem: Problem, inp: Inputs, *, device: str = "cp
     if name == "floor":
         x, W = inp.x.detach(), inp.W.detach()
         return lambda: three_gemms(x, W)
+    if problem.topk:
+        if unsupported(name, problem):
+            raise ValueError(unsupported(name, problem))
+        q, W, k = inp.x.detach(), inp.W.detach(), problem.topk
+        if name == "marginops-topk":
+            return lambda: mo.topk_cosine(q, W, k)
+        return lambda: torch.topk(F.normalize(q, dim=1) @ F.normalize(W, dim=1).T, k, dim=1)
     fn = loss_function(name, problem, device=device, reduction=reduction, memory_budget=memory_budget)
 
     def step() -> Tensor:

@@ -257,9 +257,33 @@ def _errors(step: Callable, inp: registry.Inputs, ref: tuple) -> tuple[float, fl
     return err
 
 
+#: Two float64 cosines closer than this are a tie that float32 rounding may order either way (retrieval check).
+TIE_TOL = 1e-5
+
+
+def check_topk(case: Case) -> dict:
+    """Step 1 for retrieval: top-k against float64 brute force on a smaller problem of the same kind; values
+    within :data:`TIE_TOL`, indices equal except where the two classes' cosines are a near tie."""
+    problem = registry.PROBLEMS[case.problem]
+    shape = registry.Shape(min(case.batch, 64), case.dim, min(case.classes, 20_000))
+    inp = registry.problem_inputs(problem, shape, dtype=registry.DTYPES[case.dtype], device=case.device, seed=1)
+    values, indices = registry.step_function(case.impl, problem, inp, device=case.device)()
+    q64 = torch.nn.functional.normalize(inp.x.detach().double(), dim=1)
+    w64 = torch.nn.functional.normalize(inp.W.detach().double(), dim=1)
+    want = torch.topk(q64 @ w64.T, problem.topk, dim=1)
+    got_cos = torch.einsum("bd,bkd->bk", q64, w64[indices])
+    differ = indices != want.indices
+    gap = (got_cos - want.values).abs()
+    value_diff = float((values.double() - want.values).abs().max())
+    return {"ok": bool(torch.all(gap[differ] <= TIE_TOL)) and value_diff <= TIE_TOL, "max_value_diff": value_diff,
+            "indices_equal": int((~differ).sum()), "indices_total": differ.numel()}
+
+
 def check(case: Case) -> dict:
     """Step 1: loss, dX and dW on a small problem of the same kind against the float64 reference."""
     problem = registry.PROBLEMS[case.problem]
+    if problem.topk:
+        return check_topk(case)
     dim = min(case.dim, 40)
     if problem.inputs == "trained":
         dim = max(dim, registry.TRAINED_SPREAD_DIM + 1)
@@ -334,7 +358,8 @@ def measure(case: Case) -> dict:
         registry.step_function(case.impl, problem, few, device=case.device, reduction=case.reduction)()
         del few
         inp.clear_grads()
-    stand_ins = [torch.ones_like(inp.x), torch.ones_like(inp.W)]  # the gradients every implementation holds
+    # the gradients every implementation holds (none for retrieval)
+    stand_ins = [] if problem.topk else [torch.ones_like(inp.x), torch.ones_like(inp.W)]
     peak = PeakMemory(case.device)
     peak.reset()
     del stand_ins
@@ -345,7 +370,7 @@ def measure(case: Case) -> dict:
         torch.cuda.synchronize()
     out["first_seconds"] = time.perf_counter() - t0
     out["extra_peak_bytes"] = peak.extra()
-    if loss is not None:
+    if loss is not None and not problem.topk:
         out["loss"] = float(loss.double().sum())
     if case.device == "cuda":
         from triton.testing import do_bench
@@ -558,8 +583,11 @@ def records_of(case: Case, result: dict, *, floor_seconds: Optional[dict], prese
               "rejected_runs", "samples"):
         if result.get(k) is not None:
             metrics[k] = result[k]
-    if "seconds" in result:
-        metrics["gflops"] = case.shape.flops / result["seconds_min" if "seconds_min" in result else "seconds"] / 1e9
+    best = result.get("seconds_min", result.get("seconds"))
+    if best and registry.PROBLEMS[case.problem].topk:
+        metrics["queries_per_second"] = case.batch / best
+    elif best:
+        metrics["gflops"] = case.shape.flops / best / 1e9
     floor = floor_seconds or {}
     for k, ratio in (("seconds", "ratio_to_floor"), ("seconds_min", "ratio_to_floor_min")):
         if k in result and floor.get(k):

@@ -110,3 +110,13 @@ def test_against_a_revision_runs_our_cases_on_its_marginops(tmp_path):
     by = {(r["implementation"], r["metric"]): r["value"] for r in records}
     assert by[f"marginops-torch@{sha}", "status"] == "ok" and by[f"marginops-torch@{sha}", "check_ok"] is True
     assert len(by["marginops-torch", "samples"]) == 2  # one timed step per process, two processes
+
+
+def test_retrieval_cases_are_checked_against_float64_brute_force():
+    case = Case("marginops-topk", "top10", 40, 16, 3000, repeats=1)
+    assert runner.check(case)["ok"]
+    result = runner.run_case(case)
+    assert result["status"] == "ok" and result["check"]["indices_equal"] > 0 and "loss" not in result
+    recs = runner.records_of(case, result, floor_seconds=None, preset="p", machine={}, date="d")
+    assert {r["metric"] for r in recs} >= {"queries_per_second", "extra_peak_bytes"}
+    assert runner.run_case(Case("marginops-topk", "ordinary", 4, 8, 16))["status"] == "skipped"
