@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+from tqdm import tqdm
 
 import marginops as mo
 
@@ -650,17 +651,6 @@ def run(cases: Iterable[Case], *, preset: str, timeout: float = 900.0, progress:
         extra.update(rounds=rounds)
     if busy:
         extra.update(busy=True)
-    try:
-        from tqdm import tqdm
-    except ImportError:  # a bare GPU machine: one line per case instead of a bar
-        class tqdm(list):  # noqa: N801
-            def __init__(self, items, desc="", **_):
-                super().__init__(items)
-                self.desc = desc
-
-            def set_postfix_str(self, text):
-                print(f"{self.desc}: {text}", file=sys.stderr, flush=True)
-
     machine, date = machine_info(), now()
     floors: dict[tuple, dict] = {}
     records = []
