@@ -465,14 +465,14 @@ def test_sharded_head_names_unsupported_features(monkeypatch):
 
 
 @pytest.mark.slow
-def test_readme_margin_family_examples_run():
+def test_margin_family_doc_examples_run():
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "docs" / "margins.md").read_text()
     block = text[text.index("<!-- margin-family"):text.index("<!-- end margin-family")]
     code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
-    exec(compile(code, "README.md (margin family)", "exec"), {})
+    exec(compile(code, "docs/margins.md (margin family)", "exec"), {})
 
 
 def test_no_batch_by_classes_tensor_with_sub_centres_and_filtering():
