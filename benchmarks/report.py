@@ -21,8 +21,10 @@ from .runner import REPO_ROOT, RESULTS_DIR, describe_machine, load_records
 MiB = 2**20
 PAGES = (REPO_ROOT / "README.md", REPO_ROOT / "docs" / "benchmarks.md")
 IMG_DIR = REPO_ROOT / "docs" / "img"
-#: The README's summary: this preset, at this shape.
-SUMMARY = ("classes", (1024, 512, 100_000))
+#: The README's summary: the GPU first (the latest of these presets holding this problem and shape), then
+#: the CPU (this preset at this shape).
+GPU_SUMMARY = (("gpu-check", "gpu"), "arcface64", (8192, 2304, 256_000))
+SUMMARY = ("demo", (512, 256, 200_000))
 CASE_FIELDS = ("problem", "batch", "dim", "classes", "dtype", "device", "reduction", "memory_budget")
 
 
@@ -131,24 +133,37 @@ def targets_table(cases: dict[tuple, dict], preset: presets.Preset) -> str:
     return _table(["target", "measured", "result"], rows)
 
 
-def summary(records: Sequence[dict]) -> str:
-    """The README's table: every implementation of the summary preset at its shape."""
-    name, (b, d, c) = SUMMARY
-    cases = {k: m for k, m in group(records).get(name, {}).items() if k[1:4] == (b, d, c)}
-    if not cases:
-        return f"(no records of the `{name}` preset at B={b}, D={d}, C={c} yet)"
+def _summary_table(cases: dict[tuple, dict], b: int, d: int, c: int) -> str:
     rows = []
     for key, m in cases.items():
         if m.get("status") != "ok":
             rows.append([_label(key[-1]), m.get("status", "?"), "-", "-"])
             continue
         mem = "-" if key[-1] == "floor" else f"{m['extra_peak_bytes'] / MiB:,.0f} MiB"
-        rows.append([_label(key[-1]), f"{m['seconds']:.2f} s", f"{m.get('ratio_to_floor', float('nan')):.2f}x",
+        time = f"{m['seconds']:.2f} s" if m["seconds"] >= 1 else f"{m['seconds'] * 1e3:.1f} ms"
+        rows.append([_label(key[-1]), time, f"{m.get('ratio_to_floor', float('nan')):.2f}x",
                      mem])
     p = registry.PROBLEMS[next(iter(cases))[0]]
     head = (f"One training step's loss (forward + backward), {p.description}, B={b:,}, D={d}, C={c:,}. "
             f"{_machine_line(cases)}")
     return head + "\n\n" + _table(["implementation", "time", "x 3-GEMM floor", "extra peak memory"], rows)
+
+
+def summary(records: Sequence[dict]) -> str:
+    """The README's tables: the latest GPU run at its shape, then the CPU summary preset at its shape."""
+    grouped = group(records)
+    parts = []
+    names, problem, (b, d, c) = GPU_SUMMARY
+    gpu = [(next(iter(cs.values()))["_record"]["date"], cs) for n, cs in grouped.items() if n in names]
+    gpu = [(date, {k: m for k, m in cs.items() if k[0] == problem and k[1:4] == (b, d, c)}) for date, cs in gpu]
+    gpu = [x for x in gpu if x[1]]
+    if gpu:
+        parts.append("**GPU.** " + _summary_table(max(gpu, key=lambda x: x[0])[1], b, d, c))
+    name, (b, d, c) = SUMMARY
+    cases = {k: m for k, m in grouped.get(name, {}).items() if k[1:4] == (b, d, c)}
+    parts.append("**CPU.** " + _summary_table(cases, b, d, c) if cases
+                 else f"(no records of the `{name}` preset at B={b}, D={d}, C={c} yet)")
+    return "\n\n".join(parts)
 
 
 def model_table() -> Optional[str]:
