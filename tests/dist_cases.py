@@ -125,6 +125,13 @@ def _margin(kind: str, batch: int):
             }[kind]
 
 
+def gather_ragged(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Every rank's ``t`` (first dimensions ``sizes``) in rank order, with plain ``dist.all_gather``."""
+    parts = [t.new_zeros((max(sizes), *t.shape[1:])) for _ in sizes]
+    dist.all_gather(parts, torch.cat([t, t.new_zeros((max(sizes) - len(t), *t.shape[1:]))]))
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
 def padded_rows(sizes, cap) -> torch.Tensor:
     """Where each row of the global batch sits in the padded layout of ``max_local_batch = cap``."""
     return torch.cat([torch.arange(r * cap, r * cap + n) for r, n in enumerate(sizes)])
@@ -239,7 +246,7 @@ def tmp_path() -> str:
 def sampled_step(rank: int, world: int, *, sample_rate: float, margin: str = "arcface", max_local_batch=None,
                  C: int = 41, **options) -> dict:
     """One sampled step against one process on the sampled classes only."""
-    from marginops.distributed import _all_gather_rows, shard_range
+    from marginops.distributed import shard_range
 
     W, xs, ys = problem(world, C=C, sizes=(6, 5, 4))
     B = sum(len(x) for x in xs)
@@ -254,7 +261,7 @@ def sampled_step(rank: int, world: int, *, sample_rate: float, margin: str = "ar
     k = torch.tensor([len(rows)])
     every = [torch.zeros_like(k) for _ in range(world)]
     dist.all_gather(every, k)
-    sampled = _all_gather_rows(rows + head.class_start, [int(c) for c in torch.cat(every)], None)
+    sampled = gather_ragged(rows + head.class_start, [int(c) for c in torch.cat(every)])
     # one process over the sampled classes only, labels renumbered
     y_all = torch.cat(ys)
     lookup = torch.full((C,), -1, dtype=torch.int64)

@@ -1,9 +1,11 @@
 """The autograd path of marginops' custom operators (``marginops/ops.py``).
 
-``margin_cross_entropy`` runs as two ``torch.library`` custom operators,
-``marginops::target_cosine`` and ``marginops::margin_softmax`` (plus
-``marginops::margin_softmax_grads`` for the recompute backward), joined by
-zero-storage "carrier" tensors through which the dense gradients travel. These
+``margin_cross_entropy`` runs through ``torch.library`` custom operators:
+``marginops::target_cosine``, ``marginops::margin_stats`` (the pass over the
+classes, outside autograd) and ``marginops::margin_loss`` (plus
+``marginops::margin_grads`` for the recompute backward), the first and the
+last joined by zero-storage "carrier" tensors through which the dense
+gradients travel. These
 tests check that this path behaves like any other PyTorch op under autograd:
 
 1. saved tensors go through ``save_for_backward`` only: saved-tensor hooks see
@@ -63,7 +65,7 @@ def _marginops_nodes(loss):
 
 
 def _softmax_node(loss):
-    nodes = [n for n in _marginops_nodes(loss) if "margin_softmax" in n.name()]
+    nodes = [n for n in _marginops_nodes(loss) if "margin_loss" in n.name()]
     assert len(nodes) == 1, [n.name() for n in _marginops_nodes(loss)]
     return nodes[0]
 
@@ -145,7 +147,7 @@ def test_custom_op_nodes_keep_no_tensor_attributes(strategy, return_stats):
     _assert_path(loss, strategy)
     nodes = _marginops_nodes(loss)
     names = sorted(n.name() for n in nodes)
-    assert any("target_cosine" in n for n in names) and any("margin_softmax" in n for n in names), names
+    assert any("target_cosine" in n for n in names) and any("margin_loss" in n for n in names), names
     for node in nodes:
         attrs = vars(node) if hasattr(node, "__dict__") else {}
         held = [f"{node.name()}.{k}{p}" for k, v in attrs.items() for p, _ in _tensors_in(v)]
