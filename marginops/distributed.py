@@ -81,7 +81,8 @@ __all__ = ["ShardedMarginHead", "shard_range"]
 #: Options of :func:`marginops.margin_cross_entropy` the sharded head does not take (it plans its own passes).
 _UNSUPPORTED = ("strategy",)
 
-# the gather whose backward reduce-scatters (renamed in torch 2.13; the old name warns there)
+# the gathers, without and with a backward that reduce-scatters (renamed in torch 2.13; the old names warn there)
+_all_gather = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
 _all_gather_autograd = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
 
 _MASK31 = 2**31 - 1
@@ -110,7 +111,7 @@ def _gather_rows(t: Tensor, sizes: list[int], group, autograd: bool) -> Tensor:
     most = max(sizes)
     if t.shape[0] < most:
         t = torch.cat([t, t.new_zeros((most - t.shape[0], *t.shape[1:]))])
-    gather = _all_gather_autograd if autograd else fc.all_gather_tensor
+    gather = _all_gather_autograd if autograd else _all_gather
     every = gather(t.contiguous(), 0, group)
     if all(n == most for n in sizes):
         return every
@@ -137,10 +138,10 @@ class _RankExchange(Exchange):
     def combine(self, stats: RowStats) -> RowStats:
         names = [name for name in ("lse", "max", "logit_sum") if getattr(stats, name).numel()]
         packed = torch.stack([getattr(stats, name) for name in names])  # the floats: one collective
-        every = fc.all_gather_tensor(packed, 0, self.group).view(self.world_size, *packed.shape)
+        every = _all_gather(packed, 0, self.group).view(self.world_size, *packed.shape)
         args = [stats.argmax] * self.world_size  # empty without prediction
         if stats.argmax.numel():
-            args = fc.all_gather_tensor(stats.argmax.contiguous(), 0, self.group).view(self.world_size, -1).unbind(0)
+            args = _all_gather(stats.argmax.contiguous(), 0, self.group).view(self.world_size, -1).unbind(0)
         return combine_stats([stats._replace(argmax=arg, **dict(zip(names, part.unbind(0))))
                               for part, arg in zip(every.unbind(0), args)])
 
@@ -341,7 +342,7 @@ class ShardedMarginHead(nn.Module):
         cap = self.max_local_batch
         if cap is None:  # ragged sizes, read on the host: a synchronisation on GPUs, a graph break when compiled
             n = torch.tensor([x_local.shape[0]], dtype=torch.int64, device=x_local.device)
-            sizes = [int(s) for s in fc.all_gather_tensor(n, 0, self._exchange.group).tolist()]
+            sizes = [int(s) for s in fc.wait_tensor(_all_gather(n, 0, self._exchange.group)).tolist()]
         else:  # every rank pads to the bound: padding rows are ignored rows, no size to read
             if x_local.shape[0] > cap:
                 raise ValueError(f"local batch of {x_local.shape[0]} rows exceeds max_local_batch = {cap}")

@@ -371,14 +371,14 @@ def _early(x: Tensor, W: Tensor, backend: str, opts: FusedOptions) -> bool:
 
 
 def _fresh(tensors) -> tuple:
-    """The tensors with any that shares storage with an earlier one cloned (outputs may not alias)."""
+    """The tensors, any that is or shares storage with an earlier one cloned (outputs may not alias)."""
     seen, out = set(), []
     for t in tensors:
-        key = t.untyped_storage().data_ptr() if t.numel() else None
-        if key is not None and key in seen:
+        keys = {("id", id(t))} | ({("storage", t.untyped_storage().data_ptr())} if t.numel() else set())
+        if keys & seen:
             t = t.clone()
-        elif key is not None:
-            seen.add(key)
+            keys = {("id", id(t))} | ({("storage", t.untyped_storage().data_ptr())} if t.numel() else set())
+        seen |= keys
         out.append(t)
     return tuple(out)
 
