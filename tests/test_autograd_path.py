@@ -371,6 +371,36 @@ def test_compile_inductor_training_matches_eager(fresh_dynamo, return_stats):
     _train_compiled_vs_eager("inductor", return_stats)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_compile_per_row_scale_and_weight_matches_eager(fresh_dynamo, strategy):
+    """Per-row scales (with their gradient) and row weights trace without a graph break; on the dense
+    test backend (tests/dense_backend.py) until the fused backends implement Call.row_scale."""
+    from torch._dynamo.utils import counters
+
+    from . import dense_backend
+
+    dense_backend.register()
+    x, W, y = make_inputs(COMPILE_B, 40, COMPILE_D, torch.float32, ignore=1)
+    scale = torch.linspace(8.0, 24.0, COMPILE_B)
+    weight = torch.linspace(0.0, 2.0, COMPILE_B)
+
+    def step(x_, W_, s_):
+        return mo.margin_cross_entropy(x_, W_, y, mo.ArcFace(0.5), s_, row_weight=weight, backend="dense",
+                                       label_smoothing=0.1, strategy=strategy)
+
+    counters.clear()
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        leaves = [t.clone().requires_grad_() for t in (x, W, scale)]
+        loss = fn(*leaves)
+        _assert_path(loss, strategy) if fn is step else None
+        loss.backward()
+        results.append([loss.detach()] + [t.grad for t in leaves])
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    for name, a, b in zip(("loss", "x.grad", "W.grad", "scale.grad"), *results):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_compiled_bad_label_raises_value_error(fresh_dynamo):
     backbone, head, inp, y = _compile_problem()
     bad = y.clone()

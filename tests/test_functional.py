@@ -276,6 +276,23 @@ def test_half_precision_inputs_relative_oracle(margin, reduction, strategy, dtyp
     check_against_reference(x, W, y, MARGINS[margin](16), reduction=reduction, **opts)
 
 
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_inputs_give_a_float32_loss(dtype, reduction, backend):
+    """The loss is not rounded to 16 bits: float32, within float32 rounding of the float64 loss of the
+    same (rounded) inputs, where a 16-bit loss would be off by about 2**-9 of itself."""
+    x, W, y = make_inputs(64, 300, 32, dtype, ignore=3)
+    loss = mo.margin_cross_entropy(x, W, y, mo.ArcFace(0.5), 30.0, backend=backend, reduction=reduction,
+                                   label_smoothing=0.1)
+    ref = mo.margin_cross_entropy(x.double(), W.double(), y, mo.ArcFace(0.5), 30.0, backend="reference",
+                                  reduction=reduction, label_smoothing=0.1)
+    assert loss.dtype == torch.float32
+    assert_close_to_oracle(loss, ref, tol=1e-5, name="loss")
+    rounded = (ref.to(dtype).double() - ref).abs().max() / ref.abs().max()
+    assert rounded > 100 * ((loss.double() - ref).abs().max() / ref.abs().max()), "the test would not see it"
+
+
 # -- autograd behaviour ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -198,15 +198,6 @@ def test_per_row_scale_in_16_bit_is_float32():
     assert loss.dtype == torch.float32 and s.grad.dtype == torch.float32
 
 
-def test_adacos_head_refuses_a_per_row_scale():
-    head = mo.MarginHead(D, C, scale=mo.AdaCos(C), backend="reference")
-    x, _, y = make_inputs(B, C, D, torch.float32)
-    with pytest.raises(ValueError, match="AdaCos"):
-        head(x, y, scale=_per_row_scales(torch.float32))
-    with pytest.raises(TypeError, match="per-row"):
-        mo.MarginHead(D, C, backend="reference")(x, y, scale=30.0)
-
-
 # -- row weights ------------------------------------------------------------------------------------------
 
 
@@ -281,13 +272,3 @@ def test_row_weight_is_a_constant():
     loss = mo.margin_cross_entropy(x.requires_grad_(), W, y, margin, 16.0, row_weight=w)
     loss.backward()
     assert w.grad is None and x.grad is not None
-
-
-def test_module_passes_per_call_scale_and_weights():
-    head = mo.MarginHead(D, C, margin=mo.CosFace(0.3), scale=10.0, dtype=torch.float64, backend="reference")
-    x, _, y = make_inputs(B, C, D, torch.float64, ignore=1)
-    s, w = _per_row_scales(), _weights()
-    got = head(x, y, scale=s, row_weight=w)
-    ref = mo.margin_cross_entropy(x, head.weight, y, mo.CosFace(0.3), s, row_weight=w, backend="reference")
-    assert torch.equal(got, ref)
-    assert "row_weight" not in mo.modules._OPTIONS  # a per-call argument, not a head option
