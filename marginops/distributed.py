@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from . import ops
 from .adacos import AdaCos
 from .backends import RowStats, combine_stats
-from .functional import MarginStats, fused_loss
+from .functional import fused_loss
 from .margins import MarginLike
 from .modules import _OPTIONS, call_scale, init_class_weights
 from .prepare import Exchange, label_check, prepare_call
@@ -86,7 +86,9 @@ _all_gather = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
 _all_gather_autograd = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
 
 _MASK31 = 2**31 - 1
-_POSITIVE = 1 << 62  # above every drawn score: the batch's classes are always sampled
+# above every drawn score (below 2**(31 + bits of num_local) <= 2**62 for fewer than 2**31 classes per
+# rank): the batch's classes are always sampled
+_POSITIVE = 1 << 62
 
 
 def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -441,8 +443,8 @@ class ShardedMarginHead(nn.Module):
         labels = torch.sort(torch.where(valid, y, torch.full_like(y, -1))).values
         first = torch.ones_like(labels, dtype=torch.bool)
         first[1:] = labels[1:] != labels[:-1]
-        starts = torch.tensor([shard_range(self.num_classes, self.world_size, r)[0] for r in range(1, self.world_size)],
-                              dtype=torch.int64, device=y.device)
+        starts = [shard_range(self.num_classes, self.world_size, r)[0] for r in range(1, self.world_size)]
+        starts = torch.tensor(starts, dtype=torch.int64, device=y.device)
         owner = torch.bucketize(labels, starts, right=True)
         per_rank = torch.zeros(self.world_size, dtype=torch.int64, device=y.device)
         return per_rank.index_add_(0, owner, (first & (labels >= 0)).long())

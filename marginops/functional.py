@@ -119,9 +119,10 @@ def margin_cross_entropy(
         \ell_i = \log\Big(e^{z_i} + \sum_{j \ne y_i} e^{s \cos_{ij}}\Big) - z_i
 
     where ``x̂``, ``ŵ`` are the L2-normalized rows (``normalize=True``) and
-    ``psi`` is the margin (with a per-row scale, ``s_i`` in place of ``s`` in row ``i``). This equals ``F.cross_entropy`` over the logits
-    ``s * cos`` with the target logit replaced by ``s * psi(t)``, and so
-    the usual CosFace / ArcFace / SphereFace heads.
+    ``psi`` is the margin (with per-row scales, ``s_i`` in place of ``s`` in
+    row ``i``). This equals ``F.cross_entropy`` over the logits ``s * cos``
+    with the target logit replaced by ``s * psi(t)``, and so the usual
+    CosFace / ArcFace / SphereFace heads.
 
     Args:
         embeddings (Tensor): ``(B, D)`` features, float16/bfloat16/float32/float64.

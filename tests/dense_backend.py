@@ -28,7 +28,8 @@ def register() -> None:
 
 
 def _refuse(opts: FusedOptions) -> None:
-    for name, on in (("sub-centres", opts.sub_centers > 1), ("inter-class filtering", opts.filter_threshold is not None),
+    for name, on in (("sub-centres", opts.sub_centers > 1),
+                     ("inter-class filtering", opts.filter_threshold is not None),
                      ("gradient filtering", opts.gradient_filter is not None)):
         if on:
             raise NotImplementedError(f"the dense test backend does not do {name}")
@@ -72,7 +73,8 @@ def forward_stats(call: Call) -> RowStats:
         if wh.shape[0]:
             best, arg = logits.max(1)  # the first maximum
         else:
-            best, arg = torch.full((len(xh),), float("-inf"), dtype=logits.dtype), torch.zeros(len(xh), dtype=torch.long)
+            best = torch.full((len(xh),), float("-inf"), dtype=logits.dtype)
+            arg = torch.zeros(len(xh), dtype=torch.long)
         arg = arg + opts.class_start
     total = others.masked_fill(target, 0.0).sum(1) if opts.label_smoothing > 0 else empty
     return RowStats(torch.logsumexp(others, 1), best, arg, total)

@@ -524,7 +524,8 @@ def compare_and_compile(rank: int, world: int, *, configs: list[dict], compiled:
     """:func:`compare_with_single_process` for each of ``configs`` and :func:`compiled_steps` for each
     of ``compiled``, in one process group (spawning is slow); each part ``(status, results)``."""
     out = {}
-    for part, case, cases in (("compare", compare_with_single_process, configs), ("compiled", compiled_steps, compiled)):
+    parts = (("compare", compare_with_single_process, configs), ("compiled", compiled_steps, compiled))
+    for part, case, cases in parts:
         try:
             out[part] = ("ok", [case(rank, world, **dict(config)) for config in cases])
         except Exception as e:  # noqa: BLE001 (reported to the test)
