@@ -167,6 +167,33 @@ def test_inplace_change_after_forward_is_detected(strategy, which):
         loss.backward()
 
 
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_one_weight_sized_gradient_per_call(strategy, backend):
+    """Forward and backward create one C x D tensor: the backend's dW, into which the target rows are
+    added in place and which becomes W.grad (no second dense gradient, no copy of the weight)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    C, D, B = 500, 16, 8
+    x, W, y = make_inputs(B, C, D, torch.float32, ignore=1)
+    xl, Wl = _leaves(x, W)
+    storages = set()
+
+    class WeightSized(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() >= C * D * 4:
+                    storages.add(t.untyped_storage().data_ptr())
+            return out
+
+    with WeightSized():
+        loss = mo.margin_cross_entropy(xl, Wl, y, mo.ArcFace(0.5), 16.0, backend=backend, strategy=strategy)
+        _assert_path(loss, strategy)
+        loss.backward()
+    assert storages - {Wl.untyped_storage().data_ptr()} == {Wl.grad.untyped_storage().data_ptr()}
+
+
 # -- 2. retained graphs -----------------------------------------------------------------------------------
 
 
