@@ -353,11 +353,6 @@ def sampled_step(rank: int, world: int, *, sample_rate: float, margin: str = "ar
     }
 
 
-def sampling_many(rank: int, world: int, *, configs: list[dict]) -> list[dict]:
-    """:func:`sampled_step` for each config in one process group."""
-    return [sampled_step(rank, world, **dict(config)) for config in configs]
-
-
 def eval_mode_uses_every_class(rank: int, world: int) -> float:
     """With ``head.eval()`` a sampling head gives the loss of all classes."""
     W, xs, ys = problem(world, C=41, sizes=(6, 5, 4))
@@ -462,11 +457,9 @@ def _counting_backend(graphs: list):
 
 
 def compiled_steps(rank: int, world: int, *, steps: int = 3, sample_rate: float = 1.0, max_local_batch=8,
-                   margin: str = "arcface", C: int = 60, sizes=(6, 5, 4), lr: float = 0.5, per_row: bool = False,
-                   **options) -> dict:
+                   margin: str = "arcface", C: int = 60, sizes=(6, 5, 4), lr: float = 0.5, **options) -> dict:
     """``steps`` training steps (new batch each step, SGD on the weight) of a head compiled with
     ``torch.compile(fullgraph=True)`` when ``max_local_batch`` is set, beside the same head in eager mode.
-    ``per_row``: each step also passes per-row scales (their gradients compared too) and row weights.
 
     Returns the compilations and graph breaks Dynamo counted, and per step the largest relative
     differences (compiled vs eager) of the loss, the local embeddings' and the weight's gradients, and
@@ -491,28 +484,22 @@ def compiled_steps(rank: int, world: int, *, steps: int = 3, sample_rate: float 
     report = {"steps": []}
     for step in range(steps):
         _, xs, ys = problem(world, C=C, sizes=sizes, dtype=torch.float32, seed=100 + step)
-        n = len(xs[rank])
-        g = torch.Generator().manual_seed(1000 * step + rank)
-        scales, weights = 8 + 16 * torch.rand(n, generator=g), torch.rand(n, generator=g)
         outs = []
         for head, fn in zip(heads, (eager_fn, compiled_fn)):
             x = xs[rank].clone().requires_grad_()
-            extra = dict(scale=scales.clone().requires_grad_(), row_weight=weights) if per_row else {}
             head.weight.grad = None
-            loss, stats = fn(x, ys[rank], **extra)
+            loss, stats = fn(x, ys[rank])
             loss.backward()
-            outs.append((loss.detach(), x.grad, head.weight.grad.clone(), stats.prediction,
-                         extra["scale"].grad if per_row else torch.zeros(0)))
+            outs.append((loss.detach(), x.grad, head.weight.grad.clone(), stats.prediction))
             with torch.no_grad():
                 head.weight -= lr * head.weight.grad
 
         def rel(a, b):
             return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() if b.numel() else 0.0
 
-        (le, xe, we, pe, se), (lc, xc, wc, pc, sc) = outs
+        (le, xe, we, pe), (lc, xc, wc, pc) = outs
         report["steps"].append({"loss": rel(lc, le), "x.grad": rel(xc, xe), "W.grad": rel(wc, we),
-                                "scale.grad": rel(sc, se), "prediction": bool(torch.equal(pc, pe)),
-                                "loss_value": le.item()})
+                                "prediction": bool(torch.equal(pc, pe)), "loss_value": le.item()})
     report["compiles"] = len(graphs)
     report["graph_breaks"] = sum(counters["graph_break"].values())
     report["break_reasons"] = sorted(counters["graph_break"])[:5]
@@ -520,11 +507,13 @@ def compiled_steps(rank: int, world: int, *, steps: int = 3, sample_rate: float 
     return report
 
 
-def compare_and_compile(rank: int, world: int, *, configs: list[dict], compiled: list[dict]) -> dict:
-    """:func:`compare_with_single_process` for each of ``configs`` and :func:`compiled_steps` for each
-    of ``compiled``, in one process group (spawning is slow); each part ``(status, results)``."""
+def world_cases(rank: int, world: int, *, configs: list[dict], compiled: list[dict], sampling: list[dict]) -> dict:
+    """In one process group (spawning is slow), each part ``(status, results)``:
+    :func:`compare_with_single_process` for each of ``configs``, :func:`compiled_steps` for each of
+    ``compiled``, and :func:`sampled_step` for each of ``sampling``, twice (fresh heads, the same seed)."""
     out = {}
-    parts = (("compare", compare_with_single_process, configs), ("compiled", compiled_steps, compiled))
+    parts = (("compare", compare_with_single_process, configs), ("compiled", compiled_steps, compiled),
+             ("sampling", sampled_step, sampling), ("sampling_again", sampled_step, sampling))
     for part, case, cases in parts:
         try:
             out[part] = ("ok", [case(rank, world, **dict(config)) for config in cases])
