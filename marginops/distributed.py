@@ -42,9 +42,11 @@ one compilation for every step (the sizes, the sampled counts and the layout
 are fixed by the bound). Without it the ragged local batch sizes are read on
 the host each step: one graph break there (``.tolist()`` of the gathered
 sizes), one more with class sampling (the number each rank draws, which
-depends on the batch's labels), and a new trace for each new combination of
-sizes (Dynamo marks them dynamic after the first change). An AdaCos scale is
-read on the host every training step (as in one process).
+depends on the batch's labels, compiles again whenever it changes), and each
+new combination of local sizes compiles again (measured: one more compilation
+per new combination, up to Dynamo's recompile limit), so keep the sizes fixed
+or give the bound. An AdaCos scale is read on the host every training step
+(as in one process).
 
 The loss every rank returns is the global loss; its backward gives each
 rank's embeddings ``d loss / d local_embeddings`` and its weight block the
