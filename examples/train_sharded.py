@@ -14,6 +14,10 @@ the encoder and the head's *full* weight, loadable on any world size
 (``ShardedMarginHead.load_full_state_dict``) or by a plain ``MarginHead``.
 With ``--sample-rate 0.1`` each step runs over the batch's classes plus a
 random 10% of the others (the loss and the accuracy are then over those).
+Every rank's batch has the same, fixed size, given to the head as
+``max_local_batch``: no step reads a value on the host, and with
+``--compile`` the head runs as one ``torch.compile(fullgraph=True)`` graph
+(compiled on the first step, never again).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def parse_args():
     p.add_argument("--sample-rate", type=float, default=1.0,
                    help="share of each rank's classes per step (Partial FC's class sampling); 1: all")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) the head")
     p.add_argument("--checkpoint", default="sharded_head.pt")
     return p.parse_args()
 
@@ -58,7 +63,9 @@ def main() -> None:
     encoder = DistributedDataParallel(nn.Sequential(
         nn.Linear(args.input_dim, 256), nn.ReLU(), nn.Linear(256, args.embedding_dim)))
     head = ShardedMarginHead(args.embedding_dim, args.classes, margin=mo.ArcFace(0.3), scale=30.0,
-                             sample_rate=args.sample_rate, seed=args.seed, return_stats=True)
+                             sample_rate=args.sample_rate, seed=args.seed, max_local_batch=args.batch,
+                             return_stats=True)
+    head_step = torch.compile(head, fullgraph=True) if args.compile else head
     optimizer = torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=args.lr, momentum=0.9)
     head.attach_optimizer(optimizer)  # with sampling: unsampled class rows keep their weights and momentum
     data = torch.Generator().manual_seed(args.seed * 1000 + rank + 1)  # each rank draws its own batches
@@ -67,7 +74,7 @@ def main() -> None:
     for step in bar:
         labels = torch.randint(0, args.classes, (args.batch,), generator=data)
         inputs = prototypes[labels] + 0.5 * torch.randn(args.batch, args.input_dim, generator=data)
-        loss, stats = head(encoder(inputs), labels)  # the global batch's loss, the same on every rank
+        loss, stats = head_step(encoder(inputs), labels)  # the global batch's loss, the same on every rank
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -83,7 +90,7 @@ def main() -> None:
     # released after destroy_process_group, on exit, gloo's teardown could wait forever for a peer that
     # had already gone (seen on a fresh machine: the run finished, one rank never exited).
     dist.barrier()
-    del encoder, head, optimizer, state
+    del encoder, head, head_step, optimizer, state
     dist.destroy_process_group()
 
 

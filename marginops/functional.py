@@ -1,27 +1,20 @@
-"""``margin_cross_entropy``: validation, the dtype policy and the three steps of :mod:`marginops.ops`."""
+"""``margin_cross_entropy``: one prepared call (:mod:`marginops.prepare`) through the operators of
+:mod:`marginops.ops`, or through the float64-capable oracle for ``backend="reference"``."""
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import ops, reference
-from ._checks import EPS, check_number, check_optional_int, check_tensor
-from .backends import FusedOptions, get_backend, resolve_backend
-from .backends.common import acc_dtype, inverse_norms
 from .margins.adacos import AdaCos
-from .margins.zoo import Margin, MarginLike, NoMargin
-from .margins.subcenter import SubCenter, check_weight_rows
+from .margins.zoo import MarginLike
+from .prepare import (REDUCTIONS, SINGLE_PROCESS, Exchange, PreparedCall, add_row_terms, apply_margin,
+                      prepare_call)
 
-__all__ = ["margin_cross_entropy", "MarginStats", "REDUCTIONS"]
-
-REDUCTIONS = ("mean", "sum", "none")
-STRATEGIES = ("auto", "recompute", "workspace")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+__all__ = ["margin_cross_entropy", "MarginStats", "REDUCTIONS", "fused_loss"]
 
 
 class MarginStats(NamedTuple):
@@ -49,149 +42,50 @@ class MarginStats(NamedTuple):
     prediction: Tensor
 
 
-def _validate(x, W, y, scale, reduction, ignore_index, label_smoothing, normalize, chunk_size, memory_budget,
-              strategy, validate_labels):
-    check_tensor("embeddings", x, 2)
-    check_tensor("weight", W, 2)
-    check_tensor("labels", y, 1)
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"embeddings must be a floating-point tensor ({', '.join(map(str, _FLOAT_DTYPES))}), "
-                        f"got dtype {x.dtype}")
-    if W.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"weight must be a floating-point tensor ({', '.join(map(str, _FLOAT_DTYPES))}), "
-                        f"got dtype {W.dtype}")
-    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor of class indices, got dtype {y.dtype}")
-    if W.device != x.device or y.device != x.device:
-        raise ValueError(f"embeddings, weight and labels must be on one device, got {x.device}, {W.device}, {y.device}")
-    B, D = x.shape
-    C, Dw = W.shape
-    if Dw != D:
-        raise ValueError(f"weight has {Dw} features per class but embeddings have {D} (weight is (C, D), nn.Linear layout)")
-    if y.shape[0] != B:
-        raise ValueError(f"labels has {y.shape[0]} entries but embeddings has {B} rows")
-    if C < 1:
-        raise ValueError("weight must have at least one class (row), got shape " + str(tuple(W.shape)))
-    if D < 1:
-        raise ValueError(f"embeddings must have at least one feature, got shape {tuple(x.shape)}")
-    scale = check_number("scale", scale, low=0.0, high=math.inf, low_open=True)
-    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
-    label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {normalize!r}")
-    chunk_size = check_optional_int("chunk_size", chunk_size, 1)
-    if not isinstance(strategy, str) or strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if strategy == "workspace" and reduction == "none":
-        raise ValueError("strategy='workspace' computes gradients during the forward pass for a scalar loss; "
-                         "it needs reduction 'mean' or 'sum', got reduction='none'")
-    memory_budget = check_optional_int("memory_budget", memory_budget, 1)
-    if not (isinstance(validate_labels, bool) or validate_labels in ("host", "device")):
-        raise ValueError(f"validate_labels must be True, False, 'host' or 'device', got {validate_labels!r}")
-    return scale, label_smoothing, chunk_size, memory_budget
+def fused_loss(call: PreparedCall, exchange: Exchange = SINGLE_PROCESS) -> tuple[Tensor, MarginStats]:
+    """The loss of a prepared call on a fused backend, and its :class:`MarginStats`.
+
+    The steps of :mod:`marginops.ops`, with ``exchange`` joining the processes
+    of a class-sharded call at its fixed points (the single-process exchange is
+    the identity): the target cosine, the margin, the fused pass over the
+    weight's classes, the loss; then the AdaCos policy's observation and the
+    margin's per-row loss term.
+    """
+    opts = call.opts
+    t, carrier_x, carrier_W = ops.target_cosine(
+        call.x, call.W, call.labels, call.inv_x, call.inv_w, row_scale=call.row_scale, row_weight=call.row_weight,
+        ignore_index=call.ignore_index, label_check=call.label_check, backend=call.backend, opts=opts)
+    t = exchange.share_target(t)
+    scale = call.scale if call.row_scale is None else exchange.replicate(call.row_scale)
+    z = scale * apply_margin(call.psi, t)
+    loss, lse, stats = ops.margin_softmax(call.x, call.W, call.safe, call.inv_x, call.inv_w, call.row_scale, z,
+                                          call.w, carrier_x, carrier_W, backend=call.backend, opts=opts,
+                                          combine=exchange.combine)
+    if call.policy is not None:
+        call.policy.observe(stats.lse, t.detach(), call.valid)
+    loss = add_row_terms(loss, call.extra, call.w, call.reduction).to(call.out_dtype)
+    return loss, MarginStats(lse, z.detach(), t.detach(), stats.argmax)
 
 
-def check_filter_threshold(threshold, normalize: bool, label_smoothing: float) -> Optional[float]:
-    """The ``interclass_filtering_threshold`` option, validated (None: no filtering)."""
-    if threshold is None:
-        return None
-    threshold = check_number("interclass_filtering_threshold", threshold, low=-1.0, high=1.0)
-    if not normalize:
-        raise ValueError("interclass_filtering_threshold is a cosine threshold and needs normalize=True")
-    if label_smoothing > 0:
-        raise ValueError("interclass_filtering_threshold cannot be combined with label_smoothing > 0 (the "
-                         "smoothing term would sum logits of classes that filtering removes from the softmax)")
-    return threshold
-
-
-def check_gradient_filter(threshold) -> Optional[float]:
-    """The ``gradient_filter`` option, validated: a probability in ``(0, 1]``, or None (off)."""
-    if threshold is None:
-        return None
-    return check_number("gradient_filter", threshold, low=0.0, high=1.0, low_open=True)
-
-
-def split_sub_centers(margin, weight_rows: int, label_smoothing: float):
-    """``(margin, k, classes)``: a :class:`SubCenter` unwrapped into its margin and ``k``."""
-    if not isinstance(margin, SubCenter):
-        return margin, 1, weight_rows
-    k = margin.k
-    classes = check_weight_rows(weight_rows, k)
-    if k > 1 and label_smoothing > 0:
-        raise NotImplementedError(f"label_smoothing > 0 is not supported with sub-centres (k = {k}): its "
-                                  "term sums the class logits, which are maxima over sub-centres")
-    return margin.margin, k, classes
-
-
-def _resolve_margin(margin: MarginLike, batch: int):
-    if margin is None:
-        return NoMargin()
-    if isinstance(margin, Margin):
-        margin.check_batch(batch)
-        return margin
-    if callable(margin):
-        return margin
-    raise TypeError(f"margin must be a Margin, a callable psi(t) -> Tensor, or None, got {type(margin).__name__}")
-
-
-def _apply_margin(psi, t: Tensor) -> Tensor:
-    out = psi(t)
-    if not isinstance(out, Tensor):
-        raise TypeError(f"margin {psi!r} returned {type(out).__name__}, expected a Tensor shaped like t {tuple(t.shape)}")
-    if out.shape != t.shape:
-        raise ValueError(f"margin {psi!r} returned shape {tuple(out.shape)}, expected {tuple(t.shape)} (one value per row)")
-    return out.to(t.dtype)
-
-
-def _add_row_terms(loss: Tensor, extra: Optional[Tensor], valid: Tensor, reduction: str) -> Tensor:
-    """``loss`` plus a margin's per-row loss term (MagFace's regularizer), weighted and reduced like
-    the rows of the loss: ignored rows add nothing, ``"mean"`` averages over the others."""
-    if extra is None:
-        return loss
-    terms = torch.where(valid, extra, torch.zeros_like(extra)).to(loss.dtype)
-    if reduction == "none":
-        return loss + terms
-    total = terms.sum()
-    return loss + (total / valid.sum().clamp_min(1).to(total.dtype) if reduction == "mean" else total)
-
-
-def row_weights(labels: Tensor, ignore_index: int, reduction: str, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """``(valid, safe, w)``: which rows count, the labels with ignored rows pointed at class 0, and each
-    row's loss weight (0 for ignored rows; ``1 / n_valid`` for ``"mean"``, else 1)."""
-    valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels))
-    w = valid.to(acc)
-    if reduction == "mean":
-        w = w / w.sum().clamp_min(1.0)
-    return valid, safe, w
-
-
-def _label_check(validate_labels, device: torch.device) -> str:
-    """The :data:`marginops.ops.LABEL_CHECKS` mode for the ``validate_labels`` option on ``device``."""
-    if validate_labels is False:
-        return "none"
-    if validate_labels is True:
-        return "device" if device.type == "cuda" else "host"
-    return validate_labels
-
-
-def loss_dtype(x_dtype: torch.dtype, W_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The loss comes in the wider input dtype, and in at least float32 under autocast (a loss, like
-    ``F.cross_entropy``, is computed and returned in full precision there)."""
-    dtype = torch.promote_types(x_dtype, W_dtype)
-    if device.type in ("cpu", "cuda") and _autocast_enabled(device.type):
-        dtype = torch.promote_types(dtype, torch.float32)
-    return dtype
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 takes no device type
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+def _reference_loss(call: PreparedCall) -> tuple[Tensor, MarginStats]:
+    """The loss of a prepared call on the materialized oracle (:mod:`marginops.reference`)."""
+    opts = call.opts
+    host = "host" if call.label_check != "none" else "none"
+    ops.check_labels(call.labels, call.num_classes, call.ignore_index, host)
+    ops.check_row_values("scale", call.row_scale, host, positive=True)
+    ops.check_row_values("row_weight", call.row_weight, host, positive=False)
+    common = torch.promote_types(call.x.dtype, call.W.dtype)
+    out = reference.margin_cross_entropy_reference(
+        call.x.to(common), call.W.to(common), call.labels, lambda t: apply_margin(call.psi, t),
+        call.scale if call.row_scale is None else call.row_scale.to(common), normalize=opts.normalize,
+        reduction=call.reduction, ignore_index=call.ignore_index, label_smoothing=opts.label_smoothing,
+        interclass_filtering_threshold=opts.filter_threshold, sub_centers=opts.sub_centers,
+        row_weight=call.row_weight,
+    )
+    if call.policy is not None:
+        call.policy.observe(out.nontarget_lse, out.target_cos, call.valid)
+    loss = add_row_terms(out.loss, call.extra, call.w, call.reduction).to(call.out_dtype)
+    return loss, MarginStats(out.lse, out.target_logit, out.target_cos, out.prediction)
 
 
 def margin_cross_entropy(
@@ -199,7 +93,7 @@ def margin_cross_entropy(
     weight: Tensor,
     labels: Tensor,
     margin: MarginLike = None,
-    scale: float = 64.0,
+    scale: Union[float, Tensor, AdaCos] = 64.0,
     *,
     normalize: bool = True,
     reduction: str = "mean",
@@ -213,6 +107,7 @@ def margin_cross_entropy(
     validate_labels: Union[bool, str] = True,
     interclass_filtering_threshold: Optional[float] = None,
     gradient_filter: Optional[float] = None,
+    row_weight: Optional[Tensor] = None,
 ) -> Union[Tensor, tuple[Tensor, MarginStats]]:
     r"""Margin softmax cross-entropy over many classes without materializing ``B x C`` logits.
 
@@ -224,9 +119,10 @@ def margin_cross_entropy(
         \ell_i = \log\Big(e^{z_i} + \sum_{j \ne y_i} e^{s \cos_{ij}}\Big) - z_i
 
     where ``x̂``, ``ŵ`` are the L2-normalized rows (``normalize=True``) and
-    ``psi`` is the margin. This equals ``F.cross_entropy`` over the logits
-    ``s * cos`` with the target logit replaced by ``s * psi(t)``, and so
-    the usual CosFace / ArcFace / SphereFace heads.
+    ``psi`` is the margin (with per-row scales, ``s_i`` in place of ``s`` in
+    row ``i``). This equals ``F.cross_entropy`` over the logits ``s * cos``
+    with the target logit replaced by ``s * psi(t)``, and so the usual
+    CosFace / ArcFace / SphereFace heads.
 
     Args:
         embeddings (Tensor): ``(B, D)`` features, float16/bfloat16/float32/float64.
@@ -238,9 +134,14 @@ def margin_cross_entropy(
             :class:`marginops.SubCenter` ``(margin, k)`` makes ``weight`` ``(C * k, D)``: ``k``
             sub-centres per class (class-major), each class's cosine the largest of its ``k``
             (the gradient reaches that sub-centre only, the lowest index on ties).
-        scale (float or AdaCos): ``s`` > 0, or a :class:`marginops.AdaCos` scale policy
-            (its current scale is used; in training mode a dynamic one then sets the next
-            step's scale from this call's statistics). Default: 64.0.
+        scale (float, Tensor or AdaCos): ``s`` > 0; or a ``(B,)`` floating-point tensor of
+            per-row scales ``s_i`` (positive, finite; a 0-d tensor applies to every row): row
+            ``i``'s logits are ``s_i cos_ij`` and its target logit ``s_i psi(t_i)``, and the tensor
+            receives its gradient when it requires one (a learnable or per-sample temperature);
+            or a :class:`marginops.AdaCos` scale policy (its current scale is used; in training
+            mode a dynamic one then sets the next step's scale from this call's statistics).
+            The fused backends receive per-row scales as
+            :attr:`marginops.backends.Call.row_scale` (with ``FusedOptions.scale = 1``). Default: 64.0.
         normalize (bool): L2-normalize rows of ``embeddings`` and ``weight`` (norms
             floored at 1e-12, as ``F.normalize``). ``False`` gives plain linear
             logits ``x @ W.T``; ``scale`` and ``margin`` still apply. Default: True.
@@ -300,11 +201,18 @@ def margin_cross_entropy(
             skipped, its (tiny) contribution to the gradients dropped. An approximation that
             saves time when most tiles are negligible (trained models, large ``C``); the loss and
             ``stats`` stay exact. Default: None (every tile, the exact gradients).
+        row_weight (Tensor, optional): ``(B,)`` non-negative, finite loss weights, one per row,
+            treated as constants (no gradient): row ``i``'s loss (a margin's per-row term
+            included) is multiplied by ``row_weight[i]``; ignored rows stay 0; ``"mean"``
+            divides by the sum of the weights of the rows that are not ignored (as
+            ``F.cross_entropy``'s weighted mean; a zero sum gives a zero loss). A miner's
+            selection of rows (e.g. pytorch-metric-learning's ``indices_tuple``) maps onto it
+            as 0/1 weights. Default: None (every row weighs 1).
 
     Returns:
         The loss (a scalar, or ``(B,)`` for ``reduction="none"``) in the wider of the
-        two input dtypes (at least float32 under autocast), or ``(loss, stats)`` with
-        ``return_stats=True``.
+        two input dtypes and at least float32 (16-bit inputs give a float32 loss), or
+        ``(loss, stats)`` with ``return_stats=True``.
         An empty batch, or one whose rows are all ignored, gives a zero loss
         and zero gradients (``F.cross_entropy`` would return NaN for ``mean``).
 
@@ -323,8 +231,9 @@ def margin_cross_entropy(
         beyond their own rounding; the Triton backend multiplies tiles in the
         weight's dtype (the ``B x D`` embeddings are converted to it, never the
         ``C x D`` weight) on tensor cores, accumulating in float32. Statistics, the
-        log-sum-exp and the gradient accumulators are float32 (float64 for float64
-        inputs); autocast is switched off inside marginops' operators so it cannot
+        log-sum-exp, the loss and the gradient accumulators are float32 (float64 for
+        float64 inputs): the loss is not rounded to 16 bits, which alone would cost
+        2-3e-3 of it. Autocast is switched off inside marginops' operators so it cannot
         recast their tiles. Each input's gradient comes in its own dtype.
 
     Autograd:
@@ -344,72 +253,12 @@ def margin_cross_entropy(
         >>> loss, stats = mo.margin_cross_entropy(x, W, y, mo.CosFace(0.35), 30.0, return_stats=True)
         >>> accuracy = (stats.prediction == y).float().mean()
     """
-    x, W = embeddings, weight
-    policy = scale if isinstance(scale, AdaCos) else None
-    if policy is not None:
-        scale = float(policy.scale)  # validated with the rest; the call's scale is read below
-    scale, label_smoothing, chunk_size, memory_budget = _validate(
-        embeddings, weight, labels, scale, reduction, ignore_index, label_smoothing, normalize, chunk_size,
-        memory_budget, strategy, validate_labels,
+    call = prepare_call(
+        embeddings, weight, labels, margin, scale, normalize=normalize, reduction=reduction,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, backend=backend, chunk_size=chunk_size,
+        memory_budget=memory_budget, strategy=strategy, return_stats=return_stats, validate_labels=validate_labels,
+        interclass_filtering_threshold=interclass_filtering_threshold, gradient_filter=gradient_filter,
+        row_weight=row_weight,
     )
-    if not isinstance(return_stats, bool):
-        raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
-    margin, sub_centers, C = split_sub_centers(margin, W.shape[0], label_smoothing)
-    filter_threshold = check_filter_threshold(interclass_filtering_threshold, normalize, label_smoothing)
-    gradient_filter = check_gradient_filter(gradient_filter)
-    if policy is not None:
-        scale = policy.scale_for_step(C)
-    name = resolve_backend(backend, x.device)
-    psi = _resolve_margin(margin, x.shape[0])
-    extra = None
-    if hasattr(psi, "for_batch"):  # adaptive margins: per-row margins (and a loss term) from this batch
-        psi, extra = psi.for_batch(x)
-        psi = _resolve_margin(psi, x.shape[0])
-    labels = labels.long()
-    out_dtype = loss_dtype(x.dtype, W.dtype, x.device)
-    check = _label_check(validate_labels, x.device)
-
-    if name == "reference":
-        if gradient_filter is not None:
-            raise NotImplementedError("backend='reference' computes the exact gradients; gradient_filter "
-                                      f"= {gradient_filter} needs a fused backend")
-        ops.check_labels(labels, C, ignore_index, "host" if check != "none" else "none")
-        common = torch.promote_types(x.dtype, W.dtype)
-        out = reference.margin_cross_entropy_reference(
-            x.to(common), W.to(common), labels, lambda t: _apply_margin(psi, t), scale, normalize=normalize,
-            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            interclass_filtering_threshold=filter_threshold, sub_centers=sub_centers,
-        )
-        if policy is not None:
-            policy.observe(out.nontarget_lse, out.target_cos, labels != ignore_index)
-        stats = MarginStats(out.lse, out.target_logit, out.target_cos, out.prediction)
-        loss = _add_row_terms(out.loss, extra, labels != ignore_index, reduction).to(out_dtype)
-        return (loss, stats) if return_stats else loss
-
-    acc = acc_dtype(x.dtype, W.dtype)
-    grad_on = torch.is_grad_enabled()
-    opts = FusedOptions(
-        scale=scale, normalize=normalize, label_smoothing=label_smoothing, reduce=reduction != "none", eps=EPS,
-        chunk_size=chunk_size, memory_budget=memory_budget, want_prediction=return_stats, strategy=strategy,
-        need_x=grad_on and x.requires_grad, need_W=grad_on and W.requires_grad,
-        filter_threshold=filter_threshold, sub_centers=sub_centers, gradient_filter=gradient_filter,
-    )
-    if strategy == "workspace" and opts.reduce and (opts.need_x or opts.need_W):
-        # a budget too small for the workspace is a bad static option: say so before any operator runs
-        get_backend(name).uses_workspace(x.shape[0], W.shape[0], x.shape[1], x.dtype, W.dtype, opts)
-    # inverse row norms once per call, outside autograd (the operators' backwards own the normalization backward)
-    inv_x = inverse_norms(x.detach(), acc, EPS) if normalize else None
-    inv_w = inverse_norms(W.detach(), acc, EPS) if normalize else None
-    valid, safe, w = row_weights(labels, ignore_index, reduction, acc)
-
-    t, carrier_x, carrier_W = ops.target_cosine(x, W, labels, inv_x, inv_w, ignore_index=ignore_index,
-                                                label_check=check, backend=name, opts=opts)
-    z = scale * _apply_margin(psi, t)
-    loss, lse, prediction, nontarget_lse = ops.margin_softmax(x, W, safe, inv_x, inv_w, z, w, carrier_x,
-                                                              carrier_W, backend=name, opts=opts)
-    if policy is not None:
-        policy.observe(nontarget_lse, t.detach(), valid)
-    loss = _add_row_terms(loss, extra, valid, reduction).to(out_dtype)
-    if not return_stats:
-        return loss
-    return loss, MarginStats(lse, z.detach(), t.detach(), prediction)
+    loss, stats = _reference_loss(call) if call.backend == "reference" else fused_loss(call)
+    return (loss, stats) if return_stats else loss

@@ -18,9 +18,27 @@ from .margins.subcenter import SubCenter, check_sub_centers
 
 __all__ = ["MarginHead"]
 
+#: Arguments of :func:`marginops.margin_cross_entropy` that belong to one call (given to ``forward``).
+PER_CALL = ("row_weight",)
+#: Its keyword-only options that a head holds (given to the constructor).
 _OPTIONS = tuple(
-    name for name, p in inspect.signature(margin_cross_entropy).parameters.items() if p.kind is p.KEYWORD_ONLY
+    name for name, p in inspect.signature(margin_cross_entropy).parameters.items()
+    if p.kind is p.KEYWORD_ONLY and name not in PER_CALL
 )
+
+
+def call_scale(head_scale, scale: Optional[Tensor]):
+    """The scale of one forward: the head's, or the per-row ``scale`` given to ``forward`` (refused
+    with an AdaCos policy, whose statistics are those of its own single scale)."""
+    if scale is None:
+        return head_scale
+    if isinstance(head_scale, AdaCos):
+        raise ValueError("this head's scale is an AdaCos policy, which sets one scale per step from its "
+                         "statistics; a per-row scale cannot be given to forward (build the head with a number)")
+    if not isinstance(scale, Tensor):
+        raise TypeError(f"forward's scale must be a (B,) tensor of per-row scales (or None), got "
+                        f"{type(scale).__name__}; a fixed scale belongs to the constructor")
+    return scale
 
 
 def init_class_weights(weight: Tensor, normalize: bool) -> None:
@@ -59,6 +77,11 @@ class MarginHead(nn.Module):
         **options: any keyword-only option of :func:`marginops.margin_cross_entropy`
             (``normalize``, ``reduction``, ``ignore_index``, ``label_smoothing``,
             ``backend``, ``chunk_size``, ``memory_budget``, ``return_stats``, ...).
+
+    ``forward(embeddings, labels, *, scale=None, row_weight=None)``: ``scale`` a
+    ``(B,)`` tensor of per-row scales for this call in place of the head's (not with
+    an AdaCos policy: a ValueError), ``row_weight`` ``(B,)`` per-row loss weights;
+    both as in :func:`marginops.margin_cross_entropy`.
 
     Shape:
         - embeddings: :math:`(B, D)`, labels: :math:`(B)`
@@ -101,9 +124,11 @@ class MarginHead(nn.Module):
     def reset_parameters(self) -> None:
         init_class_weights(self.weight, self.options.get("normalize", True))
 
-    def forward(self, embeddings: Tensor, labels: Tensor):
+    def forward(self, embeddings: Tensor, labels: Tensor, *, scale: Optional[Tensor] = None,
+                row_weight: Optional[Tensor] = None):
         margin = SubCenter(self.margin, self.sub_centers) if self.sub_centers > 1 else self.margin
-        return margin_cross_entropy(embeddings, self.weight, labels, margin, self.scale, **self.options)
+        return margin_cross_entropy(embeddings, self.weight, labels, margin, call_scale(self.scale, scale),
+                                    row_weight=row_weight, **self.options)
 
     def topk(self, embeddings: Tensor, k: int, *, chunk_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
         """The ``k`` classes whose centres (rows of ``weight``) are closest to each embedding:

@@ -9,7 +9,7 @@ meant to be fast; it is meant to be obviously right.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ def margin_cross_entropy_reference(
     weight: Tensor,
     labels: Tensor,
     margin: Optional[Callable[[Tensor], Tensor]] = None,
-    scale: float = 64.0,
+    scale: Union[float, Tensor] = 64.0,
     *,
     normalize: bool = True,
     reduction: str = "mean",
@@ -41,12 +41,19 @@ def margin_cross_entropy_reference(
     label_smoothing: float = 0.0,
     interclass_filtering_threshold: Optional[float] = None,
     sub_centers: int = 1,
+    row_weight: Optional[Tensor] = None,
 ) -> ReferenceOutput:
     """Margin cross-entropy computed the naive way (see module docstring).
 
     Semantics match :func:`marginops.margin_cross_entropy`: ignored rows
     contribute zero; ``reduction="mean"`` divides by the number of rows that
     are not ignored, and returns a zero loss when every row is ignored.
+
+    ``scale`` may be a ``(B,)`` tensor: row ``i``'s logits are then ``scale[i] * cos``
+    and its target logit ``scale[i] * psi(t_i)`` (gradients flow into it).
+    ``row_weight`` ``(B,)`` multiplies each row's loss; ``"mean"`` then divides by
+    the sum of the weights of the rows that are not ignored (as ``F.cross_entropy``'s
+    weighted mean), a zero loss when that sum is 0.
 
     ``sub_centers = k``: ``weight`` has ``k`` rows per class (class-major) and the
     ``B x C`` class cosines are the maxima of the ``B x C x k`` sub-centre cosines,
@@ -66,19 +73,25 @@ def margin_cross_entropy_reference(
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     t = cos.gather(1, safe.unsqueeze(1)).squeeze(1)
     z = scale * (margin(t) if margin is not None else t)
-    logits = (scale * cos).scatter(1, safe.unsqueeze(1), z.unsqueeze(1).to(cos.dtype))
+    per_row_scale = scale.unsqueeze(1) if isinstance(scale, Tensor) else scale
+    logits = (per_row_scale * cos).scatter(1, safe.unsqueeze(1), z.unsqueeze(1).to(cos.dtype))
     if interclass_filtering_threshold is not None:
         target = torch.zeros_like(cos, dtype=torch.bool).scatter(1, safe.unsqueeze(1), True)
         logits = logits.masked_fill((cos > interclass_filtering_threshold) & ~target, float("-inf"))
     per_row = F.cross_entropy(
         logits, labels, reduction="none", ignore_index=ignore_index, label_smoothing=label_smoothing
     )
+    counted = valid.to(per_row.dtype)
+    if row_weight is not None:
+        counted = torch.where(valid, row_weight.to(per_row.dtype), torch.zeros_like(counted))
+        per_row = torch.where(counted != 0, per_row * counted, torch.zeros_like(per_row))  # 0 even for an inf loss
     if reduction == "none":
         loss = per_row
     elif reduction == "sum":
         loss = per_row.sum()
     else:
-        loss = per_row.sum() / valid.sum().clamp_min(1).to(per_row.dtype)
+        total = counted.sum()
+        loss = per_row.sum() / torch.where(total > 0, total, torch.ones_like(total))
     with torch.no_grad():
         lse = torch.logsumexp(logits, dim=1)
         nontarget_lse = torch.logsumexp(logits.scatter(1, safe.unsqueeze(1), float("-inf")), dim=1)

@@ -18,6 +18,8 @@ import time
 import traceback
 from datetime import timedelta
 
+from typing import Optional
+
 from torch import Tensor
 
 import torch
@@ -26,6 +28,10 @@ import torch.multiprocessing as mp
 
 import marginops as mo
 from marginops.distributed import ShardedMarginHead
+
+from . import dense_backend
+
+dense_backend.register()  # backend="dense": per-row scales before the fused backends have them
 
 #: A generous bound on one collective: a rank that died must not keep the others waiting longer.
 COLLECTIVE_TIMEOUT = timedelta(seconds=30)
@@ -86,11 +92,12 @@ def spawn(world: int, case: str, timeout: float = 240.0, **kwargs) -> list[tuple
 # -- the problems ----------------------------------------------------------------------------------------
 
 def problem(world: int, *, C: int = 23, D: int = 6, sizes=(5, 3, 7), dtype=torch.float64, seed: int = 0,
-            ignore=((0, 1),)):
-    """The same full problem on every rank: per-rank batches ``sizes[:world]``, the full weight, labels
-    with the given (rank, row) pairs set to -100 and the second row sharing the first one's label."""
+            ignore=((0, 1),), sub_centers: int = 1):
+    """The same full problem on every rank: per-rank batches ``sizes[:world]``, the full weight (``C *
+    sub_centers`` rows), labels with the given (rank, row) pairs set to -100 and the second row sharing
+    the first one's label."""
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(C, D, generator=g, dtype=torch.float64).to(dtype)
+    W = torch.randn(C * sub_centers, D, generator=g, dtype=torch.float64).to(dtype)
     xs, ys = [], []
     for n in sizes[:world]:
         xs.append(torch.randn(n, D, generator=g, dtype=torch.float64).to(dtype))
@@ -125,31 +132,78 @@ def _margin(kind: str, batch: int):
             }[kind]
 
 
+def gather_ragged(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Every rank's ``t`` (first dimensions ``sizes``) in rank order, with plain ``dist.all_gather``."""
+    parts = [t.new_zeros((max(sizes), *t.shape[1:])) for _ in sizes]
+    dist.all_gather(parts, torch.cat([t, t.new_zeros((max(sizes) - len(t), *t.shape[1:]))]))
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
 def padded_rows(sizes, cap) -> torch.Tensor:
     """Where each row of the global batch sits in the padded layout of ``max_local_batch = cap``."""
     return torch.cat([torch.arange(r * cap, r * cap + n) for r, n in enumerate(sizes)])
 
 
+def _per_row(kind: str, B: int, dtype) -> Optional[Tensor]:
+    """Deterministic per-row values of the global batch: ``"weight"`` in [0, 2] (one row 0), ``"scale"``
+    in [8, 24]."""
+    if not kind:
+        return None
+    g = torch.Generator().manual_seed(11)
+    values = torch.rand(B, generator=g, dtype=torch.float64)
+    if kind == "weight":
+        values = 2 * values
+        values[-1] = 0.0
+    else:
+        values = 8 + 16 * values
+    return values.to(dtype)
+
+
 def compare_with_single_process(rank: int, world: int, *, margin: str = "arcface", dtype=torch.float64,
-                                sizes=(5, 3, 7), C: int = 23, max_local_batch=None, **options) -> dict:
-    """Max |difference| of loss, local embedding gradient, weight block gradient; whether argmax matches."""
-    W, xs, ys = problem(world, C=C, sizes=sizes, dtype=dtype)
+                                sizes=(5, 3, 7), C: int = 23, max_local_batch=None, sub_centers: int = 1,
+                                row_weight: str = "", row_scale: str = "", **options) -> dict:
+    """Max |difference| of loss, local embedding gradient, weight block gradient; whether argmax matches.
+
+    ``scale="adacos"`` gives both the sharded head and the single process a dynamic AdaCos policy and
+    also compares the scale each holds after the step; ``row_weight="weight"`` / ``row_scale="scale"``
+    pass per-row loss weights / per-row scales (each rank its own rows; the scales' gradients compared).
+    A NotImplementedError (a backend without per-row scales) is returned as ``{"not_implemented": ...}``.
+    """
+    W, xs, ys = problem(world, C=C, sizes=sizes, dtype=dtype, sub_centers=sub_centers)
     B = sum(len(x) for x in xs)
+    start = sum(len(v) for v in xs[:rank])
+    mine_rows = slice(start, start + len(xs[rank]))
     scale = options.pop("scale", 16.0)
+    adacos = scale == "adacos"
+    if adacos:
+        scale = mo.AdaCos(C)
     if max_local_batch is not None and margin == "per-row":
         raise ValueError("per-row margins cover the padded batch with max_local_batch")
     head = ShardedMarginHead(W.shape[1], C, margin=_margin(margin, B), scale=scale, dtype=dtype, return_stats=True,
-                             max_local_batch=max_local_batch, **options)
+                             max_local_batch=max_local_batch, sub_centers=sub_centers, **options)
     head.load_full_state_dict({"weight": W})
+    weights, scales = _per_row(row_weight, B, dtype), _per_row(row_scale, B, dtype)
     x = xs[rank].clone().requires_grad_()
-    loss, stats = head(x, ys[rank])
+    local = {}
+    if weights is not None:
+        local["row_weight"] = weights[mine_rows]
+    if scales is not None:
+        local["scale"] = scales[mine_rows].clone().requires_grad_()
+    try:
+        loss, stats = head(x, ys[rank], **local)
+    except NotImplementedError as e:
+        return {"not_implemented": str(e)}
     loss.sum().backward()
     xa, Wa = torch.cat(xs).requires_grad_(), W.clone().requires_grad_()
-    ref, ref_stats = mo.margin_cross_entropy(xa, Wa, torch.cat(ys), _margin(margin, B), scale, return_stats=True,
-                                             **options)
+    ref_scale = mo.AdaCos(C) if adacos else (scales.clone().requires_grad_() if scales is not None else scale)
+    ref_margin = _margin(margin, B)
+    if sub_centers > 1:
+        ref_margin = mo.SubCenter(ref_margin, sub_centers)
+    ref, ref_stats = mo.margin_cross_entropy(xa, Wa, torch.cat(ys), ref_margin, ref_scale, return_stats=True,
+                                             row_weight=weights, **options)
     ref.sum().backward()
-    start = sum(len(v) for v in xs[:rank])
-    mine = slice(head.class_start, head.class_start + head.num_local)
+    k = sub_centers
+    mine = slice(head.class_start * k, (head.class_start + head.num_local) * k)
     if max_local_batch is not None:  # stats come in the padded layout
         at = padded_rows([len(v) for v in xs], max_local_batch)
         stats = type(stats)(*(f[at] for f in stats))
@@ -161,15 +215,24 @@ def compare_with_single_process(rank: int, world: int, *, margin: str = "arcface
             return 0.0
         return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
-    return {
+    result = {
         "loss": err(loss.detach(), ref.detach()),
-        "x.grad": err(x.grad, xa.grad[start:start + len(xs[rank])]),
+        "x.grad": err(x.grad, xa.grad[mine_rows]),
         "W.grad": err(head.weight.grad, Wa.grad[mine]),
         "lse": err(stats.lse, ref_stats.lse),
         "prediction": bool(torch.equal(stats.prediction, ref_stats.prediction)),
         "loss_dtype": str(loss.dtype),
         "range": (head.class_start, head.num_local),
     }
+    if scales is not None:
+        result["scale.grad"] = err(local["scale"].grad, ref_scale.grad[mine_rows])
+    if adacos:  # the next step's scale: from the global statistics, the same on every rank
+        every = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
+        dist.all_gather(every, head.scale.scale.clone())
+        result["adacos"] = err(head.scale.scale, ref_scale.scale)
+        result["adacos_moved"] = bool(head.scale.scale != mo.AdaCos.fixed_scale(C))
+        result["adacos_same_on_every_rank"] = all(bool(torch.equal(v, every[0])) for v in every)
+    return result
 
 
 def compare_many(rank: int, world: int, *, configs: list[dict]) -> list[dict]:
@@ -237,38 +300,44 @@ def tmp_path() -> str:
 
 
 def sampled_step(rank: int, world: int, *, sample_rate: float, margin: str = "arcface", max_local_batch=None,
-                 C: int = 41, **options) -> dict:
-    """One sampled step against one process on the sampled classes only."""
-    from marginops.distributed import _all_gather_rows, shard_range
+                 C: int = 41, sub_centers: int = 1, **options) -> dict:
+    """One sampled step against one process on the sampled classes only (their ``k`` rows each with
+    sub-centres)."""
+    from marginops.distributed import shard_range
 
-    W, xs, ys = problem(world, C=C, sizes=(6, 5, 4))
+    k = sub_centers
+    W, xs, ys = problem(world, C=C, sizes=(6, 5, 4), sub_centers=k)
     B = sum(len(x) for x in xs)
     head = ShardedMarginHead(W.shape[1], C, margin=_margin(margin, B), scale=16.0, dtype=torch.float64,
                              sample_rate=sample_rate, seed=3, return_stats=True, max_local_batch=max_local_batch,
-                             **options)
+                             sub_centers=k, **options)
     head.load_full_state_dict({"weight": W})
     x = xs[rank].clone().requires_grad_()
     loss, stats = head(x, ys[rank])
     loss.sum().backward()
     rows = head.sampled_rows.nonzero().squeeze(1)
-    k = torch.tensor([len(rows)])
-    every = [torch.zeros_like(k) for _ in range(world)]
-    dist.all_gather(every, k)
-    sampled = _all_gather_rows(rows + head.class_start, [int(c) for c in torch.cat(every)], None)
+    assert bool((rows.view(-1, k) == rows.view(-1, k)[:, :1] + torch.arange(k)).all()), "a class's rows split"
+    classes = rows[::k] // k
+    count = torch.tensor([len(classes)])
+    every = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(every, count)
+    sampled = gather_ragged(classes + head.class_start, [int(c) for c in torch.cat(every)])
     # one process over the sampled classes only, labels renumbered
     y_all = torch.cat(ys)
     lookup = torch.full((C,), -1, dtype=torch.int64)
     lookup[sampled] = torch.arange(len(sampled))
     y_sub = torch.where(y_all != -100, lookup[y_all.clamp(0, C - 1)], y_all)
-    xa, Ws = torch.cat(xs).requires_grad_(), W[sampled].clone().requires_grad_()
-    ref, ref_stats = mo.margin_cross_entropy(xa, Ws, y_sub, _margin(margin, B), 16.0, return_stats=True, **options)
+    sampled_rows = (sampled.unsqueeze(1) * k + torch.arange(k)).reshape(-1)
+    xa, Ws = torch.cat(xs).requires_grad_(), W[sampled_rows].clone().requires_grad_()
+    ref_margin = _margin(margin, B) if k == 1 else mo.SubCenter(_margin(margin, B), k)
+    ref, ref_stats = mo.margin_cross_entropy(xa, Ws, y_sub, ref_margin, 16.0, return_stats=True, **options)
     ref.sum().backward()
     start = sum(len(v) for v in xs[:rank])
     if max_local_batch is not None:
         stats = type(stats)(*(f[padded_rows([len(v) for v in xs], max_local_batch)] for f in stats))
-    mine = (sampled >= head.class_start) & (sampled < head.class_start + head.num_local)
+    mine = (sampled_rows >= head.class_start * k) & (sampled_rows < (head.class_start + head.num_local) * k)
     full_grad = torch.zeros_like(head.weight)
-    full_grad[sampled[mine] - head.class_start] = Ws.grad[mine]
+    full_grad[sampled_rows[mine] - head.class_start * k] = Ws.grad[mine]
     positives = {int(c) for c in y_all[y_all != -100]}
     return {
         "loss": ((loss - ref).abs().max() / ref.abs().max()).item(),
@@ -282,11 +351,6 @@ def sampled_step(rank: int, world: int, *, sample_rate: float, margin: str = "ar
             else min(n, max(math.ceil(sample_rate * n), world * max_local_batch))
             for a, n in (shard_range(C, world, r) for r in range(world))),
     }
-
-
-def sampling_many(rank: int, world: int, *, configs: list[dict]) -> list[dict]:
-    """:func:`sampled_step` for each config in one process group."""
-    return [sampled_step(rank, world, **dict(config)) for config in configs]
 
 
 def eval_mode_uses_every_class(rank: int, world: int) -> float:
@@ -376,3 +440,85 @@ def unseeded_random_margin(rank: int, world: int) -> str:
     head = ShardedMarginHead(W.shape[1], W.shape[0], margin=mo.ElasticFace(seed=None), dtype=torch.float64)
     head(xs[rank], ys[rank])
     return "no error"
+
+
+# -- compiled steps -------------------------------------------------------------------------------------------
+
+def _counting_backend(graphs: list):
+    """``aot_eager`` (AOTAutograd, functionalization and fake tensors, no code generation) that records
+    the node count of every graph Dynamo hands it: one entry per compilation."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    def backend(gm, example_inputs):
+        graphs.append(len(gm.graph.nodes))
+        return aot_eager(gm, example_inputs)
+
+    return backend
+
+
+def compiled_steps(rank: int, world: int, *, steps: int = 3, sample_rate: float = 1.0, max_local_batch=8,
+                   margin: str = "arcface", C: int = 60, sizes=(6, 5, 4), lr: float = 0.5, **options) -> dict:
+    """``steps`` training steps (new batch each step, SGD on the weight) of a head compiled with
+    ``torch.compile(fullgraph=True)`` when ``max_local_batch`` is set, beside the same head in eager mode.
+
+    Returns the compilations and graph breaks Dynamo counted, and per step the largest relative
+    differences (compiled vs eager) of the loss, the local embeddings' and the weight's gradients, and
+    whether the predictions agree."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    k = options.get("sub_centers", 1)
+    W, _, _ = problem(world, C=C, sizes=sizes, dtype=torch.float32, sub_centers=k)
+    heads = []
+    for _ in range(2):
+        head = ShardedMarginHead(W.shape[1], C, margin=_margin(margin, 0), scale=16.0, dtype=torch.float32,
+                                 sample_rate=sample_rate, seed=7, max_local_batch=max_local_batch,
+                                 return_stats=True, **options)
+        head.load_full_state_dict({"weight": W})
+        heads.append(head)
+    graphs: list = []
+    eager_fn = heads[0]
+    compiled_fn = torch.compile(heads[1], fullgraph=max_local_batch is not None, backend=_counting_backend(graphs))
+    report = {"steps": []}
+    for step in range(steps):
+        _, xs, ys = problem(world, C=C, sizes=sizes, dtype=torch.float32, seed=100 + step)
+        outs = []
+        for head, fn in zip(heads, (eager_fn, compiled_fn)):
+            x = xs[rank].clone().requires_grad_()
+            head.weight.grad = None
+            loss, stats = fn(x, ys[rank])
+            loss.backward()
+            outs.append((loss.detach(), x.grad, head.weight.grad.clone(), stats.prediction))
+            with torch.no_grad():
+                head.weight -= lr * head.weight.grad
+
+        def rel(a, b):
+            return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() if b.numel() else 0.0
+
+        (le, xe, we, pe), (lc, xc, wc, pc) = outs
+        report["steps"].append({"loss": rel(lc, le), "x.grad": rel(xc, xe), "W.grad": rel(wc, we),
+                                "prediction": bool(torch.equal(pc, pe)), "loss_value": le.item()})
+    report["compiles"] = len(graphs)
+    report["graph_breaks"] = sum(counters["graph_break"].values())
+    report["break_reasons"] = sorted(counters["graph_break"])[:5]
+    report["same_draws"] = bool(torch.equal(heads[0].sample_step, heads[1].sample_step))
+    return report
+
+
+def world_cases(rank: int, world: int, *, configs: list[dict], compiled: list[dict], sampling: list[dict]) -> dict:
+    """In one process group (spawning is slow), each part ``(status, results)``:
+    :func:`compare_with_single_process` for each of ``configs``, :func:`compiled_steps` for each of
+    ``compiled``, and :func:`sampled_step` for each of ``sampling``, twice (fresh heads, the same seed)."""
+    out = {}
+    parts = (("compare", compare_with_single_process, configs), ("compiled", compiled_steps, compiled),
+             ("sampling", sampled_step, sampling), ("sampling_again", sampled_step, sampling))
+    for part, case, cases in parts:
+        try:
+            out[part] = ("ok", [case(rank, world, **dict(config)) for config in cases])
+        except Exception as e:  # noqa: BLE001 (reported to the test)
+            out[part] = ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}")
+    return out
+
+

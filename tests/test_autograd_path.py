@@ -1,9 +1,11 @@
 """The autograd path of marginops' custom operators (``marginops/ops.py``).
 
-``margin_cross_entropy`` runs as two ``torch.library`` custom operators,
-``marginops::target_cosine`` and ``marginops::margin_softmax`` (plus
-``marginops::margin_softmax_grads`` for the recompute backward), joined by
-zero-storage "carrier" tensors through which the dense gradients travel. These
+``margin_cross_entropy`` runs through ``torch.library`` custom operators:
+``marginops::target_cosine``, ``marginops::margin_stats`` (the pass over the
+classes, outside autograd) and ``marginops::margin_loss`` (plus
+``marginops::margin_grads`` for the recompute backward), the first and the
+last joined by zero-storage "carrier" tensors through which the dense
+gradients travel. These
 tests check that this path behaves like any other PyTorch op under autograd:
 
 1. saved tensors go through ``save_for_backward`` only: saved-tensor hooks see
@@ -63,7 +65,7 @@ def _marginops_nodes(loss):
 
 
 def _softmax_node(loss):
-    nodes = [n for n in _marginops_nodes(loss) if "margin_softmax" in n.name()]
+    nodes = [n for n in _marginops_nodes(loss) if "margin_loss" in n.name()]
     assert len(nodes) == 1, [n.name() for n in _marginops_nodes(loss)]
     return nodes[0]
 
@@ -145,7 +147,7 @@ def test_custom_op_nodes_keep_no_tensor_attributes(strategy, return_stats):
     _assert_path(loss, strategy)
     nodes = _marginops_nodes(loss)
     names = sorted(n.name() for n in nodes)
-    assert any("target_cosine" in n for n in names) and any("margin_softmax" in n for n in names), names
+    assert any("target_cosine" in n for n in names) and any("margin_loss" in n for n in names), names
     for node in nodes:
         attrs = vars(node) if hasattr(node, "__dict__") else {}
         held = [f"{node.name()}.{k}{p}" for k, v in attrs.items() for p, _ in _tensors_in(v)]
@@ -163,6 +165,33 @@ def test_inplace_change_after_forward_is_detected(strategy, which):
         (Wl if which == "W" else xl).mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_one_weight_sized_gradient_per_call(strategy, backend):
+    """Forward and backward create one C x D tensor: the backend's dW, into which the target rows are
+    added in place and which becomes W.grad (no second dense gradient, no copy of the weight)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    C, D, B = 500, 16, 8
+    x, W, y = make_inputs(B, C, D, torch.float32, ignore=1)
+    xl, Wl = _leaves(x, W)
+    storages = set()
+
+    class WeightSized(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() >= C * D * 4:
+                    storages.add(t.untyped_storage().data_ptr())
+            return out
+
+    with WeightSized():
+        loss = mo.margin_cross_entropy(xl, Wl, y, mo.ArcFace(0.5), 16.0, backend=backend, strategy=strategy)
+        _assert_path(loss, strategy)
+        loss.backward()
+    assert storages - {Wl.untyped_storage().data_ptr()} == {Wl.grad.untyped_storage().data_ptr()}
 
 
 # -- 2. retained graphs -----------------------------------------------------------------------------------
@@ -367,6 +396,36 @@ def test_compile_aot_eager_training_matches_eager(fresh_dynamo, return_stats):
 @pytest.mark.parametrize("return_stats", [False, True])
 def test_compile_inductor_training_matches_eager(fresh_dynamo, return_stats):
     _train_compiled_vs_eager("inductor", return_stats)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_compile_per_row_scale_and_weight_matches_eager(fresh_dynamo, strategy):
+    """Per-row scales (with their gradient) and row weights trace without a graph break; on the dense
+    test backend (tests/dense_backend.py) until the fused backends implement Call.row_scale."""
+    from torch._dynamo.utils import counters
+
+    from . import dense_backend
+
+    dense_backend.register()
+    x, W, y = make_inputs(COMPILE_B, 40, COMPILE_D, torch.float32, ignore=1)
+    scale = torch.linspace(8.0, 24.0, COMPILE_B)
+    weight = torch.linspace(0.0, 2.0, COMPILE_B)
+
+    def step(x_, W_, s_):
+        return mo.margin_cross_entropy(x_, W_, y, mo.ArcFace(0.5), s_, row_weight=weight, backend="dense",
+                                       label_smoothing=0.1, strategy=strategy)
+
+    counters.clear()
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        leaves = [t.clone().requires_grad_() for t in (x, W, scale)]
+        loss = fn(*leaves)
+        _assert_path(loss, strategy) if fn is step else None
+        loss.backward()
+        results.append([loss.detach()] + [t.grad for t in leaves])
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    for name, a, b in zip(("loss", "x.grad", "W.grad", "scale.grad"), *results):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_compiled_bad_label_raises_value_error(fresh_dynamo):

@@ -276,6 +276,23 @@ def test_half_precision_inputs_relative_oracle(margin, reduction, strategy, dtyp
     check_against_reference(x, W, y, MARGINS[margin](16), reduction=reduction, **opts)
 
 
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_inputs_give_a_float32_loss(dtype, reduction, backend):
+    """The loss is not rounded to 16 bits: float32, within float32 rounding of the float64 loss of the
+    same (rounded) inputs, where a 16-bit loss would be off by about 2**-9 of itself."""
+    x, W, y = make_inputs(64, 300, 32, dtype, ignore=3)
+    loss = mo.margin_cross_entropy(x, W, y, mo.ArcFace(0.5), 30.0, backend=backend, reduction=reduction,
+                                   label_smoothing=0.1)
+    ref = mo.margin_cross_entropy(x.double(), W.double(), y, mo.ArcFace(0.5), 30.0, backend="reference",
+                                  reduction=reduction, label_smoothing=0.1)
+    assert loss.dtype == torch.float32
+    assert_close_to_oracle(loss, ref, tol=1e-5, name="loss")
+    rounded = (ref.to(dtype).double() - ref).abs().max() / ref.abs().max()
+    assert rounded > 100 * ((loss.double() - ref).abs().max() / ref.abs().max()), "the test would not see it"
+
+
 # -- autograd behaviour ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -467,7 +484,22 @@ ERRORS = [
     ("scale-negative", dict(scale=-1.0), ValueError, "scale"),
     ("scale-str", dict(scale="64"), TypeError, "scale"),
     ("scale-bool", dict(scale=True), TypeError, "scale"),
-    ("scale-tensor", dict(scale=torch.tensor([64.0, 32.0])), TypeError, "scale"),
+    ("scale-tensor-length", dict(scale=torch.tensor([64.0, 32.0])), ValueError, r"scale must be a 0-d tensor or"),
+    ("scale-tensor-2d", dict(scale=torch.full((B, 1), 64.0)), ValueError, "scale"),
+    ("scale-tensor-int", dict(scale=torch.full((B,), 64)), TypeError, "scale"),
+    ("scale-tensor-negative", dict(scale=torch.full((B,), 64.0).index_fill(0, torch.tensor([2]), -1.0)),
+     ValueError, r"scale\[2\] = -1.0"),
+    ("scale-tensor-zero", dict(scale=torch.full((B,), 64.0).index_fill(0, torch.tensor([0]), 0.0)),
+     ValueError, r"scale\[0\] = 0.0.*positive and finite"),
+    ("scale-tensor-nan", dict(scale=torch.full((B,), 64.0).index_fill(0, torch.tensor([B - 1]), float("nan"))),
+     ValueError, rf"scale\[{B - 1}\] = nan"),
+    ("row-weight-negative", dict(row_weight=torch.ones(B).index_fill(0, torch.tensor([1]), -0.5)), ValueError,
+     r"row_weight\[1\] = -0.5.*non-negative and finite"),
+    ("row-weight-inf", dict(row_weight=torch.ones(B).index_fill(0, torch.tensor([3]), float("inf"))), ValueError,
+     r"row_weight\[3\] = inf"),
+    ("row-weight-length", dict(row_weight=torch.ones(B + 1)), ValueError, rf"row_weight must be \({B},\)"),
+    ("row-weight-int", dict(row_weight=torch.ones(B, dtype=torch.int64)), TypeError, "row_weight"),
+    ("row-weight-list", dict(row_weight=[1.0] * B), TypeError, "row_weight"),
     ("reduction-typo", dict(reduction="avg"), ValueError, "reduction"),
     ("reduction-case", dict(reduction="MEAN"), ValueError, "reduction"),
     ("reduction-none-object", dict(reduction=None), ValueError, "reduction"),

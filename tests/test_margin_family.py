@@ -458,10 +458,10 @@ def test_sharded_head_names_unsupported_features(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
-    with pytest.raises(NotImplementedError, match="sub-centres"):
+    with pytest.raises(TypeError, match="sub_centers=k"):  # sub-centres are the head's sub_centers=k
         ShardedMarginHead(4, 10, margin=mo.SubCenter(None, 2))
-    with pytest.raises(NotImplementedError, match="AdaCos"):
-        ShardedMarginHead(4, 10, scale=mo.AdaCos(10))
+    with pytest.raises(NotImplementedError, match="AdaCos with class sampling"):
+        ShardedMarginHead(4, 10, scale=mo.AdaCos(10), sample_rate=0.5)
 
 
 @pytest.mark.slow

@@ -138,3 +138,25 @@ def test_head_topk_is_topk_cosine_over_its_weight():
     raw = mo.MarginHead(6, 50, normalize=False, scale=1.0)
     v, c = raw.topk(q, 2)
     assert torch.equal(c, (q @ raw.weight.detach().t()).topk(2, dim=1).indices)
+
+
+# -- per-call arguments ------------------------------------------------------------------------------------
+
+
+def test_forward_takes_per_row_scales_and_weights():
+    head = mo.MarginHead(5, 11, margin=mo.CosFace(0.3), scale=10.0, dtype=torch.float64, backend="reference")
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 3, 3, -100, 10, 7])
+    s, w = torch.linspace(4.0, 24.0, 6, dtype=torch.float64), torch.tensor([0.5, 2.5, 0.0, 7.0, 1.0, 0.25])
+    got = head(x, y, scale=s, row_weight=w)
+    ref = mo.margin_cross_entropy(x, head.weight, y, mo.CosFace(0.3), s, row_weight=w, backend="reference")
+    assert torch.equal(got, ref)
+    assert "row_weight" not in mo.modules._OPTIONS  # a per-call argument, not a head option
+
+
+def test_adacos_head_refuses_a_per_row_scale():
+    head = mo.MarginHead(5, 11, scale=mo.AdaCos(11), backend="reference")
+    x, y = torch.randn(6, 5), torch.arange(6)
+    with pytest.raises(ValueError, match="AdaCos"):
+        head(x, y, scale=torch.full((6,), 10.0))
+    with pytest.raises(TypeError, match="per-row"):
+        mo.MarginHead(5, 11, backend="reference")(x, y, scale=30.0)
