@@ -271,16 +271,47 @@ T probabilities(const T* row, T* p, int64_t c, const T* iw, T s, int64_t t, T sh
   return std::max(hmax(vmax), smax);
 }
 
+// The recompute strategy's gradient of one raw row without sub-centres, in one pass: p_j = exp(max(v_j s iw_j -
+// shift, floor)) (0 where filtered), G_j = (a p_j - b) iw_j in place, target column 0, |G| < tiny flushed.
+// Returns the largest p of the non-target columns.
+template <typename T, bool FILTER>
+T grad_row_fused(T* row, int64_t c, const T* iw, T s, int64_t t, T shift, T a, T b, T fl, T tn, T fthr) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  const V vs(s), vsh(shift), vfl(fl), vf(fthr), va(a), vb(b), vtn(tn), vzero(T(0));
+  V vmax(T(0));
+  T smax = 0;
+  const Segments seg(c, t);
+  seg.each([&](int64_t j0, int64_t j1) {
+    int64_t j = j0;
+    for (; j + L <= j1; j += L) {
+      const V iwv = iw ? V::loadu(iw + j) : V(T(1));
+      const V v = V::loadu(row + j) * (iw ? iwv * vs : vs);
+      V p = at::vec::maximum(v - vsh, vfl).exp();
+      if (FILTER) p = V::blendv(p, vzero, v > vf);
+      vmax = at::vec::maximum(vmax, p);
+      const V g = (va * p - vb) * iwv;
+      V::blendv(g, vzero, g.abs() < vtn).store(row + j);
+    }
+    for (; j < j1; ++j) {
+      const T iwj = iw ? iw[j] : T(1);
+      const T v = row[j] * (iw ? s * iwj : s);
+      const T p = (FILTER && v > fthr) ? T(0) : std::exp(std::max(v - shift, fl));
+      smax = p > smax ? p : smax;
+      const T g = (a * p - b) * iwj;
+      row[j] = std::abs(g) < tn ? T(0) : g;
+    }
+  });
+  if (t >= 0 && t < c) row[t] = 0;
+  return std::max(hmax(vmax), smax);
+}
+
 // The recompute strategy's gradient of one raw row of `c` classes (k rows each): G in place, as described at
 // the top. `cls`/`sub` are scratch of c entries (sub-centres only). Returns the row's largest probability.
 template <typename T, bool FILTER>
 T grad_row_logits(T* row, int64_t c, int64_t k, const T* iw, T s, int64_t t, T shift, T a, T b, T fl, T tn,
                   T fthr, T* cls, uint8_t* sub) {
-  if (k == 1) {
-    const T pmax = probabilities<T, FILTER>(row, row, c, iw, s, t, shift, fl, fthr);
-    grad_row_kept<T>(row, c, iw, t, t + 1, a, b, tn);
-    return pmax;
-  }
+  if (k == 1) return grad_row_fused<T, FILTER>(row, c, iw, s, t, shift, a, b, fl, tn, fthr);
   reduce_sub_centers<T>(row, c, k, iw, s, cls, sub);
   const T pmax = probabilities<T, FILTER>(cls, cls, c, nullptr, T(1), t, shift, fl, fthr);
   for (int64_t j = 0; j < c; ++j) cls[j] = a * cls[j] - b;
