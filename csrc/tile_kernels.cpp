@@ -95,19 +95,24 @@ struct Segments {
 
 // -- sub-centres ----------------------------------------------------------------------------------------
 
-// Class logits of one row of a raw tile of `c` classes x `k` sub-centres (class-major): cls[j] is the largest
-// of raw[j k + r] * s * iw[j k + r], sub[j] the first r holding it.
+// Class logits of one row of a raw tile of `c` classes x `k` sub-centres (class-major): the row is scaled in
+// place by s * iw (one vectorized pass), then cls[j] is the largest of raw[j k .. j k + k - 1] and sub[j] the
+// first r holding it.
 template <typename T>
-void reduce_sub_centers(const T* raw, int64_t c, int64_t k, const T* iw, T s, T* cls, uint8_t* sub) {
-  for (int64_t j = 0; j < c; ++j) {
+void reduce_sub_centers(T* raw, int64_t c, int64_t k, const T* iw, T s, T* cls, uint8_t* sub) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  const int64_t n = c * k;
+  const V vs(s);
+  int64_t j = 0;
+  for (; j + L <= n; j += L) (V::loadu(raw + j) * (iw ? V::loadu(iw + j) * vs : vs)).store(raw + j);
+  for (; j < n; ++j) raw[j] = raw[j] * (iw ? iw[j] * s : s);
+  for (j = 0; j < c; ++j) {
     const T* v = raw + j * k;
-    const T* w = iw ? iw + j * k : nullptr;
-    T best = v[0] * (w ? w[0] * s : s);
+    T best = v[0];
     uint8_t at = 0;
-    for (int64_t r = 1; r < k; ++r) {
-      const T cur = v[r] * (w ? w[r] * s : s);
-      if (cur > best) { best = cur; at = static_cast<uint8_t>(r); }  // strictly greater: the first maximum stays
-    }
+    for (int64_t r = 1; r < k; ++r)
+      if (v[r] > best) { best = v[r]; at = static_cast<uint8_t>(r); }  // strictly greater: the first maximum stays
     cls[j] = best;
     sub[j] = at;
   }
@@ -240,37 +245,6 @@ void grad_row_kept(T* row, int64_t n, const T* iw, int64_t t0, int64_t t1, T a, 
   for (j = std::max<int64_t>(t0, 0); j < std::min(t1, n); ++j) row[j] = 0;
 }
 
-// p_j = exp(max(v_j s iw_j - shift, floor)) over the `c` non-target columns of a raw row (iw nullptr: v_j s),
-// 0 where filtered (FILTER: v_j s iw_j > fthr) and at the target; written to `p` (may be `row`). Returns the
-// largest p.
-template <typename T, bool FILTER>
-T probabilities(const T* row, T* p, int64_t c, const T* iw, T s, int64_t t, T shift, T fl, T fthr) {
-  using V = Vectorized<T>;
-  constexpr int64_t L = V::size();
-  const V vs(s), vsh(shift), vfl(fl), vf(fthr), vzero(T(0));
-  V vmax(T(0));
-  T smax = 0;
-  const Segments seg(c, t);
-  seg.each([&](int64_t j0, int64_t j1) {
-    int64_t j = j0;
-    for (; j + L <= j1; j += L) {
-      const V v = V::loadu(row + j) * (iw ? V::loadu(iw + j) * vs : vs);
-      V e = at::vec::maximum(v - vsh, vfl).exp();
-      if (FILTER) e = V::blendv(e, vzero, v > vf);
-      e.store(p + j);
-      vmax = at::vec::maximum(vmax, e);
-    }
-    for (; j < j1; ++j) {
-      const T v = row[j] * (iw ? s * iw[j] : s);
-      const T e = (FILTER && v > fthr) ? T(0) : std::exp(std::max(v - shift, fl));
-      p[j] = e;
-      smax = e > smax ? e : smax;
-    }
-  });
-  if (t >= 0 && t < c) p[t] = 0;
-  return std::max(hmax(vmax), smax);
-}
-
 // The recompute strategy's gradient of one raw row without sub-centres, in one pass: p_j = exp(max(v_j s iw_j -
 // shift, floor)) (0 where filtered), G_j = (a p_j - b) iw_j in place, target column 0, |G| < tiny flushed.
 // Returns the largest p of the non-target columns.
@@ -312,10 +286,9 @@ template <typename T, bool FILTER>
 T grad_row_logits(T* row, int64_t c, int64_t k, const T* iw, T s, int64_t t, T shift, T a, T b, T fl, T tn,
                   T fthr, T* cls, uint8_t* sub) {
   if (k == 1) return grad_row_fused<T, FILTER>(row, c, iw, s, t, shift, a, b, fl, tn, fthr);
+  // class logits, then a p_j - b per class (flushed again once spread onto its row's inverse norm)
   reduce_sub_centers<T>(row, c, k, iw, s, cls, sub);
-  const T pmax = probabilities<T, FILTER>(cls, cls, c, nullptr, T(1), t, shift, fl, fthr);
-  for (int64_t j = 0; j < c; ++j) cls[j] = a * cls[j] - b;
-  if (t >= 0 && t < c) cls[t] = 0;
+  const T pmax = grad_row_fused<T, FILTER>(cls, c, nullptr, T(1), t, shift, a, b, fl, T(0), fthr);
   spread_sub_centers<T>(row, c, k, cls, sub, iw, tn);
   return pmax;
 }

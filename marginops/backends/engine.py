@@ -260,9 +260,11 @@ def _pow2_floor(n: int) -> int:
     return 1 << max(0, int(n).bit_length() - 1)
 
 
-def _derived_chunk(tiling: Tiling, rows: int, classes: int, per_logit: int) -> int:
+def _derived_chunk(tiling: Tiling, rows: int, classes: int, per_logit: int, k: int) -> int:
+    """Classes per tile from the tile policy (its bounds count rows of ``W``: ``k`` per class)."""
     chunk = _pow2_floor(max(1, tiling.tile_bytes // max(1, rows * per_logit)))
-    return max(1, min(max(classes, 1), max(tiling.min_chunk, min(tiling.max_chunk, chunk))))
+    low, high = max(1, -(-tiling.min_chunk // k)), max(1, tiling.max_chunk // k)
+    return max(1, min(max(classes, 1), max(low, min(high, chunk))))
 
 
 def takes_workspace(batch: int, classes: int, opts: FusedOptions, stored: int, wanted: bool) -> bool:
@@ -286,7 +288,7 @@ def takes_workspace(batch: int, classes: int, opts: FusedOptions, stored: int, w
 
 
 def plan(batch: int, classes: int, opts: FusedOptions, tiling: Tiling, *, stored: int, tile: int,
-         workspace: bool) -> Plan:
+         workspace: bool, rows_per_class: int = 1) -> Plan:
     """Rows and tiles for one call within ``opts.budget``.
 
     Args:
@@ -296,6 +298,7 @@ def plan(batch: int, classes: int, opts: FusedOptions, tiling: Tiling, *, stored
         tile: bytes per row and class of each tile's scratch (beyond the workspace in the workspace
             strategy; 0 when the tiles live in it).
         workspace: whether the call forms its gradients in the forward pass (:func:`takes_workspace`).
+        rows_per_class: rows of ``W`` per class (sub-centres): the tile policy's bounds count rows of ``W``.
 
     The workspace strategy's blocks hold as many rows as fit (evened out over
     the batch: no thin last block), if that reaches ``tiling.min_workspace_rows``
@@ -308,7 +311,7 @@ def plan(batch: int, classes: int, opts: FusedOptions, tiling: Tiling, *, stored
         rows = max(1, min(batch, budget // max(1, classes * stored)))
         if opts.strategy == "workspace" or rows >= min(batch, tiling.min_workspace_rows):
             rows = math.ceil(batch / math.ceil(batch / rows)) if batch else rows
-            chunk = opts.chunk_size or _derived_chunk(tiling, rows, classes, tile or stored)
+            chunk = opts.chunk_size or _derived_chunk(tiling, rows, classes, tile or stored, rows_per_class)
             if tile:  # the tiles' scratch comes out of what the workspace leaves
                 left = budget - rows * classes * stored
                 chunk = max(1, min(chunk, left // max(1, tiling.tiles_in_flight * rows * tile)))
@@ -316,7 +319,7 @@ def plan(batch: int, classes: int, opts: FusedOptions, tiling: Tiling, *, stored
             return Plan("workspace", rows, min(chunk, max(classes, 1)), rows * classes * stored + extra)
     rows = max(1, min(batch, tiling.recompute_rows))
     per_logit = max(1, tile)
-    chunk = opts.chunk_size or _derived_chunk(tiling, rows, classes, per_logit)
+    chunk = opts.chunk_size or _derived_chunk(tiling, rows, classes, per_logit, rows_per_class)
     chunk = max(1, min(chunk, max(classes, 1), budget // max(1, tiling.tiles_in_flight * rows * per_logit)))
     return Plan("recompute", rows, chunk, tiling.tiles_in_flight * rows * chunk * tile)
 
@@ -481,11 +484,11 @@ class RowBlockKernel(Prepared):
         stored = self.stored_bytes(self.x.dtype, self.W.dtype, self.opts)
         if grads and _takes_workspace(type(self), self.B, self.C, self.x.dtype, self.W.dtype, self.opts):
             pl = plan(self.B, self.C, self.opts, self.tiling(), stored=stored, tile=self.tile_bytes("workspace"),
-                      workspace=True)
+                      workspace=True, rows_per_class=self.k)
             if pl.strategy == "workspace":
                 return pl
         return plan(self.B, self.C, self.opts, self.tiling(), stored=stored, tile=self.tile_bytes("recompute"),
-                    workspace=False)
+                    workspace=False, rows_per_class=self.k)
 
     def row_blocks(self, pl: Plan):
         for r0 in range(0, self.B, pl.rows):

@@ -120,9 +120,12 @@ def test_plan_invariants(batch, classes, elt, chunk_size, budget, wanted, gpu, k
     tiling = engine.gpu_tiling(H200) if gpu else engine.cpu_tiling(engine.CPU, per_worker=True)
     stored = elt * k
     early = engine.takes_workspace(batch, classes, o, stored, wanted)
-    p = engine.plan(batch, classes, o, tiling, stored=stored, tile=2 if gpu else 0, workspace=early)
+    p = engine.plan(batch, classes, o, tiling, stored=stored, tile=2 if gpu else 0, workspace=early,
+                    rows_per_class=k)
     limit = o.budget
     assert 1 <= p.chunk <= classes and p.rows >= 1
+    if chunk_size is None and budget is None and classes * k >= tiling.min_chunk:  # bounds count rows of W
+        assert p.chunk * k >= tiling.min_chunk
     if chunk_size is not None:
         assert p.chunk <= chunk_size
     if p.strategy == "workspace":
@@ -135,7 +138,8 @@ def test_plan_invariants(batch, classes, elt, chunk_size, budget, wanted, gpu, k
         if not gpu:
             assert p.scratch_bytes == p.rows * classes * stored <= limit
     else:
-        recompute = engine.plan(batch, classes, o, tiling, stored=stored, tile=stored, workspace=False)
+        recompute = engine.plan(batch, classes, o, tiling, stored=stored, tile=stored, workspace=False,
+                                rows_per_class=k)
         assert recompute.rows == max(1, min(batch, tiling.recompute_rows))
         assert recompute.chunk == 1 or recompute.scratch_bytes <= limit
 
@@ -311,6 +315,15 @@ def test_per_row_scales_with_several_row_blocks_and_groups(backend, monkeypatch)
         o = FusedOptions(scale=6.0, chunk_size=4, strategy=strategy, memory_budget=budget, want_prediction=True,
                          label_smoothing=0.1)
         check_call(backend, x, W, y, o, row_scale, strategy)
+
+
+@pytest.mark.parametrize("features", [dict(filter_threshold=0.1), dict(sub_centers=3),
+                                      dict(sub_centers=2, filter_threshold=0.0, chunk_size=4)], ids=str)
+def test_class_ranges_with_filtering_and_sub_centres(backend, features):
+    # each range filters and takes its sub-centre maxima on its own; the statistics still combine exactly
+    k = features.get("sub_centers", 1)
+    x, W, _ = make_inputs(13, 37 * k, 8, torch.float64)
+    check_ranges_match_whole(backend, x, W, torch.tensor(LABELS_13), label_smoothing=0.0, **features)
 
 
 @pytest.mark.parametrize("features", [dict(), dict(filter_threshold=0.1), dict(sub_centers=3)], ids=str)

@@ -345,14 +345,6 @@ def test_sub_centres_and_filtering_match_the_oracle(features, dtype, tiling):
                             **TILINGS[tiling])
 
 
-@pytest.mark.parametrize("features", [dict(filter_threshold=0.1), dict(sub_centers=3),
-                                      dict(sub_centers=2, filter_threshold=0.0, chunk_size=4)], ids=str)
-def test_class_ranges_with_filtering_and_sub_centres(features):
-    k = features.get("sub_centers", 1)
-    x, W, _ = make_inputs(13, 37 * k, D, torch.float64)
-    check_ranges_match_whole(native, x, W, torch.tensor(LABELS_13), label_smoothing=0.0, **features)
-
-
 def test_sub_centre_gradient_reaches_only_the_first_maximal_row():
     Cs, k = 9, 3
     x, W, y = make_inputs(4, Cs * k, 5)

@@ -206,12 +206,3 @@ def test_a_registered_backend_module_serves_every_call(monkeypatch):
     for bad in ("auto", "reference", ""):
         with pytest.raises(ValueError, match="backend name"):
             mo.register_backend(bad, toy)
-
-
-@pytest.mark.parametrize("features", [dict(filter_threshold=0.1), dict(sub_centers=3),
-                                      dict(sub_centers=2, filter_threshold=0.0, chunk_size=4)], ids=str)
-def test_class_ranges_with_filtering_and_sub_centres(features):
-    # each range filters and takes its sub-centre maxima on its own; the statistics still combine exactly
-    k = features.get("sub_centers", 1)
-    x, W, _ = make_inputs(13, 37 * k, D, torch.float64)
-    check_ranges_match_whole(tc, x, W, torch.tensor(LABELS_13), label_smoothing=0.0, **features)
