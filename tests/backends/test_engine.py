@@ -490,3 +490,18 @@ def test_gpu_plan_issues_few_tiles(gpu_like, monkeypatch):
     run(x, W, y, mo.ArcFace(0.5), backend="torch", reduction="none")
     (p,) = plans
     assert p.rows == 600 and math.ceil(5000 / p.chunk) <= 5
+
+
+def test_a_backend_off_the_engine_still_refuses_per_row_scales():
+    """The refusal is a flag of the shared per-call state (``Prepared.row_scale_supported``): the Triton
+    backend, not yet on the engine, keeps refusing per-row scales and the gradient filter, by name."""
+    pytest.importorskip("triton")
+    from marginops.backends import get_backend
+
+    triton_backend = get_backend("triton")
+    x, W, y = make_inputs(5, 7, 3, torch.float32)
+    inv_x, inv_w = inverse_norms(x, x.dtype), inverse_norms(W, W.dtype)
+    with pytest.raises(NotImplementedError, match="row_scale"):
+        triton_backend.forward_stats(Call(x, W, y, inv_x, inv_w, FusedOptions(scale=2.0), torch.ones(5)))
+    with pytest.raises(NotImplementedError, match="gradient_filter"):
+        triton_backend.forward_stats(Call(x, W, y, inv_x, inv_w, FusedOptions(scale=2.0, gradient_filter=0.1)))
