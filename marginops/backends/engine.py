@@ -49,17 +49,20 @@ built from the :class:`~marginops.backends.interface.Call`):
 
 **Moving the Triton backend onto it.** Its forward kernel computes a row
 block's statistics across all classes in class splits, optionally storing
-exponentials (``ExpWorkspace``), then a gradient step: ``forward_block``
+exponentials (``ExpWorkspace``), then a gradient step. ``forward_block``
 returns the per-split ``(m, l)`` it already produces as ``shift``/``sumexp``
-(one group per split, or per stored tile with the workspace), with its
-per-split prediction maxima and indices (local, first on ties), and
-``logit_sum=None``; ``gradient_block`` launches the gradient kernel with
+(one group per split) with its per-split prediction maxima and indices
+(local, first on ties) and ``logit_sum=None``. With a workspace the groups
+must be the stored tiles of ``plan.chunk`` classes (the engine derives each
+kept tile's factor and the gradient filter's decision from their shifts):
+``ExpWorkspace.shift`` already holds each tile's shift, the per-tile sum is
+one more store in the kernel, and its tile policy sets ``plan.chunk`` to the
+kernel's tile width. ``gradient_block`` launches the gradient kernel with
 ``grads.lse`` and ``grads.coef`` (it may ignore ``tile_coef``: its
 workspace keeps each tile's shift itself) and runs the cuBLAS products;
-``stored_bytes`` is the ``ExpWorkspace`` row size per class; ``tiling``
-returns :func:`gpu_tiling`. Everything else (blocks, strategies, merging,
-prediction, gradient filtering decisions for kept tiles, per-row scales,
-option checks) is then the engine's.
+``stored_bytes`` is the ``ExpWorkspace`` row size per class. Everything else
+(blocks, strategies, merging, prediction, gradient filtering decisions for
+kept tiles, per-row scale coefficients, option checks) is then the engine's.
 
 **Strategies.** Whether a call forms its gradients in the forward pass
 (:func:`takes_workspace`) is a pure function of sizes, dtypes and options,
