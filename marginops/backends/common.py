@@ -16,7 +16,7 @@ from torch import Tensor
 from .interface import DEFAULT_MEMORY_BUDGET, Call, FusedOptions
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "FusedOptions", "Call", "Prepared", "acc_dtype", "clamped", "inverse_norms",
-           "normalize_backward", "PASS_CHUNK"]
+           "normalize_backward", "gemm_into", "PASS_CHUNK"]
 
 
 def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -39,6 +39,34 @@ def normalize_backward(xh: Tensor, inv_norm: Tensor, clamped: Tensor, grad: Tens
     return grad.addcmul_(xh, proj.unsqueeze(1), value=-1.0).mul_(inv_norm.unsqueeze(1))
 
 
+_MM_OUT_DTYPE: dict[str, bool] = {}  # device type -> whether mm/addmm(..., out_dtype=) work there
+
+
+def gemm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool = False) -> Tensor:
+    """``out = a @ b`` (or ``out += a @ b``) with ``out`` in the accumulation dtype and ``a``, ``b`` in
+    the operands' (possibly 16-bit) dtype.
+
+    In place when the operands share ``out``'s dtype, or for 16-bit operands
+    where PyTorch offers ``out_dtype`` (CUDA, recent versions: a 16-bit
+    product with float32 accumulation and result). Elsewhere one product
+    temporary in the operands' dtype, then added or copied into ``out``.
+    """
+    if a.dtype == out.dtype:
+        return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
+    kind = out.device.type
+    if _MM_OUT_DTYPE.get(kind, kind == "cuda"):
+        try:
+            if accumulate:
+                return torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+            return torch.mm(a, b, out_dtype=out.dtype, out=out)
+        except (TypeError, RuntimeError, NotImplementedError) as e:  # no such overload (older torch) or backend
+            if "out of memory" in str(e):
+                raise
+            _MM_OUT_DTYPE[kind] = False
+    product = torch.mm(a, b)
+    return out.add_(product) if accumulate else out.copy_(product)
+
+
 def inverse_norms(rows: Tensor, dtype: torch.dtype, eps: float = 1e-12) -> Tensor:
     """``1 / max(|row|, eps)`` per row of ``rows`` in ``dtype``, with no temporary beyond the result."""
     return torch.linalg.vector_norm(rows, dim=1, dtype=dtype).clamp_min_(eps).reciprocal_()
@@ -58,14 +86,19 @@ class Prepared:
     computed on first use; ``inv_x``/``inv_w`` the inverse norms
     ``1 / max(|.|, eps)`` that came with the call (None with ``normalize=False``). ``y`` holds the
     global labels, ``y_local`` the labels relative to the weight's first row
-    and ``in_range`` which rows' targets are among this weight's rows.
-    Nothing here is ``C x D``: passes over ``W`` walk it in chunks of
-    :attr:`pass_chunk` classes.
+    and ``in_range`` which rows' targets are among this weight's rows;
+    ``logit_scale`` (B,) is each row's factor on its cosines, ``s`` times the
+    call's per-row scale. Nothing here is ``C x D``: passes over ``W`` walk it
+    in chunks of :attr:`pass_chunk` classes.
     """
+
+    #: Whether the backend multiplies per-row scales (``Call.row_scale``); a backend that does not is
+    #: refused such calls here, never silently ignoring them.
+    row_scale_supported = False
 
     def __init__(self, call: Call):
         opts = call.opts
-        if call.row_scale is not None:  # no backend multiplies per-row scales yet: never silently ignored
+        if call.row_scale is not None and not self.row_scale_supported:
             raise NotImplementedError("per-row scales (Call.row_scale) are not implemented by this backend yet")
         self.call = call
         self.opts = opts
@@ -81,6 +114,12 @@ class Prepared:
         elt = torch.finfo(self.acc).bits // 8
         self.pass_chunk = max(1, min(self.n_rows, PASS_CHUNK, opts.budget // max(1, 2 * self.D * elt)))
         self.inv_x, self.inv_w = call.inv_x, call.inv_w
+        if call.row_scale is None:
+            self.logit_scale = torch.full((self.B,), opts.scale, device=call.x.device, dtype=self.acc)
+        else:
+            if call.row_scale.shape != (self.B,):
+                raise ValueError(f"row_scale must have shape ({self.B},), got {tuple(call.row_scale.shape)}")
+            self.logit_scale = call.row_scale.to(self.acc) * opts.scale
         self._xh: Optional[Tensor] = None
         self._class_sum: Optional[Tensor] = None
 
@@ -131,21 +170,22 @@ class Prepared:
         return wy * factor.unsqueeze(1)
 
     def target_logit(self) -> Tensor:
-        """``s * t_i`` per row where the target is in range, else 0 (B x D work)."""
-        return self.opts.scale * (self.xh * self.target_rows()).sum(1)
+        """``s_i * t_i`` per row (``s_i``: :attr:`logit_scale`) where the target is in range, else 0 (B x D
+        work)."""
+        return self.logit_scale * (self.xh * self.target_rows()).sum(1)
 
     def logit_sum(self, target_logit: Optional[Tensor] = None) -> Tensor:
-        """Sum of the range's non-target logits per row: ``s xh . sum_j wh_j`` less the target's; an
+        """Sum of the range's non-target logits per row: ``s_i xh_i . sum_j wh_j`` less the target's; an
         empty (0,) tensor without label smoothing (the statistic is only needed for it).
 
-        ``target_logit`` (``s * t`` where in range, 0 elsewhere) is taken from the
+        ``target_logit`` (``s_i * t_i`` where in range, 0 elsewhere) is taken from the
         caller when it has it, else recomputed.
         """
         if self.opts.label_smoothing <= 0:
             return self.empty()
         if target_logit is None:
             target_logit = self.target_logit()
-        return self.opts.scale * (self.xh @ self.class_sum()) - target_logit
+        return self.logit_scale * (self.xh @ self.class_sum()) - target_logit
 
     def empty(self, dtype=None) -> Tensor:
         """A (0,) tensor: the stand-in for a statistic that was not asked for."""

@@ -16,10 +16,11 @@ argmax, sum of the logit sums), and the backward of every range takes the
 combined per-row log-sum-exp.
 
 **Tile-math options.** ``FusedOptions.filter_threshold`` (inter-class
-filtering), ``FusedOptions.sub_centers`` and ``FusedOptions.gradient_filter``
-change what a tile computes; a
+filtering), ``FusedOptions.sub_centers``, ``FusedOptions.gradient_filter``
+and ``Call.row_scale`` change what a tile computes; a
 backend that cannot do one must raise NotImplementedError naming it, never
-ignore it. With ``sub_centers = k`` the weight has ``k`` rows per class and
+ignore it (backends built on :mod:`marginops.backends.engine` implement all
+of them). With ``sub_centers = k`` the weight has ``k`` rows per class and
 ``C_local`` above counts classes (``W`` has ``k C_local`` rows, ``dW`` too).
 
 **Gradients.** Both gradient functions return the contributions of the

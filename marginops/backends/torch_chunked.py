@@ -1,168 +1,130 @@
-"""Pure-PyTorch fused backend: margin softmax cross-entropy chunked over classes.
+"""Pure-PyTorch fused backend: margin softmax cross-entropy in class tiles of ATen operations, any device.
 
-Never allocates anything of size ``B x C``. The logits are produced tile by
-tile (``rows x chunk_size``) with ``torch.mm`` against the raw weight, the
-inverse class norms are folded into each tile (no normalized copy of ``W`` is
-written), and every elementwise step runs on a tile while it is in cache.
+Never allocates anything of size ``B x C``. Planning, row blocks, strategies,
+statistics merging and the gradient loop are the tile engine's
+(:mod:`marginops.backends.engine`); this module supplies the work on one row
+block: a loop over class tiles (``rows x chunk`` logits), each produced by
+one GEMM against the tile's weight rows normalized once (``chunk x D``,
+cheaper than scaling the ``rows x chunk`` tile), then a few elementwise
+ATen passes while the tile is in cache.
+
+* **CPU** (:func:`~marginops.backends.engine.cpu_tiling`): products in the
+  accumulation dtype (float32, float64 for float64 inputs); probabilities
+  below ``finfo.tiny`` are flushed to zero before any GEMM and ``exp`` is
+  never fed arguments whose result would be subnormal: both are 10-50x
+  slow paths on some CPUs (``docs/design.md``, numerics).
+* **GPU** (:func:`~marginops.backends.engine.gpu_tiling`): large tiles (row
+  blocks of up to 16,384 rows against thousands of classes), products in the
+  weight's dtype with float32 results (``torch.mm(..., out_dtype=...)`` where
+  PyTorch offers it, else a 16-bit product accumulated into float32: never a
+  16-bit product multiplied in float32), no host synchronisation per tile.
+  The engine's docstring has the performance model.
 
 The module-level functions at the end implement
-:class:`marginops.backends.interface.Backend`, class ranges included (a
-label outside the weight's range never matches a column). Two strategies,
-picked per call by :func:`plan`:
-
-* ``"fused"`` (three GEMMs): for ``reduction`` ``"mean"``/``"sum"`` with
-  gradients required, each row block's logits over *all* classes are kept in
-  a workspace bounded by the memory budget; once the block's log-sum-exp is
-  known, ``dX`` and ``dW`` are computed during the forward pass and the
-  backward only multiplies them by the incoming scalar gradient.
-* ``"recompute"`` (four GEMMs): the forward keeps only per-row statistics and
-  the backward recomputes each tile. Used for ``reduction="none"``, for
-  forward-only calls (one GEMM), and when a row block across all classes
-  does not fit the budget.
-
-Probabilities below ``finfo.tiny`` are flushed to zero before any GEMM and
-``exp`` is never fed arguments whose result would be subnormal: both are
-10-50x slow paths on some CPUs (``docs/design.md``, numerics).
+:class:`marginops.backends.interface.Backend`, class ranges included (a label
+outside the weight's range never matches a column); sub-centres,
+inter-class filtering, gradient filtering and per-row scales included.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .common import Prepared, acc_dtype
+from . import engine
+from .common import acc_dtype, clamped, gemm_into, normalize_backward
+from .engine import BlockGrads, BlockStats, Plan, RowBlockKernel
 from .interface import Call, FusedOptions, RowStats
 
-# Tile sizes, tuned on a 2-core AMD EPYC (Zen 5) at B=1024, D=512, C=100k fp32
-# (`python -m benchmarks run targets`); a tile of logits stays within a few MiB.
-#: Classes per tile of the fused strategy (its rows are set by the budget).
-FUSED_CHUNK = 4096
-#: Fewer rows per block than this and the fused strategy's rank-R updates of
-#: dW (all of dW read and written once per block) cost more than the GEMM the
-#: strategy saves: recompute instead. Measured: 80-row blocks ran at 1.47x the
-#: three-GEMM floor, recompute at 1.35x, 256-row blocks at 1.09x.
-MIN_FUSED_ROWS = 128
-#: Tile of the recompute strategy: rows x classes.
-RECOMPUTE_ROWS = 512
-RECOMPUTE_CHUNK = 2048
+__all__ = ["weight_grad_dtype", "uses_workspace", "forward_stats", "forward_with_grads", "recompute_grads"]
 
 
-@dataclass(frozen=True)
-class Plan:
-    strategy: str  # "fused" | "recompute"
-    rows: int  # rows per block
-    chunk: int  # classes per tile
-    workspace_bytes: int
-
-
-def plan(batch: int, num_classes: int, element_size: int, opts: FusedOptions, fused_wanted: bool) -> Plan:
-    """Choose the strategy and tile sizes for one call within ``opts.budget``.
-
-    ``opts.strategy="auto"``: fused when gradients are wanted for a scalar
-    reduction and a block of at least ``min(batch, MIN_FUSED_ROWS)`` rows
-    across all classes fits the budget; blocks are then evened out
-    (``ceil(B / blocks)`` rows each). Otherwise recompute, with tiles shrunk
-    to fit the budget. ``"workspace"`` takes the fused strategy whenever it
-    applies, with as few rows as fit (a ValueError if not even one row
-    does); ``"recompute"`` never takes it.
-    """
-    budget = opts.budget
-    if fused_wanted and opts.strategy != "recompute":
-        chunk = min(opts.chunk_size or FUSED_CHUNK, max(num_classes, 1))
-        padded = math.ceil(num_classes / chunk) * chunk
-        rows = min(batch, budget // max(padded * element_size, 1))
-        least = 1 if opts.strategy == "workspace" else max(1, min(batch, MIN_FUSED_ROWS))
-        if rows >= least:
-            rows = math.ceil(batch / math.ceil(batch / rows))  # even blocks: no thin last block
-            return Plan("fused", rows, chunk, rows * padded * element_size)
-        if opts.strategy == "workspace":
-            raise ValueError(
-                f"strategy='workspace' needs memory_budget >= {padded * element_size} bytes (one row of logits "
-                f"across all {num_classes} classes), got memory_budget={budget}"
-            )
-    chunk = min(opts.chunk_size or RECOMPUTE_CHUNK, max(num_classes, 1))
-    rows = max(1, min(batch, RECOMPUTE_ROWS))
-    chunk = max(1, min(chunk, budget // max(rows * element_size, 1)))  # shrink the chunk before the rows
-    return Plan("recompute", rows, chunk, rows * chunk * element_size)
-
-
-def _exp_floor(dtype: torch.dtype) -> float:
-    """Most negative argument whose ``exp`` is still a normal number."""
-    return math.log(torch.finfo(dtype).tiny) + 0.5
-
-
-class _Prepared(Prepared):
-    """The shared per-call quantities plus this backend's tile operations."""
+class _TorchTiles(RowBlockKernel):
+    """One call: the shared per-call quantities plus this backend's tile operations."""
 
     def __init__(self, call: Call):
         super().__init__(call)
-        self.floor = _exp_floor(self.acc)
+        self.tiling_ = self.tiling()
+        gpu = self.tiling_.gpu
+        #: dtype of the GEMM operands: the accumulation dtype on CPUs; on GPUs the weight's (tensor cores,
+        #: float32 results), float64 staying float64
+        self.op = self.W.dtype if gpu and self.acc != torch.float64 else self.acc
+        self.flush = self.tiling_.flush_subnormals
+        self.floor = engine.exp_floor(self.acc)
         self.tiny = torch.finfo(self.acc).tiny
-        self._xs: Optional[Tensor] = None
-        if self.opts.gradient_filter is not None:  # not yet implemented here: never silently exact
-            raise NotImplementedError(f"gradient_filter is not implemented by this backend yet "
-                                      f"(gradient_filter={self.opts.gradient_filter})")
         thr = self.opts.filter_threshold
-        # inter-class filtering compares logits: s * cos > s * threshold
-        self.filter_logit = None if thr is None else self.opts.scale * thr
+        # inter-class filtering compares logits: s_i cos > s_i * threshold
+        self.filter_logit = None if thr is None else self.logit_scale * thr
+        self._xs: Optional[Tensor] = None
+        self._scratch: Optional[Tensor] = None
+        self._raw: Optional[Tensor] = None
+
+    def tiling(self) -> engine.Tiling:
+        if self.device.kind == "gpu":
+            return engine.gpu_tiling(self.device)
+        return engine.cpu_tiling(self.device, per_worker=False)
+
+    def tile_bytes(self, strategy: str) -> int:
+        """Per row and class: a 16-bit copy of each tile for the products (GPUs); recomputed tiles also
+        hold their float32 logits, and with sub-centres the ``k`` sub-centre logits."""
+        acc_b = torch.finfo(self.acc).bits // 8
+        op_b = torch.finfo(self.op).bits // 8 if self.op != self.acc else 0
+        if strategy == "workspace":
+            return op_b
+        k = self.k
+        return acc_b * (1 + k if k > 1 else 1) + op_b * k
+
+    # -- operands --
 
     @property
     def xs(self) -> Tensor:
-        """``s * xh``, the left operand of every logits GEMM; cached for the call."""
+        """``s_i * xh_i``, the left operand of every logits GEMM, in the products' dtype; cached."""
         if self._xs is None:
-            self._xs = self.xh * self.opts.scale
+            self._xs = (self.xh * self.logit_scale.unsqueeze(1)).to(self.op)
         return self._xs
 
-    def finish_w_grad(self, dD: Tensor, c0: int, c1: int) -> Tensor:
-        """In place for classes ``[c0, c1)``: ``dD_j = inv_w_j * dwh_j`` becomes
-        ``dW_j = dD_j - W_j inv_w_j^2 (W_j . dD_j)``."""
+    def w_rows(self, w0: int, w1: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """Rows ``[w0, w1)`` of ``W`` normalized (or raw), in ``dtype`` (default: the products')."""
+        wt = self.W[w0:w1].to(self.acc)
         if self.inv_w is not None:
-            inv = self.inv_w[c0:c1]
-            coef = torch.where(self.w_clamped(c0, c1), torch.zeros_like(inv), inv * inv)
-            wt = self.w_tile(c0, c1)
-            dots = torch.bmm(dD.unsqueeze(1), wt.unsqueeze(2)).view(-1)
-            dD.addcmul_(wt, (dots * coef).unsqueeze(1), value=-1.0)
-        return dD
+            wt = wt * self.inv_w[w0:w1].unsqueeze(1)
+        return wt.to(dtype or self.op)
 
-    def finish_w_grads(self, dD: Tensor) -> Tensor:
-        """:meth:`finish_w_grad` over all classes (``dD`` is ``C x D``), chunk by chunk, in place."""
-        if self.inv_w is not None:
-            for c0, c1 in self.chunks():
-                self.finish_w_grad(dD[c0:c1], c0, c1)
-        return dD
+    def scratch(self, size: int) -> Tensor:
+        if self._scratch is None or self._scratch.numel() < size:
+            self._scratch = torch.empty(size, device=self.W.device, dtype=self.acc)
+        return self._scratch[:size]
 
-    def w_class_tile(self, c0: int, c1: int) -> Tensor:
-        """The rows of ``W`` of classes ``[c0, c1)`` (all their sub-centres), accumulation dtype."""
-        return self.w_tile(c0 * self.k, c1 * self.k)
+    def raw(self, size: int) -> Optional[Tensor]:
+        """Flat scratch for the sub-centre logits of a tile (None without sub-centres)."""
+        if self.k == 1:
+            return None
+        if self._raw is None or self._raw.numel() < size:
+            self._raw = torch.empty(size, device=self.W.device, dtype=self.acc)
+        return self._raw[:size]
 
-    def logits_tile(self, out: Tensor, r0: int, r1: int, c0: int, c1: int, wt: Tensor,
-                    raw: Optional[Tensor] = None, want_sub: bool = False) -> tuple[Tensor, Tensor, Tensor,
-                                                                                   Optional[Tensor]]:
-        """Fill ``out`` (r x c) with the class logits ``s * cos``, the target column set to -inf.
+    # -- tile operations --
 
-        ``wt`` holds the rows of classes ``[c0, c1)`` (:meth:`w_class_tile`). With
-        sub-centres the ``r x (c k)`` sub-centre logits go to ``raw`` (flat scratch) and each class
-        takes the largest of its ``k``. Returns ``(index, in_tile, target_value, sub)``: each row's
-        target column clamped into the tile, whether it really lies there, the logit that was there
-        before masking, and (sub-centres with ``want_sub``, else None) the ``r x c x 1`` index of the
-        sub-centre each class logit came from (the first maximum).
+    def logits_tile(self, out: Tensor, r0: int, r1: int, c0: int, c1: int, wt: Tensor, raw: Optional[Tensor],
+                    want_sub: bool = False) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """Fill ``out`` (r x c) with the class logits ``s_i * cos``, the target column set to -inf.
+
+        ``wt`` holds the normalized rows of classes ``[c0, c1)``. With sub-centres the ``r x (c k)``
+        sub-centre logits go to ``raw`` and each class takes the largest of its ``k``. Returns ``(index,
+        in_tile, target_value, sub)``: each row's target column clamped into the tile, whether it really
+        lies there, the logit that was there before masking, and (sub-centres with ``want_sub``, else
+        None) the ``r x c x 1`` index of the sub-centre each class logit came from (the first maximum).
         """
         sub = None
         if self.k == 1:
-            torch.mm(self.xs[r0:r1], wt.t(), out=out)
-            if self.inv_w is not None:
-                out.mul_(self.inv_w[c0:c1])
+            gemm_into(out, self.xs[r0:r1], wt.t())
         else:
             R, n, k = r1 - r0, c1 - c0, self.k
             rl = raw[: R * n * k].view(R, n * k)
-            torch.mm(self.xs[r0:r1], wt.t(), out=rl)
-            if self.inv_w is not None:
-                rl.mul_(self.inv_w[c0 * k:c1 * k])
+            gemm_into(rl, self.xs[r0:r1], wt.t())
             r3 = rl.view(R, n, k)
             # elementwise over the k strided slices (a reduction over a size-k inner dim is slow)
             out.copy_(r3[:, :, 0])
@@ -181,13 +143,13 @@ class _Prepared(Prepared):
         out.scatter_(1, idx, masked.unsqueeze(1))
         return idx, in_tile, before, sub
 
-    def filter_tile(self, out: Tensor, fill: bool = True) -> Optional[Tensor]:
-        """Inter-class filtering: the mask of non-target logits above ``s * threshold`` (None without
-        filtering); with ``fill`` they become -inf in place (before a max; :meth:`exp_tile` zeroes
-        them after the exponential either way)."""
+    def filter_tile(self, out: Tensor, r0: int, r1: int, fill: bool = True) -> Optional[Tensor]:
+        """Inter-class filtering: the mask of non-target logits above ``s_i * threshold`` (None without
+        filtering); with ``fill`` they become -inf in place (before a max; :meth:`exp_tile` zeroes them
+        after the exponential either way)."""
         if self.filter_logit is None:
             return None
-        mask = out > self.filter_logit  # the target column is -inf already: never filtered
+        mask = out > self.filter_logit[r0:r1].unsqueeze(1)  # the target column is -inf already: never filtered
         if fill:
             out.masked_fill_(mask, -math.inf)
         return mask
@@ -195,7 +157,10 @@ class _Prepared(Prepared):
     def exp_tile(self, out: Tensor, shift: Tensor, idx: Tensor, in_tile: Tensor,
                  filtered: Optional[Tensor] = None) -> None:
         """``out = exp(out - shift)`` in place with the target column (and ``filtered`` entries) exactly 0."""
-        out.sub_(shift.unsqueeze(1)).clamp_min_(self.floor).exp_()
+        out.sub_(shift.unsqueeze(1))
+        if self.flush:
+            out.clamp_min_(self.floor)
+        out.exp_()
         kept = out.gather(1, idx).squeeze(1)
         out.scatter_(1, idx, torch.where(in_tile, torch.zeros_like(kept), kept).unsqueeze(1))
         if filtered is not None:
@@ -213,158 +178,107 @@ class _Prepared(Prepared):
         torch.mul(p.unsqueeze(2), at, out=out)
         return out.view(R, n * self.k)
 
-    def grad_tile(self, p: Tensor, row_scale: Tensor, c0: int, c1: int, wt: Tensor, r0: int, r1: int,
+    def grad_tile(self, p: Tensor, factor: Tensor, w0: int, w1: int, wt: Tensor, r0: int, r1: int,
                   dxh: Optional[Tensor], dD: Optional[Tensor]) -> None:
-        """Accumulate both GEMMs for ``G = row_scale * p * inv_w`` from an exp tile ``p`` (>= 0).
+        """Accumulate both GEMMs for ``G = factor_i * p`` from a tile ``p >= 0`` over rows ``[w0, w1)``.
 
-        The signed per-row scale is applied on the small ``rows x D`` side of
-        each GEMM, so the big tile stays non-negative and one threshold pass
-        flushes its subnormals.
+        The signed per-row factor is applied on the small ``rows x D`` side of
+        each GEMM, so the big tile stays non-negative (its entries are
+        exponentials clamped above the subnormal range, or 0).
         """
-        if self.inv_w is not None:
-            p.mul_(self.inv_w[c0:c1])
-            F.threshold_(p, self.tiny, 0.0)  # flush subnormals before the GEMMs
-        f = row_scale.unsqueeze(1)
+        pg = p if p.dtype == self.op else p.to(self.op)
+        f = factor.unsqueeze(1)
         if dxh is not None:
-            dxh[r0:r1].addcmul_(torch.mm(p, wt), f)
+            prod = gemm_into(torch.empty(r1 - r0, self.D, device=p.device, dtype=self.acc), pg, wt)
+            dxh[r0:r1].addcmul_(prod, f)
         if dD is not None:
             xf = self.xh[r0:r1] * f
-            xf.masked_fill_(xf.abs() < self.tiny, 0.0)
-            dD[c0:c1].addmm_(p.t(), xf)
+            if self.flush:
+                xf.masked_fill_(xf.abs() < self.tiny, 0.0)
+            gemm_into(dD[w0:w1], pg.t(), xf.to(self.op), accumulate=True)
 
-    # -- passes ---------------------------------------------------------------------------------
+    # -- the row block (engine interface) --
 
-    def tiles(self, pl: "Plan"):
-        for r0 in range(0, self.B, pl.rows):
-            r1 = min(r0 + pl.rows, self.B)
-            yield r0, r1, [(c0, min(c0 + pl.chunk, self.C)) for c0 in range(0, self.C, pl.chunk)]
+    def forward_block(self, r0: int, r1: int, pl: Plan, workspace: Optional[Tensor]) -> BlockStats:
+        R, k = r1 - r0, self.k
+        T = math.ceil(self.C / pl.chunk)
+        dev, acc = self.W.device, self.acc
+        want = self.opts.want_prediction
+        shift = torch.empty(R, T, device=dev, dtype=acc)
+        sumexp = torch.empty(R, T, device=dev, dtype=acc)
+        best = torch.empty(R, T, device=dev, dtype=acc) if want else None
+        index = torch.empty(R, T, device=dev, dtype=torch.int64) if want else None
+        target = torch.zeros(R, device=dev, dtype=acc)
+        raw = self.raw(R * pl.chunk * k)
+        for kk, c0, c1 in self.tiles(pl):
+            n = c1 - c0
+            buf = workspace[kk * R * pl.chunk:][: R * n] if workspace is not None else self.scratch(R * n)
+            tile = buf.view(R, n)
+            idx, in_tile, before, _ = self.logits_tile(tile, r0, r1, c0, c1, self.w_rows(c0 * k, c1 * k), raw)
+            target = torch.where(in_tile, before, target)
+            if want:
+                mx, am = tile.max(1)  # non-target only; the engine compares the target
+                best[:, kk] = mx
+                index[:, kk] = am + c0
+            filtered = self.filter_tile(tile, r0, r1)  # after the prediction: it sees every class
+            if not want or filtered is not None:
+                mx = tile.amax(1)
+            self.exp_tile(tile, torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)), idx, in_tile, filtered)
+            shift[:, kk] = mx  # -inf where the tile held only the target (or only filtered classes)
+            sumexp[:, kk] = tile.sum(1)
+        return BlockStats(shift, sumexp, best, index, None, target)
 
+    def gradient_block(self, r0: int, r1: int, pl: Plan, grads: BlockGrads, workspace: Optional[Tensor],
+                       dxh: Optional[Tensor], dD: Optional[Tensor]) -> None:
+        R, k = r1 - r0, self.k
+        keep = grads.keep.tolist() if grads.keep is not None else None  # one read per row block
+        cutoff = self.opts.gradient_filter
+        raw = self.raw(R * pl.chunk * k)
+        for kk, c0, c1 in self.tiles(pl):
+            n = c1 - c0
+            if workspace is not None:
+                if keep is not None and not keep[kk]:
+                    continue
+                p = workspace[kk * R * pl.chunk:][: R * n].view(R, n)
+                factor = grads.tile_coef[:, kk]
+                wt = self.w_rows(c0 * k, c1 * k)
+            else:
+                tile = self.scratch(R * n).view(R, n)
+                wt = self.w_rows(c0 * k, c1 * k)
+                idx, in_tile, _, sub = self.logits_tile(tile, r0, r1, c0, c1, wt, raw, want_sub=True)
+                filtered = self.filter_tile(tile, r0, r1, fill=False)  # exp may overflow there: zeroed after
+                self.exp_tile(tile, grads.lse, idx, in_tile, filtered)
+                if cutoff is not None and bool(tile.amax() < cutoff):  # a host read: the opt-in's price
+                    continue
+                # with sub-centres each class's weight goes to the sub-centre its logit came from
+                p, factor = self.spread(tile, sub, raw), grads.coef
+            self.grad_tile(p, factor, c0 * k, c1 * k, wt, r0, r1, dxh, dD)
 
-def _combine(m_tiles: Tensor, s_tiles: Tensor) -> Tensor:
-    """log-sum-exp over tiles from per-tile (shift, sum) pairs, shape (R, T) each."""
-    M = m_tiles.amax(1, keepdim=True)
-    M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))  # rows with no non-target class
-    return M.squeeze(1) + torch.log((s_tiles * torch.exp(m_tiles - M)).sum(1))
+    def finish_grads(self, coef: Tensor, dxh: Optional[Tensor], dD: Optional[Tensor]) -> None:
+        """Label smoothing's rank-1 term, then the normalization backward of ``W`` chunk by chunk."""
+        self._smoothing_grads(coef, dxh, dD)
+        if dD is not None and self.inv_w is not None:
+            for c0, c1 in self.chunks():
+                inv = self.inv_w[c0:c1]
+                normalize_backward(self.w_rows(c0, c1, self.acc), inv, clamped(inv, self.opts.eps), dD[c0:c1])
 
-
-class _RunningPrediction:
-    """Argmax of ``s * cos`` over all classes, first index on ties, tile by tile."""
-
-    def __init__(self, rows: int, device, dtype):
-        self.best = torch.full((rows,), -math.inf, device=device, dtype=dtype)
-        self.index = torch.zeros(rows, device=device, dtype=torch.int64)
-
-    def update(self, values: Tensor, indices: Tensor, c0: int) -> None:
-        better = values > self.best
-        self.best = torch.where(better, values, self.best)
-        self.index = torch.where(better, indices + c0, self.index)
-
-    def finish(self, target: Tensor, y_local: Tensor, in_range: Tensor) -> tuple[Tensor, Tensor]:
-        """``(max, local argmax)`` with each row's target logit (where in range) taken into account."""
-        take = in_range & ((target > self.best) | ((target == self.best) & (y_local < self.index)))
-        return torch.where(take, target, self.best), torch.where(take, y_local, self.index)
-
-
-def _row_block_stats(prep: _Prepared, r0: int, r1: int, cols, pl: Plan, store: Optional[Tensor], want_pred: bool):
-    """Process one row block across all classes.
-
-    Returns ``(m_tiles, s_tiles, target, pred)``: per-tile shifts and sums of
-    ``exp(logit - shift)`` over non-target classes, each row's target logit
-    ``s * t`` as the GEMM produced it, and the running prediction. With
-    ``store`` the exp'd tiles stay there (tile k at offset ``k * rows * chunk``).
-    """
-    R = r1 - r0
-    T = len(cols)
-    dev, acc = prep.W.device, prep.acc
-    m_tiles = torch.empty(R, T, device=dev, dtype=acc)
-    s_tiles = torch.empty(R, T, device=dev, dtype=acc)
-    target = torch.zeros(R, device=dev, dtype=acc)
-    pred = _RunningPrediction(R, dev, acc) if want_pred else None
-    scratch = None if store is not None else torch.empty(R * pl.chunk, device=dev, dtype=acc)
-    raw = torch.empty(R * pl.chunk * prep.k, device=dev, dtype=acc) if prep.k > 1 else None
-    for k, (c0, c1) in enumerate(cols):
-        buf = store[k * pl.rows * pl.chunk:][: R * (c1 - c0)] if store is not None else scratch[: R * (c1 - c0)]
-        tile = buf.view(R, c1 - c0)
-        wt = prep.w_class_tile(c0, c1)
-        idx, in_tile, before, _ = prep.logits_tile(tile, r0, r1, c0, c1, wt, raw)
-        target = torch.where(in_tile, before, target)
-        if pred is not None:
-            mx, am = tile.max(1)  # non-target only; the target is compared in finish()
-            pred.update(mx, am, c0)
-        filtered = prep.filter_tile(tile)  # after the prediction: it sees every class
-        if pred is None or filtered is not None:
-            mx = tile.amax(1)
-        shift = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-        prep.exp_tile(tile, shift, idx, in_tile, filtered)
-        m_tiles[:, k] = mx  # -inf where the tile held only the target
-        s_tiles[:, k] = tile.sum(1)
-    return m_tiles, s_tiles, target, pred
-
-
-def _smoothing_grads(prep: _Prepared, g: Tensor, dxh: Optional[Tensor], dD: Optional[Tensor]) -> None:
-    """Rank-1 gradient of ``-(eps/C) * sum_{j != y} s * cos_ij`` into dxh and dD (in place)."""
-    eps = prep.opts.label_smoothing
-    if eps <= 0:
-        return
-    coef = -prep.opts.scale * eps / prep.C_total
-    inv_w = prep.inv_w
-    if dxh is not None:
-        dxh.add_((coef * g).unsqueeze(1) * (prep.class_sum().unsqueeze(0) - prep.target_rows()))
-    if dD is not None:
-        gx = (coef * g).unsqueeze(1) * prep.xh  # (B, D)
-        col = inv_w if inv_w is not None else torch.ones(prep.C, device=gx.device, dtype=gx.dtype)
-        dD.addr_(col, gx.sum(0))
-        idx = prep.target_index()
-        own = col[idx] * prep.in_range.to(col.dtype)  # targets in another range are not among these rows
-        # sort-based on CUDA (index_add_ would use atomics): reproducible with duplicate labels
-        dD.index_put_((idx,), -gx * own.unsqueeze(1), accumulate=True)
+    def _smoothing_grads(self, coef: Tensor, dxh: Optional[Tensor], dD: Optional[Tensor]) -> None:
+        """Rank-1 gradient of ``-(eps/C) * sum_{j != y} s_i cos_ij`` into dxh and dD (in place)."""
+        eps = self.opts.label_smoothing
+        if eps <= 0:
+            return
+        rows = (-eps / self.C_total) * coef  # (B,)
+        if dxh is not None:
+            dxh.add_(rows.unsqueeze(1) * (self.class_sum().unsqueeze(0) - self.target_rows()))
+        if dD is not None:
+            gx = rows.unsqueeze(1) * self.xh  # (B, D)
+            dD.add_(gx.sum(0))
+            own = self.in_range.to(gx.dtype)  # targets in another range are not among these rows
+            # sort-based on CUDA (index_add_ would use atomics): reproducible with duplicate labels
+            dD.index_put_((self.target_index(),), -gx * own.unsqueeze(1), accumulate=True)
 
 
-def _forward(prep: _Prepared, pl: Plan, want_pred: bool, store: Optional[Tensor] = None, block_done=None):
-    """One pass over all tiles, row block by row block.
-
-    Returns the range's :class:`RowStats`. With ``store`` the exp'd tiles of
-    each block stay there and ``block_done(r0, r1, cols, m_tiles, N_block)``
-    runs before the next block overwrites them.
-    """
-    B = prep.B
-    N = torch.empty(B, device=prep.W.device, dtype=prep.acc)
-    target = torch.empty_like(N)  # s * t as the GEMM produced it; 0 where the target is in another range
-    best = torch.empty_like(N) if want_pred else prep.empty()
-    arg = torch.empty(B, device=N.device, dtype=torch.int64) if want_pred else prep.empty(torch.int64)
-    for r0, r1, cols in prep.tiles(pl):
-        m_t, s_t, tgt, rp = _row_block_stats(prep, r0, r1, cols, pl, store, want_pred)
-        N[r0:r1] = _combine(m_t, s_t)
-        target[r0:r1] = tgt
-        if rp is not None:
-            best[r0:r1], arg[r0:r1] = rp.finish(tgt, prep.y_local[r0:r1], prep.in_range[r0:r1])
-        if block_done is not None:
-            block_done(r0, r1, cols, m_t, N[r0:r1])
-    if want_pred:
-        arg += prep.opts.class_start
-    return RowStats(N, best, arg, prep.logit_sum(target))
-
-
-def _forward_fused(prep: _Prepared, pl: Plan, z: Tensor, g: Tensor):
-    """Forward with gradients for upstream row weights ``g``: three GEMMs."""
-    B, dev, acc = prep.B, prep.W.device, prep.acc
-    store = torch.empty(pl.workspace_bytes // (torch.finfo(acc).bits // 8), device=dev, dtype=acc)
-    dxh = torch.zeros(B, prep.D, device=dev, dtype=acc) if prep.opts.need_x else None
-    dD = torch.zeros(prep.n_rows, prep.D, device=dev, dtype=acc) if prep.opts.need_W else None
-    zf = z.to(acc)
-    g = g.to(acc)
-
-    def gradients(r0, r1, cols, m_t, N_block):
-        lse = torch.logaddexp(N_block, zf[r0:r1])
-        R = r1 - r0
-        for k, (c0, c1) in enumerate(cols):
-            tile = store[k * pl.rows * pl.chunk:][: R * (c1 - c0)].view(R, c1 - c0)
-            row_scale = g[r0:r1] * prep.opts.scale * torch.exp(m_t[:, k] - lse)
-            prep.grad_tile(tile, row_scale, c0, c1, prep.w_class_tile(c0, c1), r0, r1, dxh, dD)
-
-    stats = _forward(prep, pl, prep.opts.want_prediction, store, gradients)
-    _smoothing_grads(prep, g, dxh, dD)
-    return stats, dxh, prep.finish_w_grads(dD) if dD is not None else None
+_ENGINE = engine.Engine(_TorchTiles)
 
 
 # -- the backend interface (marginops.backends.interface.Backend) -------------------------------------
@@ -375,72 +289,23 @@ def weight_grad_dtype(x_dtype: torch.dtype, W_dtype: torch.dtype, opts: FusedOpt
     return acc_dtype(x_dtype, W_dtype)
 
 
-def _plan(B: int, C: int, x_dtype: torch.dtype, W_dtype: torch.dtype, opts: FusedOptions, grads: bool) -> Plan:
-    """The plan for ``C`` classes (sub-centre tiles count ``1 + k`` elements per class: the ``k``
-    sub-centre logits and the class logit)."""
-    elt = torch.finfo(acc_dtype(x_dtype, W_dtype)).bits // 8
-    fused_wanted = (grads and opts.reduce and (opts.need_x or opts.need_W) and opts.is_full_range(C)
-                    and opts.sub_centers == 1)
-    if opts.strategy == "workspace" and grads:
-        opts.require_full_range(C)
-        _workspace_supports(opts)
-    return plan(B, C, elt * (1 + opts.sub_centers) if opts.sub_centers > 1 else elt, opts, fused_wanted)
-
-
-def _workspace_supports(opts: FusedOptions) -> None:
-    if opts.sub_centers > 1:
-        raise NotImplementedError(f"strategy='workspace' does not support sub-centres (sub_centers="
-                                  f"{opts.sub_centers}); use strategy='recompute' or 'auto'")
-
-
 def uses_workspace(B: int, C: int, D: int, x_dtype: torch.dtype, W_dtype: torch.dtype, opts: FusedOptions) -> bool:
-    """The fused strategy (three GEMMs) when :func:`plan` picks it for a call that wants gradients
-    (never with sub-centres: ``strategy="workspace"`` raises NotImplementedError for them). ``C`` is the
-    weight's rows."""
-    return B > 0 and _plan(B, opts.classes_of(C), x_dtype, W_dtype, opts, grads=True).strategy == "fused"
+    """Whether the call forms its gradients in the forward pass (``C``: rows of ``W``); never with
+    sub-centres (``strategy="workspace"`` raises NotImplementedError for them)."""
+    return _ENGINE.uses_workspace(B, C, D, x_dtype, W_dtype, opts)
 
 
 def forward_stats(call: Call) -> RowStats:
     """One GEMM per tile; no gradients."""
-    prep = _Prepared(call)
-    return _forward(prep, _plan(prep.B, prep.C, call.x.dtype, call.W.dtype, call.opts, grads=False),
-                    call.opts.want_prediction)
+    return _ENGINE.forward_stats(call)
 
 
 def forward_with_grads(call: Call, z: Tensor, g: Tensor) -> tuple[RowStats, Optional[Tensor], Optional[Tensor]]:
-    """The fused strategy: each row block's logits kept in the workspace, gradients formed in the pass."""
-    prep = _Prepared(call)
-    pl = _plan(prep.B, prep.C, call.x.dtype, call.W.dtype, call.opts, grads=True)
-    if pl.strategy != "fused":
-        raise ValueError(f"forward_with_grads called for a call planned as {pl.strategy!r}")
-    return _forward_fused(prep, pl, z, g)
+    """Statistics and gradients in one call: each row block's exponentials kept in the workspace (three
+    GEMMs), or on a GPU with thin row blocks the logits recomputed within the call (four)."""
+    return _ENGINE.forward_with_grads(call, z, g)
 
 
 def recompute_grads(call: Call, lse: Tensor, g: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """Recompute every tile (four GEMMs in all) for per-row upstream weights ``g``."""
-    prep = _Prepared(call)
-    opts = call.opts
-    x = call.x
-    pl = _plan(prep.B, prep.C, x.dtype, call.W.dtype, opts, grads=False)
-    lse = lse.to(prep.acc)
-    g = g.to(prep.acc)
-    dxh = torch.zeros(prep.B, prep.D, device=x.device, dtype=prep.acc) if opts.need_x else None
-    dD = torch.zeros(prep.n_rows, prep.D, device=x.device, dtype=prep.acc) if opts.need_W else None
-    if dxh is None and dD is None:
-        return None, None
-    scratch = torch.empty(pl.rows * pl.chunk, device=x.device, dtype=prep.acc)
-    k = prep.k
-    raw = torch.empty(pl.rows * pl.chunk * k, device=x.device, dtype=prep.acc) if k > 1 else None
-    for r0, r1, cols in prep.tiles(pl):
-        row_scale = g[r0:r1] * opts.scale
-        for c0, c1 in cols:
-            tile = scratch[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-            wt = prep.w_class_tile(c0, c1)
-            idx, in_tile, _, sub = prep.logits_tile(tile, r0, r1, c0, c1, wt, raw, want_sub=True)
-            filtered = prep.filter_tile(tile, fill=False)  # exp may overflow there: zeroed right after
-            prep.exp_tile(tile, lse[r0:r1], idx, in_tile, filtered)
-            # with sub-centres each class's weight goes to the sub-centre its logit came from
-            prep.grad_tile(prep.spread(tile, sub, raw), row_scale, c0 * k, c1 * k, wt, r0, r1, dxh, dD)
-    del scratch, raw
-    _smoothing_grads(prep, g, dxh, dD)
-    return dxh, prep.finish_w_grads(dD) if dD is not None else None
+    return _ENGINE.recompute_grads(call, lse, g)

@@ -1,4 +1,6 @@
-"""The chunked PyTorch backend: its planner, both strategies, and independence from the tiling."""
+"""The chunked PyTorch backend on the tile engine: both strategies, and independence from the tiling.
+
+The planner's own tests are in ``test_engine.py``."""
 
 from __future__ import annotations
 
@@ -6,12 +8,11 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import marginops as mo
+from marginops.backends import engine
 from marginops.backends import torch_chunked as tc
-from marginops.backends.interface import DEFAULT_MEMORY_BUDGET, FusedOptions
+from marginops.backends.interface import FusedOptions
 
 from ..conftest import assert_close_to_oracle, check_against_reference, make_inputs, run
 from .ranges import LABELS_13, check_ranges_match_whole
@@ -19,97 +20,29 @@ from .ranges import LABELS_13, check_ranges_match_whole
 B, C, D = 13, 37, 8
 #: 600 bytes: no 13-row block over all 37+ classes fits (>= 13 * 37 * 4 bytes), so recompute runs.
 SMALL_BUDGET = 600
-
-
-def default_chunk(strategy: str) -> int:
-    return tc.FUSED_CHUNK if strategy == "fused" else tc.RECOMPUTE_CHUNK
-
-
-def opts(chunk_size=None, memory_budget=None, strategy="auto"):
-    return FusedOptions(scale=1.0, chunk_size=chunk_size, memory_budget=memory_budget, strategy=strategy)
+TILING = engine.cpu_tiling(engine.CPU, per_worker=False)
 
 
 @pytest.fixture
 def plans(monkeypatch):
-    """Records the Plan of every forward pass the backend runs during the test."""
+    """Records the Plan of every forward pass the engine runs during the test."""
     made = []
 
-    def spy(prep, pl, *args, **kwargs):
+    def spy(k, pl, *args, **kwargs):
         made.append(pl)
-        return real(prep, pl, *args, **kwargs)
+        return real(k, pl, *args, **kwargs)
 
-    real = tc._forward
-    monkeypatch.setattr(tc, "_forward", spy)
+    real = engine._forward
+    monkeypatch.setattr(engine, "_forward", spy)
     return made
-
-
-# -- the planner ----------------------------------------------------------------------------------
-
-def test_plan_fused_when_the_whole_batch_fits():
-    batch, classes, elt = 256, 10_000, 4
-    padded = math.ceil(classes / tc.FUSED_CHUNK) * tc.FUSED_CHUNK
-    p = tc.plan(batch, classes, elt, opts(), fused_wanted=True)
-    assert p == tc.Plan("fused", batch, tc.FUSED_CHUNK, batch * padded * elt)
-    assert p.workspace_bytes <= DEFAULT_MEMORY_BUDGET
-
-
-def test_plan_recompute_when_fused_not_wanted():
-    # reduction="none" or no input needs a gradient: the forward keeps per-row statistics only
-    p = tc.plan(256, 10_000, 4, opts(), fused_wanted=False)
-    assert p.strategy == "recompute" and p.rows == min(256, tc.RECOMPUTE_ROWS)
-
-
-@pytest.mark.parametrize("batch", [1000, 1010, 4096])
-def test_plan_fused_with_fewer_even_rows_when_budget_allows_min_rows(batch):
-    row_bytes = 3 * tc.FUSED_CHUNK * 4  # C = 10_000 pads to 3 chunks, float32
-    fit = tc.MIN_FUSED_ROWS + 28
-    p = tc.plan(batch, 10_000, 4, opts(memory_budget=fit * row_bytes + 17), fused_wanted=True)
-    assert p.strategy == "fused"
-    assert p.rows <= fit and p.workspace_bytes == p.rows * row_bytes <= fit * row_bytes + 17
-    assert math.ceil(batch / p.rows) == math.ceil(batch / fit)  # evening out adds no block
-    last = batch - (math.ceil(batch / p.rows) - 1) * p.rows
-    assert last > p.rows - math.ceil(batch / p.rows)  # no thin last block
-
-
-def test_plan_recompute_when_fewer_than_min_rows_fit():
-    row_bytes = 3 * tc.FUSED_CHUNK * 4
-    p = tc.plan(1000, 10_000, 4, opts(memory_budget=(tc.MIN_FUSED_ROWS - 1) * row_bytes), fused_wanted=True)
-    assert p.strategy == "recompute"
-    # a small batch needs all its rows in one block
-    assert tc.plan(10, 10_000, 4, opts(memory_budget=10 * row_bytes), True).strategy == "fused"
-    assert tc.plan(10, 10_000, 4, opts(memory_budget=10 * row_bytes - 1), True).strategy == "recompute"
-
-
-def test_plan_recompute_shrinks_chunk_to_the_budget():
-    p = tc.plan(1000, 10_000, 4, opts(chunk_size=2048, memory_budget=tc.RECOMPUTE_ROWS * 100 * 4), fused_wanted=True)
-    assert p == tc.Plan("recompute", tc.RECOMPUTE_ROWS, 100, tc.RECOMPUTE_ROWS * 100 * 4)
-    tiny = tc.plan(1000, 10_000, 8, opts(memory_budget=1), fused_wanted=True)
-    assert tiny.strategy == "recompute" and tiny.chunk == 1
-
-
-def test_plan_chunk_is_capped_by_classes_and_empty_batch_recomputes():
-    assert tc.plan(8, 5, 4, opts(chunk_size=100), True).chunk == 5
-    assert tc.plan(8, 5000, 4, opts(), True).chunk == min(tc.FUSED_CHUNK, 5000)
-    assert tc.plan(8, 5000, 4, opts(), False).chunk == min(tc.RECOMPUTE_CHUNK, 5000)
-    assert tc.plan(0, 50, 4, opts(), True).strategy == "recompute"
-
-
-def test_plan_follows_an_explicit_strategy():
-    row_bytes = 3 * tc.FUSED_CHUNK * 4
-    few = opts(memory_budget=3 * row_bytes, strategy="workspace")  # 3 rows: below MIN_FUSED_ROWS
-    assert tc.plan(1000, 10_000, 4, few, True) == tc.Plan("fused", 3, tc.FUSED_CHUNK, 3 * row_bytes)
-    assert tc.plan(1000, 10_000, 4, few, False).strategy == "recompute"  # no gradients wanted: nothing to fuse
-    assert tc.plan(1000, 10_000, 4, opts(strategy="recompute"), True).strategy == "recompute"
-    with pytest.raises(ValueError, match=f"memory_budget >= {row_bytes} bytes"):
-        tc.plan(1000, 10_000, 4, opts(memory_budget=row_bytes - 1, strategy="workspace"), True)
 
 
 @pytest.mark.parametrize("strategy", ["recompute", "workspace"])
 def test_explicit_strategy_end_to_end(plans, strategy):
     x, W, y = make_inputs(B, C, D, ignore=2)
     check_against_reference(x, W, y, mo.ArcFace(0.5), label_smoothing=0.1, strategy=strategy,
-                            memory_budget=SMALL_BUDGET if strategy == "workspace" else None)
-    assert [p.strategy for p in plans] == ["fused" if strategy == "workspace" else "recompute"]
+                            memory_budget=SMALL_BUDGET if strategy == "workspace" else None, backend="torch")
+    assert [p.strategy for p in plans] == [strategy]
     assert strategy == "recompute" or plans[0].rows < B  # the small budget forced several row blocks
 
 
@@ -117,39 +50,14 @@ def test_workspace_without_room_for_one_row_is_refused():
     x, W, y = make_inputs(B, C, D)
     W.requires_grad_()
     with pytest.raises(ValueError, match=r"strategy='workspace' needs memory_budget >= \d+ bytes"):
-        mo.margin_cross_entropy(x, W, y, strategy="workspace", memory_budget=8)
-
-
-@settings(max_examples=200)
-@given(batch=st.integers(0, 5000), classes=st.integers(1, 100_000), elt=st.sampled_from([4, 8]),
-       chunk_size=st.none() | st.integers(1, 10_000), budget=st.none() | st.integers(1, 2**28),
-       fused_wanted=st.booleans())
-def test_plan_invariants(batch, classes, elt, chunk_size, budget, fused_wanted):
-    o = opts(chunk_size, budget)
-    p = tc.plan(batch, classes, elt, o, fused_wanted)
-    limit = budget if budget is not None else DEFAULT_MEMORY_BUDGET
-    assert 1 <= p.chunk <= min(chunk_size or default_chunk(p.strategy), classes)
-    if p.strategy == "fused":
-        padded = math.ceil(classes / p.chunk) * p.chunk
-        fit = limit // (padded * elt)
-        assert fused_wanted and batch >= 1
-        assert fit >= min(batch, tc.MIN_FUSED_ROWS)  # the documented condition for fusing
-        assert 1 <= p.rows <= min(batch, fit)
-        assert p.workspace_bytes == p.rows * padded * elt <= limit
-    else:
-        assert p.strategy == "recompute"
-        assert p.rows == max(1, min(batch, tc.RECOMPUTE_ROWS))
-        assert p.chunk == 1 or p.rows * p.chunk * elt <= limit
-        if fused_wanted and batch >= 1:  # fusing was possible only if min rows did not fit
-            padded = math.ceil(classes / min(chunk_size or tc.FUSED_CHUNK, classes)) * min(
-                chunk_size or tc.FUSED_CHUNK, classes)
-            assert limit // (padded * elt) < min(batch, tc.MIN_FUSED_ROWS)
+        mo.margin_cross_entropy(x, W, y, strategy="workspace", memory_budget=8, backend="torch")
 
 
 # -- the strategies in action ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("reduction, grads, expected", [
-    ("mean", True, "fused"), ("sum", True, "fused"), ("none", True, "recompute"), ("mean", False, "recompute"),
+    ("mean", True, "workspace"), ("sum", True, "workspace"), ("none", True, "recompute"),
+    ("mean", False, "recompute"),
 ])
 def test_calls_pick_the_documented_strategy(plans, reduction, grads, expected):
     x, W, y = make_inputs(B, C, D)
@@ -161,7 +69,7 @@ def test_calls_pick_the_documented_strategy(plans, reduction, grads, expected):
     assert [p.strategy for p in plans] == ["recompute"]
 
 
-def test_forward_under_no_grad_does_not_fuse(plans):
+def test_forward_under_no_grad_keeps_no_workspace(plans):
     x, W, y = make_inputs(B, C, D)
     with torch.no_grad():
         mo.margin_cross_entropy(x.requires_grad_(), W.requires_grad_(), y, mo.CosFace(0.35), backend="torch")
@@ -173,61 +81,61 @@ def test_forward_under_no_grad_does_not_fuse(plans):
 @pytest.mark.parametrize("margin", [None, mo.CosFace(0.35), mo.ArcFace(0.5), mo.SphereFace(4)], ids=repr)
 def test_strategies_agree_with_each_other_and_the_reference(plans, margin, reduction, dtype):
     x, W, y = make_inputs(B, C, D, dtype, ignore=2)
-    fused = check_against_reference(x, W, y, margin, reduction=reduction, label_smoothing=0.1, chunk_size=5)
+    kept = check_against_reference(x, W, y, margin, reduction=reduction, label_smoothing=0.1, chunk_size=5,
+                                   backend="torch")
     recompute = check_against_reference(x, W, y, margin, reduction=reduction, label_smoothing=0.1, chunk_size=5,
-                                        memory_budget=SMALL_BUDGET)
-    assert [p.strategy for p in plans] == ["fused", "recompute"]
-    for name, a, b in zip(("loss", "x.grad", "W.grad"), fused[:3], recompute[:3]):
-        assert_close_to_oracle(a, b.double(), name=f"fused vs recompute {name}",
+                                        memory_budget=SMALL_BUDGET, backend="torch")
+    assert [p.strategy for p in plans] == ["workspace", "recompute"]
+    for name, a, b in zip(("loss", "x.grad", "W.grad"), kept[:3], recompute[:3]):
+        assert_close_to_oracle(a, b.double(), name=f"workspace vs recompute {name}",
                                tol=None if dtype == torch.float64 else 1e-5)
 
 
 @pytest.mark.parametrize("reduction, budget, strategy", [
-    ("mean", None, "fused"),
-    ("sum", None, "fused"),
-    ("none", None, "recompute"),  # recompute with any chunk: "none" never fuses
+    ("mean", None, "workspace"),
+    ("sum", None, "workspace"),
+    ("none", None, "recompute"),  # recompute with any chunk: "none" never keeps the logits
     ("mean", SMALL_BUDGET, "recompute"),  # the budget caps recompute tiles at 600 // (13 * 8) = 5 classes
 ])
 def test_results_independent_of_chunk_size(plans, reduction, budget, strategy):
     x, W, y = make_inputs(B, C, D, ignore=2)
     chunks = (None, 1, 3, 7, C, C + 5)
     base = None
-    for chunk in chunks:
+    for chunk in chunks:  # every prediction is checked to be an argmax by check_against_reference
         out = check_against_reference(x, W, y, mo.ArcFace(0.5), reduction=reduction, label_smoothing=0.1,
-                                      chunk_size=chunk, memory_budget=budget)
+                                      chunk_size=chunk, memory_budget=budget, backend="torch")
         if base is None:
             base = out
             continue
         for name, a, b in zip(("loss", "x.grad", "W.grad"), out[:3], base[:3]):
             assert_close_to_oracle(a, b, name=f"chunk_size={chunk} vs default: {name}")
-        assert torch.equal(out.stats.prediction, base.stats.prediction)
     assert {p.strategy for p in plans} == {strategy}
     cap = C if budget is None else budget // (B * 8)
-    assert [p.chunk for p in plans] == [min(c or default_chunk(strategy), C, cap) for c in chunks]
+    assert [p.chunk for p in plans] == [min(c or C, C, cap) for c in chunks]
 
 
 @pytest.mark.parametrize("batch, budget, strategy", [
-    (200, 128 * 40 * 8, "fused"),  # 128 rows of 40 padded classes fit: 2 even blocks of 100 rows
-    (tc.RECOMPUTE_ROWS + 88, SMALL_BUDGET, "recompute"),  # more rows than one recompute block
+    (200, 128 * C * 8, "workspace"),  # 128 rows of 37 classes fit: 2 even blocks of 100 rows
+    (TILING.recompute_rows + 88, SMALL_BUDGET, "recompute"),  # more rows than one recompute block
 ])
 def test_several_row_blocks(plans, batch, budget, strategy):
     x, W, y = make_inputs(batch, C, D, ignore=7)
     check_against_reference(x, W, y, mo.ArcFace(0.5), label_smoothing=0.1, chunk_size=5, memory_budget=budget,
-                            reduction="sum")
+                            reduction="sum", backend="torch")
     (p,) = plans
     assert p.strategy == strategy and p.rows < batch
 
 
-@pytest.mark.parametrize("strategy", ["fused", "recompute"])
+@pytest.mark.parametrize("strategy", ["workspace", "recompute"])
 def test_multithreaded_matches_single_threaded(plans, _one_thread, strategy):
     """The rest of the suite runs on one thread (see conftest); check a larger problem on all of them."""
     x, W, y = make_inputs(300, 3001, 64, torch.float32, ignore=5)
-    options = dict(chunk_size=512, memory_budget=None if strategy == "fused" else 2**18)
+    options = dict(chunk_size=512, memory_budget=None if strategy == "workspace" else 2**18)
     single = run(x, W, y, mo.ArcFace(0.5), backend="torch", **options)
     assert plans[0].strategy == strategy
     torch.set_num_threads(max(2, _one_thread))
     try:
-        multi = check_against_reference(x, W, y, mo.ArcFace(0.5), **options)
+        multi = check_against_reference(x, W, y, mo.ArcFace(0.5), backend="torch", **options)
     finally:
         torch.set_num_threads(1)
     for name, a, b in zip(("loss", "x.grad", "W.grad"), multi[:3], single[:3]):
@@ -298,12 +206,3 @@ def test_a_registered_backend_module_serves_every_call(monkeypatch):
     for bad in ("auto", "reference", ""):
         with pytest.raises(ValueError, match="backend name"):
             mo.register_backend(bad, toy)
-
-
-@pytest.mark.parametrize("features", [dict(filter_threshold=0.1), dict(sub_centers=3),
-                                      dict(sub_centers=2, filter_threshold=0.0, chunk_size=4)], ids=str)
-def test_class_ranges_with_filtering_and_sub_centres(features):
-    # each range filters and takes its sub-centre maxima on its own; the statistics still combine exactly
-    k = features.get("sub_centers", 1)
-    x, W, _ = make_inputs(13, 37 * k, D, torch.float64)
-    check_ranges_match_whole(tc, x, W, torch.tensor(LABELS_13), label_smoothing=0.0, **features)
