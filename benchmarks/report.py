@@ -152,11 +152,9 @@ def model_table() -> Optional[str]:
 
     if importlib.util.find_spec("triton") is None:
         return None
-    from marginops import DEFAULT_MEMORY_BUDGET
-
     from . import perf_model
 
-    return perf_model.table(perf_model.H100, DEFAULT_MEMORY_BUDGET, None)
+    return perf_model.table()
 
 
 def blocks(records: Sequence[dict]) -> dict[str, str]:
