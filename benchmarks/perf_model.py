@@ -33,6 +33,8 @@ from typing import Optional
 import torch
 
 from marginops.backends import triton_config as tc
+
+from . import presets
 from marginops.backends import triton_plan as tp
 from marginops.backends.interface import FusedOptions
 
@@ -88,15 +90,15 @@ class Target:
     naive_extra_mib: Optional[float] = None  # the naive head's extra peak memory measured there
 
 
-TARGETS = (
-    Target("cce-plain", 8192, 2304, 256_000, "bfloat16", False, 1.25, 42.2, 14_838),
-    Target("cce-arcface", 8192, 2304, 256_000, "bfloat16", True, 1.25, 42.7, 16_001),
-    Target("cce-arcface-1M", 8192, 2304, 1_000_000, "bfloat16", True, 1.25, 169.0),
-    Target("llm-plain", 8192, 4096, 128_256, "bfloat16", False, 1.25, 36.8, 11.7 * 1024),
-    Target("face-arcface", 1024, 512, 2_000_000, "bfloat16", True, 1.35, 10.7, 40 * 1024),
-    Target("face-arcface-fp16", 1024, 512, 2_000_000, "float16", True, 1.35, 10.6, 40 * 1024),
-    Target("cce-arcface-fp32", 8192, 2304, 256_000, "float32", True, 1.0, 558.0),
-)
+#: What the first GPU run measured per target (H200, 2026-12-04): the floor (ms) and the naive head's extra
+#: peak memory (MiB), where it ran (records in benchmarks/results/gpu/; the probe's figures from issue 18).
+MEASURED = {
+    "cce-plain": (42.2, 14_838), "cce-arcface": (42.7, 16_001), "cce-arcface-1M": (169.0, None),
+    "llm-plain": (36.8, 11.7 * 1024), "face-arcface": (10.7, 40 * 1024), "face-arcface-fp16": (10.6, 40 * 1024),
+    "cce-arcface-fp32": (558.0, None),
+}
+TARGETS = tuple(Target(t.name, *t.shape, t.dtype, t.problem != "plain", t.max_ratio, *MEASURED.get(t.name, (None, None)))
+                for t in presets.GPU_TARGETS)
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -78,6 +78,10 @@ from .triton_kernels import (LOG2E, _finish_w_kernel, _grad_from_exp_kernel, _ma
 
 LN2 = math.log(2.0)
 
+#: The compiled kernel of each kernel's last launch (by kernel name; None under the interpreter): registers,
+#: spills and shared memory for ``python -m benchmarks gpu-tune``.
+LAST_COMPILED: dict = {}
+
 #: Use tensor descriptors (TMA loads) under the interpreter too, where a config asks for them (tests switch it
 #: on to run that code path on a CPU; on a GPU it follows the device: sm_90 and newer).
 TMA_IN_INTERPRETER = False
@@ -296,7 +300,8 @@ def margin_fwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Op
         thr2 = _per_row(filter_logit, B, x) * LOG2E if filter_logit is not None else rs2
         use_tma = _use_tma(cfg, x, W, sub_centers=sub_centers)
         x_desc, w_desc = _descriptors(use_tma, x, W, cfg)
-        _margin_fwd_kernel[(triton.cdiv(B, cfg.block_b), splits)](
+        grid = (triton.cdiv(B, cfg.block_b), splits)
+        LAST_COMPILED["_margin_fwd_kernel"] = _margin_fwd_kernel[grid](
             x_desc, w_desc, x, W, y, rs2, col_scale if col_scale is not None else rs2, thr2,
             m, l, pv, pi, workspace.exp if workspace else x, workspace.shift if workspace else m,
             B, C, D, per,
@@ -361,7 +366,8 @@ def margin_grad(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: O
     thr2 = _per_row(filter_logit, R, x) * LOG2E if filter_logit is not None else rs2
     use_tma = _use_tma(cfg, x, W, sub_centers=sub_centers)
     x_desc, w_desc = _descriptors(use_tma, x, W, cfg)
-    _margin_grad_kernel[(triton.cdiv(R, cfg.block_b), triton.cdiv(Cc, cfg.block_c))](
+    grid = (triton.cdiv(R, cfg.block_b), triton.cdiv(Cc, cfg.block_c))
+    LAST_COMPILED["_margin_grad_kernel"] = _margin_grad_kernel[grid](
         x_desc, w_desc, x, W, y, rs2, col_scale if col_scale is not None else rs2, thr2, lse, coef, out,
         flags if flags is not None else out,
         R, Cc, D, label_offset, float(smoothing), float(gradient_filter or 0.0),
@@ -390,7 +396,8 @@ def grad_from_exp(ws: ExpWorkspace, y: Tensor, col_scale: Optional[Tensor], lse:
     if R == 0 or C == 0:
         return G, flags, cfg
     _check_device(G)
-    _grad_from_exp_kernel[(triton.cdiv(R, cfg.block_b), triton.cdiv(C, cfg.block_c))](
+    grid = (triton.cdiv(R, cfg.block_b), triton.cdiv(C, cfg.block_c))
+    LAST_COMPILED["_grad_from_exp_kernel"] = _grad_from_exp_kernel[grid](
         G, ws.shift, y, col_scale if col_scale is not None else lse, lse, coef, flags if flags is not None else G,
         R, C, float(smoothing), float(gradient_filter or 0.0), ws.tile_c,
         G.stride(0), ws.shift.stride(0), flags.stride(0) if flags is not None else 0,
@@ -420,7 +427,8 @@ def finish_w(dD: Tensor, W: Tensor, inv_w: Tensor, clamped: Tensor, out: Tensor,
     coef = inv_w * inv_w if scaled else inv_w * inv_w * inv_w
     coef = torch.where(clamped, torch.zeros_like(coef), coef)
     cfg = config_for("finish", W.dtype)
-    _finish_w_kernel[(triton.cdiv(Cc, cfg.block_b),)](
+    grid = (triton.cdiv(Cc, cfg.block_b),)
+    LAST_COMPILED["_finish_w_kernel"] = _finish_w_kernel[grid](
         dD, W, coef, inv_w, out, Cc, D, dD.stride(0), W.stride(0), W.stride(1), out.stride(0), HAS_PRE=not scaled,
         ACC=tl.float64 if dD.dtype == torch.float64 else tl.float32, BLOCK_R=cfg.block_b, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -438,7 +446,8 @@ def scale_rows(W: Tensor, factor: Tensor, out: Tensor) -> Tensor:
     if Cc == 0:
         return out
     cfg = config_for("rows", W.dtype)
-    _scale_rows_kernel[(triton.cdiv(Cc, cfg.block_b),)](
+    grid = (triton.cdiv(Cc, cfg.block_b),)
+    LAST_COMPILED["_scale_rows_kernel"] = _scale_rows_kernel[grid](
         W, factor, out, Cc, D, W.stride(0), W.stride(1), out.stride(0),
         ACC=tl.float64 if factor.dtype == torch.float64 else tl.float32, BLOCK_R=cfg.block_b,
         BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -475,7 +484,8 @@ def masked_mm(a: Tensor, b: Tensor, out: Tensor, flags: Tensor, *, mask_m: int, 
     fm, fk = (flags.stride(1), flags.stride(0)) if transposed_flags else (flags.stride(0), flags.stride(1))
     if K == 0:
         return out if accumulate else out.zero_()
-    _masked_mm_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, cfg.block_c))](
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, cfg.block_c))
+    LAST_COMPILED["_masked_mm_kernel"] = _masked_mm_kernel[grid](
         a, b, out, flags, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), fm, fk,
         ACCUMULATE=accumulate, **_constexprs(a.dtype), MASK_M=mask_m, MASK_K=block_k, BLOCK_M=block_m,
         BLOCK_N=cfg.block_c, BLOCK_K=step_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
