@@ -113,8 +113,7 @@ _SUB_GRAD = {**_FWD, torch.bfloat16: KernelConfig(128, 32, 64, 8, 3), torch.floa
              torch.float32: KernelConfig(64, 32, 16, 8, 3)}
 # elementwise G from stored exponentials: rows x classes per program (block_d unused); with gradient filtering
 # these tiles are the ones skipped, and the masked products step over them
-_FROM_EXP = {**{dtype: KernelConfig(64, 128, 1, 8, 1, occupancy=2) for dtype in DTYPES},
-             torch.float64: KernelConfig(64, 128, 1, 8, 1)}
+_FROM_EXP = {dtype: KernelConfig(64, 128, 1, 8, 1) for dtype in DTYPES}
 # streaming over C x D: rows per program x features per step
 _FINISH = {torch.bfloat16: KernelConfig(16, 1, 256, 4, 1), torch.float16: KernelConfig(16, 1, 256, 4, 1),
            torch.float32: KernelConfig(16, 1, 256, 4, 1), torch.float64: KernelConfig(8, 1, 256, 8, 1)}
