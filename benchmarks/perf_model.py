@@ -160,6 +160,9 @@ def predict(t: Target, m: Machine = H200, efficiency: float = DESIGN_EFFICIENCY,
             steps["finish (to the weight's dtype)"] = (4 + e) * C * D / bw
         if dtype == "float16" and t.normalize:  # normalized rows of W for dX, per row block
             steps["normalized rows (float16)"] = pl.blocks * 2 * C * D * e / bw
+        # marginops.ops scales the gradients formed in the forward by grad_output in place (on CUDA without
+        # reading it on the host, so also when it is 1): one pass over dW and dX
+        steps["scale by grad_output"] = (2 * e * C * D + 8 * B * D) / bw
         plan_text = f"workspace: {pl.blocks} x {pl.rows} rows" + (", fp32 dW" if pl.fp32_accumulator else "")
     else:
         cfg = tc.config_for("grad", dt, D, 90)
@@ -178,19 +181,28 @@ def predict(t: Target, m: Machine = H200, efficiency: float = DESIGN_EFFICIENCY,
                 scratch=scratch["total"], workspace=workspace)
 
 
+#: Short names of the steps in the table.
+SHORT = {"norms": "norms", "forward kernel (stores exp)": "fwd", "G in place": "G", "cuBLAS dX": "dX",
+         "cuBLAS dW": "dW", "dW accumulation": "acc", "finish (normalization backward)": "finish",
+         "finish (to the weight's dtype)": "finish", "normalized rows (float16)": "rows",
+         "forward kernel": "fwd", "gradient kernel (writes G)": "grad", "finish per chunk": "finish",
+         "scale by grad_output": "scale"}
+
+
 def table(m: Machine = H200, efficiency: float = DESIGN_EFFICIENCY, *_ignored) -> str:
     """The predictions for :data:`TARGETS` as a Markdown table (the docs' generated block)."""
     if not isinstance(m, Machine):
         m = H200
     lines = [
-        "| case | B | D | C | dtype | plan | steps (ms) | predicted | x floor | target | at today's efficiency "
+        "| case | B | D | C | dtype | plan | steps (ms; legend below) | predicted | x floor | target "
+        "| at today's efficiency "
         "| scratch (formula) | naive's extra / 4 (measured) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in TARGETS:
         p = predict(t, m, efficiency)
         today = predict(t, m, MEASURED_EFFICIENCY)
-        steps = " + ".join(f"{1e3 * v:.1f}" for v in p["steps"].values())
+        steps = ", ".join(f"{SHORT[k]} {1e3 * v:.1f}" for k, v in p["steps"].items())
         quarter = f"{t.naive_extra_mib / 4:,.0f} MiB" if t.naive_extra_mib else "-"
         lines.append(f"| {t.name} | {t.B} | {t.D} | {t.C:,} | {t.dtype} | {p['plan']} | {steps} | "
                      f"{1e3 * p['total']:.1f} ms | {p['ratio']:.2f}x | <= {t.max_ratio:.2f}x | "

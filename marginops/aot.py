@@ -54,12 +54,12 @@ _DESC = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "f
 INSTRUCTIONS = {"wgmma": "wgmma.mma_async", "mma": "mma.sync", "tma": "cp.async.bulk.tensor",
                 "cp_async": "cp.async.cg.shared", "ex2": "ex2.approx"}
 #: Streaming and elementwise kernels, and float64 (no tensor-core path), need no MMA instruction.
-_GEMM_KERNELS = ("fwd", "grad", "masked")
+_GEMM_KERNELS = ("fwd", "grad", "bwd_dx", "masked")
 
 
 @dataclass(frozen=True)
 class Job:
-    kernel: str  # "fwd" | "grad" | "from_exp" | "finish" | "rows" | "masked"
+    kernel: str  # "fwd" | "grad" | "bwd_dx" | "from_exp" | "finish" | "rows" | "masked"
     variant: str  # which HAS_* constexprs are on
     dtype: str
     target: int  # 80 | 90
@@ -112,6 +112,9 @@ VARIANTS = {
     ("grad", "sub3-filter"): ("sub_grad", dict(HAS_NORM=True, SCALE_G=True, GFILTER=False, FILTER=True, SUB=3)),
     ("grad", "sub3-unscaled"): ("sub_grad", dict(HAS_NORM=True, SCALE_G=False, GFILTER=False, FILTER=False,
                                                  SUB=3)),
+    ("bwd_dx", "recompute"): ("bwd_dx", dict(HAS_NORM=True, SCALE_G=True, FILTER=False)),  # the widest D
+    ("bwd_dx", "unscaled"): ("bwd_dx", dict(HAS_NORM=True, SCALE_G=False, FILTER=False)),
+    ("bwd_dx", "filter"): ("bwd_dx", dict(HAS_NORM=True, SCALE_G=True, FILTER=True)),
     ("from_exp", "scaled"): ("from_exp", dict(SCALE_G=True, GFILTER=False)),
     ("from_exp", "unscaled"): ("from_exp", dict(SCALE_G=False, GFILTER=False)),
     ("from_exp", "gfilter"): ("from_exp", dict(SCALE_G=True, GFILTER=True)),
@@ -176,6 +179,20 @@ def _source(job: Job):
         divisible = {"D", "stride_xb", "stride_wc", "stride_gb"}
         units = ("stride_xd", "stride_wd")
         constexprs = dict(features, **tiles)
+    elif job.kernel == "bwd_dx":
+        fn = tk._margin_bwd_dx_kernel
+        pointers = dict(x_ptr=inp, w_ptr=inp, y_ptr="*i64", rs_ptr=acc, cs_ptr=acc, ft_ptr=acc, lse_ptr=acc,
+                        coef_ptr=acc, g_ptr=inp, dx_ptr=acc)
+        ints = dict(R="i32", Cc="i32", D="i32", label_offset="i32", smooth="fp32", classes_per_split="i32",
+                    stride_xb="i32", stride_wc="i32", stride_gb="i32", stride_ds="i32", stride_db="i32")
+        divisible = {"D", "classes_per_split", "stride_xb", "stride_wc", "stride_gb", "stride_ds", "stride_db"}
+        units = ("stride_xd", "stride_wd")
+        from .backends.triton_config import FUSED_DX_MAX_D
+
+        import torch
+
+        constexprs = dict(features, UPCAST=False, ACC=acc_tl, DOT_PRECISION=precision, BLOCK_B=cfg.block_b,
+                          BLOCK_C=cfg.block_c, D_PAD=FUSED_DX_MAX_D[getattr(torch, job.dtype)])
     elif job.kernel == "from_exp":
         fn = tk._grad_from_exp_kernel
         pointers = dict(e_ptr=inp, sh_ptr=acc, y_ptr="*i64", cs_ptr=acc, lse_ptr=acc, coef_ptr=acc, flag_ptr="*i8")
@@ -316,7 +333,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m marginops.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", default="80,90", help="compute capabilities, comma-separated")
     parser.add_argument("--dtypes", default=",".join(DTYPE_NAMES), help="input dtypes, comma-separated")
-    parser.add_argument("--kernels", default="fwd,grad,from_exp,finish,rows,masked", help="kernels, comma-separated")
+    parser.add_argument("--kernels", default="fwd,grad,bwd_dx,from_exp,finish,rows,masked",
+                        help="kernels, comma-separated")
     parser.add_argument("--variants", help="feature variants, comma-separated (default: all)")
     parser.add_argument("--families", default="wide", help="shape families whose shipped configs to compile "
                                                            "(narrow: D <= 1024, wide)")

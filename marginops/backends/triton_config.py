@@ -32,10 +32,11 @@ from typing import Optional
 import torch
 
 #: Kernels with a config table. ``fwd``: logits tiles and the online statistics (``ws``: the same kernel
-#: storing the exponentials, ``ws_pred`` also tracking the argmax); ``grad``: logits recomputed into ``G``; ``sub_fwd``/``sub_grad``: with
-#: sub-centres; ``from_exp`` (elementwise), ``finish`` and ``rows`` (streaming) and ``masked`` (the
-#: block-sparse products of gradient filtering).
-KERNELS = ("fwd", "ws", "ws_pred", "grad", "sub_fwd", "sub_grad", "from_exp", "finish", "rows", "masked")
+#: storing the exponentials, ``ws_pred`` also tracking the argmax); ``grad``: logits recomputed into ``G``;
+#: ``bwd_dx``: the same forming ``dX`` in the pass (narrow D; ``block_d`` unused: all of D in one step);
+#: ``sub_fwd``/``sub_grad``: with sub-centres; ``from_exp`` (elementwise), ``finish`` and ``rows``
+#: (streaming) and ``masked`` (the block-sparse products of gradient filtering).
+KERNELS = ("fwd", "ws", "ws_pred", "grad", "bwd_dx", "sub_fwd", "sub_grad", "from_exp", "finish", "rows", "masked")
 FAMILIES = ("narrow", "wide")
 NARROW_D = 1024
 
@@ -107,6 +108,12 @@ _FWD = {
 _GRAD = _FWD
 # storing the exponentials adds the store's registers: checked at the same tiles (with and without the argmax)
 _WS = _FWD
+# recompute backward with dX formed in the pass: rows x classes per tile, all of D (<= FUSED_DX_MAX_D) at once
+_BWD_DX = {torch.bfloat16: KernelConfig(64, 32, 0, 8, 2), torch.float16: KernelConfig(64, 32, 0, 8, 2),
+           torch.float32: KernelConfig(64, 16, 0, 8, 1), torch.float64: KernelConfig(32, 32, 0, 8, 1)}
+#: The widest embeddings (features, padded to a power of two) the ``bwd_dx`` kernel takes per input dtype:
+#: its ``dX`` accumulator, the x tile and a W tile of that width stay on chip without spills.
+FUSED_DX_MAX_D = {torch.bfloat16: 256, torch.float16: 256, torch.float32: 64, torch.float64: 64}
 _SUB_FWD = {**_FWD, torch.bfloat16: KernelConfig(128, 64, 64, 8, 3), torch.float16: KernelConfig(128, 64, 64, 8, 3),
             torch.float32: KernelConfig(64, 64, 16, 8, 3)}
 _SUB_GRAD = {**_FWD, torch.bfloat16: KernelConfig(128, 32, 64, 8, 3), torch.float16: KernelConfig(128, 32, 64, 8, 3),
@@ -124,7 +131,8 @@ _MASKED = {torch.bfloat16: KernelConfig(64, 128, 32, 8, 3), torch.float16: Kerne
 
 #: The configs chosen without a GPU (both families, every target).
 DEFAULTS: dict[str, dict[torch.dtype, KernelConfig]] = {
-    "fwd": _table(_FWD), "ws": _table(_WS), "ws_pred": _table(_WS), "grad": _table(_GRAD), "sub_fwd": _table(_SUB_FWD),
+    "fwd": _table(_FWD), "ws": _table(_WS), "ws_pred": _table(_WS), "grad": _table(_GRAD),
+    "bwd_dx": _table(_BWD_DX), "sub_fwd": _table(_SUB_FWD),
     "sub_grad": _table(_SUB_GRAD), "from_exp": _table(_FROM_EXP), "finish": _table(_FINISH),
     "rows": _table(_ROWS), "masked": _table(_MASKED),
 }

@@ -15,6 +15,10 @@ Logits kernels (one family: they share :func:`_logits_tile`):
   shift stored (the workspace strategy).
 * ``_margin_grad_kernel``: per (row block, class tile) of a chunk, the logits
   recomputed and ``G`` written (the recompute strategy).
+* ``_margin_bwd_dx_kernel``: the recompute strategy's backward for narrow
+  embeddings (D <= 256): per (row block, class split) the logits recomputed,
+  ``G`` written for the ``dW`` product and ``dX += G W`` formed in the same
+  pass from the same W tile (its accumulator stays on chip).
 
 Streaming kernels: ``_grad_from_exp_kernel`` turns stored exponentials into
 ``G`` in place; ``_finish_w_kernel`` is the normalization backward of ``W``;
@@ -268,6 +272,81 @@ def _margin_grad_kernel(
             for r in tl.static_range(SUB):
                 tl.store(g_ptr + offs_b[:, None] * stride_gb + offs_c[None, :] * SUB + r,
                          tl.where(sub == r, g, 0.0).to(g_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _margin_bwd_dx_kernel(
+    x_ptr,  # (R, D) raw embeddings of the rows
+    w_ptr,  # (Cc, D) raw class weights of the chunk
+    y_ptr,  # (R,) int64 labels (global class indices)
+    rs_ptr,  # (R,) row factor of the base-2 logits
+    cs_ptr,  # (Cc,) column factor 1 / max(|W_j|, eps) (read only with HAS_NORM)
+    ft_ptr,  # (R,) per-row filtering threshold on the base-2 logits (FILTER)
+    lse_ptr,  # (R,) log-sum-exp over all classes (natural log)
+    coef_ptr,  # (R,) g_i s_i
+    g_ptr,  # (R, Cc) out: G in the input dtype (the dW product's operand)
+    dx_ptr,  # (S, R, D) out: each class split's G W, accumulation dtype (summed over S in a fixed order)
+    R, Cc, D,
+    label_offset, smooth,
+    classes_per_split,  # classes per program along axis 1 (a multiple of BLOCK_C)
+    stride_xb, stride_xd, stride_wc, stride_wd, stride_gb, stride_ds, stride_db,
+    HAS_NORM: tl.constexpr, SCALE_G: tl.constexpr, FILTER: tl.constexpr, UPCAST: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, D_PAD: tl.constexpr,
+):
+    """The recompute backward with one product in the same pass, for D <= D_PAD (narrow embeddings): per
+    (row block, class split), each class tile's W rows are loaded once, whole (all D), and serve both the
+    logits (``x W^T``) and ``dX += G W``; ``G`` is also written for cuBLAS's ``G^T xh``. The ``dX``
+    accumulator (BLOCK_B x D_PAD) stays on chip across the split's class tiles: no atomics, one partial
+    per split."""
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_b = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = offs_b < R
+    d_ok = offs_d < D
+    xt = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_d[None, :] * stride_xd,
+                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        xt = xt.to(ACC)
+    rs = tl.load(rs_ptr + offs_b, mask=row_ok, other=0.0).to(ACC)
+    lse2 = tl.load(lse_ptr + offs_b, mask=row_ok, other=0.0).to(ACC) * 1.4426950408889634
+    coef = tl.load(coef_ptr + offs_b, mask=row_ok, other=0.0).to(ACC)
+    y = tl.load(y_ptr + offs_b, mask=row_ok, other=-1) - label_offset
+    y = tl.where((y >= 0) & (y < Cc), y, -1).to(tl.int32)
+    if FILTER:
+        thr = tl.load(ft_ptr + offs_b, mask=row_ok, other=0.0).to(ACC)
+    acc_dx = tl.zeros((BLOCK_B, D_PAD), ACC)
+    c_start = pid_s * classes_per_split
+    c_end = tl.minimum(c_start + classes_per_split, Cc)
+    for c0 in range(c_start, c_end, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        col_ok = offs_c < c_end
+        wt = tl.load(w_ptr + offs_c.to(tl.int64)[:, None] * stride_wc + offs_d[None, :] * stride_wd,
+                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            wt = wt.to(ACC)
+        logits = tl.dot(xt, tl.trans(wt), input_precision=DOT_PRECISION, out_dtype=ACC) * rs[:, None]
+        if HAS_NORM:
+            cs = tl.load(cs_ptr + offs_c, mask=col_ok, other=0.0).to(ACC)
+            logits = logits * cs[None, :]
+        p = tl.exp2(logits - lse2[:, None])
+        if FILTER:
+            p = tl.where(logits > thr[:, None], 0.0, p)
+        keep = row_ok[:, None] & col_ok[None, :] & (offs_c[None, :] != y[:, None])
+        g = p - smooth
+        if SCALE_G:
+            g = g * cs[None, :]
+        g = tl.where(keep, g * coef[:, None], 0.0)
+        gq = g.to(g_ptr.dtype.element_ty)
+        tl.store(g_ptr + offs_b[:, None] * stride_gb + offs_c[None, :], gq, mask=row_ok[:, None] & col_ok[None, :])
+        if UPCAST:
+            gq = gq.to(ACC)
+        if HAS_NORM and not SCALE_G:  # G without 1 / |W_j| (float16): multiply the normalized rows instead
+            wt = (wt.to(ACC) * cs[:, None]).to(wt.dtype)
+        acc_dx = tl.dot(gq, wt, acc_dx, input_precision=DOT_PRECISION, out_dtype=ACC)  # the product, same pass
+    tl.store(dx_ptr + pid_s * stride_ds + offs_b[:, None] * stride_db + offs_d[None, :], acc_dx,
+             mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit

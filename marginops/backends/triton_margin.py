@@ -72,11 +72,18 @@ from . import triton_plan as plan
 from .common import Prepared, acc_dtype
 from .interface import Call, FusedOptions, RowStats
 from .triton_config import DTYPES as SUPPORTED_DTYPES
+from .triton_config import FUSED_DX_MAX_D as _FUSED_DX_MAX_D
 from .triton_config import KernelConfig, config_for
-from .triton_kernels import (LOG2E, _finish_w_kernel, _grad_from_exp_kernel, _margin_fwd_kernel,
-                             _margin_grad_kernel, _masked_mm_kernel, _scale_rows_kernel)
+from .triton_kernels import (LOG2E, _finish_w_kernel, _grad_from_exp_kernel, _margin_bwd_dx_kernel,
+                             _margin_fwd_kernel, _margin_grad_kernel, _masked_mm_kernel, _scale_rows_kernel)
 
 LN2 = math.log(2.0)
+#: Embeddings up to ``FUSED_DX_MAX_D[dtype]`` features take the recompute backward that forms ``dX`` in the
+#: same pass (:func:`margin_bwd_dx`: its ``BLOCK_B x D`` accumulator stays on chip); wider ones write ``G``
+#: for two cuBLAS products.
+FUSED_DX_MAX_D = dict(_FUSED_DX_MAX_D)
+#: Bytes of the fused backward's per-split ``dX`` partials (they bound its class splits).
+FUSED_DX_PARTIAL_BYTES = 64 * 2**20
 
 #: The compiled kernel of each kernel's last launch (by kernel name; None under the interpreter): registers,
 #: spills and shared memory for ``python -m benchmarks gpu-tune``.
@@ -380,6 +387,49 @@ def margin_grad(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: O
     return flags
 
 
+def margin_bwd_dx(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Optional[Tensor], lse: Tensor,
+                  coef: Tensor, out: Tensor, *, label_offset: int = 0, smoothing: float = 0.0,
+                  scale_g: bool = True, config: Optional[KernelConfig] = None, filter_logit=None) -> Tensor:
+    """:func:`margin_grad` (one row of ``W`` per class) that also returns ``G W_rows`` (R, D) in the
+    accumulation dtype, formed in the same pass: ``W_rows`` is ``W`` (``G`` with ``col_scale``) or its
+    normalized rows (``scale_g`` False). Needs ``D <= FUSED_DX_MAX_D[dtype]``.
+
+    Each program (a block of rows, a split of the classes) keeps its ``dX`` block on chip; the splits'
+    partials are summed in a fixed order (no atomics).
+    """
+    _check_inputs(x, W, y)
+    R, D = x.shape
+    Cc = W.shape[0]
+    if D > FUSED_DX_MAX_D[x.dtype]:
+        raise ValueError(f"margin_bwd_dx needs D <= {FUSED_DX_MAX_D[x.dtype]} for {x.dtype}, got D = {D}")
+    if out.shape != (R, Cc) or out.dtype != x.dtype or out.stride(1) != 1:
+        raise ValueError(f"out must be ({R}, {Cc}) {x.dtype} with unit column stride, got "
+                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    acc = acc_dtype(x.dtype)
+    if R == 0 or Cc == 0:
+        return torch.zeros(R, D, device=x.device, dtype=acc)
+    cfg = config or _cfg("bwd_dx", x.dtype, D, x.device)
+    tiles = triton.cdiv(Cc, cfg.block_c)
+    row_blocks = triton.cdiv(R, cfg.block_b)
+    cap = max(1, FUSED_DX_PARTIAL_BYTES // max(1, R * D * torch.finfo(acc).bits // 8))
+    splits = min(cap, plan.class_splits(row_blocks, tiles, _slots(x.device, cfg)))
+    per = triton.cdiv(tiles, splits) * cfg.block_c
+    splits = triton.cdiv(Cc, per)
+    dx = torch.empty(splits, R, D, device=x.device, dtype=acc)
+    rs2 = row_scale.to(acc) * LOG2E
+    thr2 = _per_row(filter_logit, R, x) * LOG2E if filter_logit is not None else rs2
+    grid = (row_blocks, splits)
+    LAST_COMPILED["_margin_bwd_dx_kernel"] = _margin_bwd_dx_kernel[grid](
+        x, W, y, rs2, col_scale if col_scale is not None else rs2, thr2, lse, coef, out, dx,
+        R, Cc, D, label_offset, float(smoothing), per,
+        x.stride(0), x.stride(1), W.stride(0), W.stride(1), out.stride(0), dx.stride(0), dx.stride(1),
+        HAS_NORM=col_scale is not None, SCALE_G=scale_g and col_scale is not None, FILTER=filter_logit is not None,
+        **_constexprs(x.dtype), BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c,
+        D_PAD=max(16, triton.next_power_of_2(D)), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dx[0] if splits == 1 else dx.sum(0)
+
+
 def grad_from_exp(ws: ExpWorkspace, y: Tensor, col_scale: Optional[Tensor], lse: Tensor, coef: Tensor, *,
                   smoothing: float = 0.0, scale_g: bool = True, gradient_filter: Optional[float] = None,
                   config: Optional[KernelConfig] = None) -> tuple[Tensor, Optional[Tensor], KernelConfig]:
@@ -627,7 +677,8 @@ class _Prepared(Prepared):
 def _recompute_grads(prep: _Prepared, lse: Tensor, coef: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """``dxh`` (accumulation dtype) and ``dW`` (weight dtype) for row factors ``coef = g s``.
 
-    Class chunk by class chunk: the kernel recomputes the logits into ``G``,
+    Class chunk by class chunk: the kernel recomputes the logits into ``G``
+    (for ``D <= FUSED_DX_MAX_D[dtype]`` forming ``dxh += G W`` in the same pass),
     cuBLAS (or the masked kernel) multiplies, and each chunk of ``dW`` is
     finished and written in the weight's dtype before the next one starts.
     """
@@ -643,24 +694,32 @@ def _recompute_grads(prep: _Prepared, lse: Tensor, coef: Tensor) -> tuple[Option
     xh_in = prep.xh.to(x.dtype) if need_W else None
     buf = torch.empty(pl.rows * chunk * k, device=x.device, dtype=x.dtype)
     dD_buf = torch.empty(chunk * k * D, device=x.device, dtype=prep.acc) if need_W else None
-    rows_buf = torch.empty(chunk * k * D, device=x.device, dtype=x.dtype) if need_x and not prep.scale_g else None
+    fused = need_x and k == 1 and prep.gfilter is None and D <= FUSED_DX_MAX_D[x.dtype]  # dX in the same pass
+    unscaled = need_x and not prep.scale_g and not fused
+    rows_buf = torch.empty(chunk * k * D, device=x.device, dtype=x.dtype) if unscaled else None
     smooth = opts.label_smoothing / prep.C_total
     for c0 in range(0, prep.C, chunk):
         c1 = min(c0 + chunk, prep.C)
         w0, w1 = c0 * k, c1 * k
         dD = dD_buf[: (w1 - w0) * D].view(w1 - w0, D) if need_W else None
-        w_rows = prep.dx_rows(w0, w1, rows_buf) if need_x else None
+        w_rows = prep.dx_rows(w0, w1, rows_buf) if need_x and not fused else None
         for r0 in range(0, B, pl.rows):
             r1 = min(r0 + pl.rows, B)
             G = buf[: (r1 - r0) * (w1 - w0)].view(r1 - r0, w1 - w0)
-            f = margin_grad(x[r0:r1], W[w0:w1], prep.y_local[r0:r1], prep.row_scale[r0:r1],
-                            prep.inv_w[w0:w1] if prep.inv_w is not None else None, lse[r0:r1], coef[r0:r1], G,
-                            label_offset=c0, smoothing=smooth, scale_g=prep.scale_g, config=cfg, sub_centers=k,
-                            filter_logit=prep.filter_logit[r0:r1] if prep.filter_logit is not None else None,
-                            gradient_filter=prep.gfilter)
-            flags = None if f is None else _Flags(f, cfg.block_b, cfg.block_c * k)
-            if need_x:
-                _dx_product(dxh[r0:r1], G, w_rows, True, flags)
+            inv_w = prep.inv_w[w0:w1] if prep.inv_w is not None else None
+            filt = prep.filter_logit[r0:r1] if prep.filter_logit is not None else None
+            if fused:
+                dxh[r0:r1] += margin_bwd_dx(x[r0:r1], W[w0:w1], prep.y_local[r0:r1], prep.row_scale[r0:r1], inv_w,
+                                            lse[r0:r1], coef[r0:r1], G, label_offset=c0, smoothing=smooth,
+                                            scale_g=prep.scale_g, filter_logit=filt)
+                flags = None
+            else:
+                f = margin_grad(x[r0:r1], W[w0:w1], prep.y_local[r0:r1], prep.row_scale[r0:r1], inv_w, lse[r0:r1],
+                                coef[r0:r1], G, label_offset=c0, smoothing=smooth, scale_g=prep.scale_g, config=cfg,
+                                sub_centers=k, filter_logit=filt, gradient_filter=prep.gfilter)
+                flags = None if f is None else _Flags(f, cfg.block_b, cfg.block_c * k)
+                if need_x:
+                    _dx_product(dxh[r0:r1], G, w_rows, True, flags)
             if need_W:
                 _dw_product(dD, G, xh_in[r0:r1], r0 > 0, flags)
         if need_W:
