@@ -22,7 +22,7 @@ Usage::
 
     python -m marginops.aot [--targets 80,90] [--dtypes bfloat16,float32] [--kernels fwd,grad]
                             [--variants stats,recompute] [--configs 128x128x64w4s3o2t,...] [--jobs N]
-                            [--json FILE] [--markdown]
+                            [--json FILE] [--markdown] [--quick]
 
 ``--configs`` compiles candidate tile configs instead of the shipped ones (tuning);
 ``--markdown`` prints the table as Markdown (docs).
@@ -293,9 +293,15 @@ def compile_job(job: Job) -> Row:
                    error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
 
 
-def jobs(kernels, dtypes, targets, configs=(None,), variants=None, families=("wide",)) -> list[Job]:
+#: ``--quick`` (the CI test): every variant in bfloat16, and these in every dtype.
+QUICK_VARIANTS = {("fwd", "stats"), ("fwd", "ws"), ("grad", "recompute"), ("bwd_dx", "recompute"),
+                  ("from_exp", "scaled"), ("finish", "dW"), ("masked", "dX")}
+
+
+def jobs(kernels, dtypes, targets, configs=(None,), variants=None, families=("wide",), quick=False) -> list[Job]:
     return [Job(k, v, d, t, c, f) for (k, v) in VARIANTS if k in kernels and (not variants or v in variants)
-            for d in dtypes for c in configs for t in targets for f in families]
+            for d in dtypes if not quick or d == "bfloat16" or (k, v) in QUICK_VARIANTS
+            for c in configs for t in targets for f in families]
 
 
 def parse_config(text: str) -> str:
@@ -343,6 +349,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--quick", action="store_true", help="every variant in bfloat16, the default path's in "
+                                                             "every dtype (the CI test; about a third of the jobs)")
     args = parser.parse_args(argv)
     targets = [int(t) for t in args.targets.split(",")]
     dtypes = args.dtypes.split(",")
@@ -358,7 +366,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     todo = jobs(kernels, dtypes, targets, configs, args.variants.split(",") if args.variants else None,
-                tuple(args.families.split(",")))
+                tuple(args.families.split(",")), quick=args.quick)
     if args.jobs <= 1:
         rows = [compile_job(j) for j in todo]
     else:

@@ -124,6 +124,25 @@ def _class_logits(
 
 
 @triton.jit
+def _g_tile(p, keep, coef, cs, smooth):
+    """``G = coef_i (p - smooth) cs`` where ``keep`` (off the target, in range), else 0: the gradient of the
+    tile's logits for upstream row factors ``coef`` (``cs``: ``1 / |W_j|`` folded in, or 1)."""
+    return tl.where(keep, (p - smooth) * cs * coef[:, None], 0.0)
+
+
+@triton.jit
+def _written(p, keep, gthr, flag_ptr, GFILTER: tl.constexpr):
+    """Whether a tile of ``G`` is written: always, or with ``GFILTER`` only where one of its probabilities
+    (among ``keep``) reaches ``gthr``; that decision is stored at ``flag_ptr`` for the masked products."""
+    if GFILTER:
+        write = tl.max(tl.max(tl.where(keep, p, 0.0), axis=1), axis=0) >= gthr
+        tl.store(flag_ptr, write.to(tl.int8))
+    else:
+        write = tl.full((), 1, tl.int1)
+    return write
+
+
+@triton.jit
 def _margin_fwd_kernel(
     x_desc, w_desc,  # TMA descriptors of x and W (USE_TMA), else x and W again
     x_ptr,  # (B, D) raw embeddings
@@ -253,18 +272,14 @@ def _margin_grad_kernel(
     y = tl.where((y >= 0) & (y < Cc), y, -1).to(tl.int32)
     coef = tl.load(coef_ptr + offs_b, mask=row_ok, other=0.0).to(ACC)
     keep = tile_ok & (offs_c[None, :] != y[:, None])
-    g = p - smooth
+    cs = 1.0
     if SCALE_G:  # fold 1 / |W_j| into G (else the caller multiplies by normalized W rows)
         if SUB == 1:
-            g = g * tl.load(cs_ptr + offs_c, mask=col_ok, other=0.0).to(ACC)[None, :]
+            cs = tl.load(cs_ptr + offs_c, mask=col_ok, other=0.0).to(ACC)[None, :]
         else:  # the norm of the sub-centre each class logit came from
-            g = g * tl.load(cs_ptr + offs_c[None, :] * SUB + sub, mask=tile_ok, other=0.0).to(ACC)
-    g = tl.where(keep, g * coef[:, None], 0.0)
-    write = True
-    if GFILTER:
-        write = tl.max(tl.max(tl.where(keep, p, 0.0), axis=1), axis=0) >= gthr
-        tl.store(flag_ptr + pid_b * stride_fb + pid_c, write.to(tl.int8))
-    if write:
+            cs = tl.load(cs_ptr + offs_c[None, :] * SUB + sub, mask=tile_ok, other=0.0).to(ACC)
+    g = _g_tile(p, keep, coef, cs, smooth)
+    if _written(p, keep, gthr, flag_ptr + pid_b * stride_fb + pid_c, GFILTER):
         if SUB == 1:
             tl.store(g_ptr + offs_b[:, None] * stride_gb + offs_c[None, :], g.to(g_ptr.dtype.element_ty),
                      mask=tile_ok)
@@ -334,10 +349,10 @@ def _margin_bwd_dx_kernel(
         if FILTER:
             p = tl.where(logits > thr[:, None], 0.0, p)
         keep = row_ok[:, None] & col_ok[None, :] & (offs_c[None, :] != y[:, None])
-        g = p - smooth
+        cs_g = 1.0
         if SCALE_G:
-            g = g * cs[None, :]
-        g = tl.where(keep, g * coef[:, None], 0.0)
+            cs_g = cs[None, :]
+        g = _g_tile(p, keep, coef, cs_g, smooth)
         gq = g.to(g_ptr.dtype.element_ty)
         tl.store(g_ptr + offs_b[:, None] * stride_gb + offs_c[None, :], gq, mask=row_ok[:, None] & col_ok[None, :])
         if UPCAST:
@@ -382,15 +397,11 @@ def _grad_from_exp_kernel(
     y = tl.load(y_ptr + offs_r, mask=row_ok, other=-1)
     keep = ok & (offs_c[None, :] != y[:, None])
     coef = tl.load(coef_ptr + offs_r, mask=row_ok, other=0.0).to(ACC)
-    g = p - smooth
+    cs = 1.0
     if SCALE_G:
-        g = g * tl.load(cs_ptr + offs_c, mask=col_ok, other=0.0).to(ACC)[None, :]
-    g = tl.where(keep, g * coef[:, None], 0.0)
-    write = True
-    if GFILTER:
-        write = tl.max(tl.max(tl.where(keep, p, 0.0), axis=1), axis=0) >= gthr
-        tl.store(flag_ptr + pid_r * stride_fb + pid_c, write.to(tl.int8))
-    if write:
+        cs = tl.load(cs_ptr + offs_c, mask=col_ok, other=0.0).to(ACC)[None, :]
+    g = _g_tile(p, keep, coef, cs, smooth)
+    if _written(p, keep, gthr, flag_ptr + pid_r * stride_fb + pid_c, GFILTER):
         tl.store(ptrs, g.to(e_ptr.dtype.element_ty), mask=ok)
 
 

@@ -737,9 +737,16 @@ def _ws_kernel(opts: FusedOptions) -> str:
     return "ws_pred" if opts.want_prediction else "ws"
 
 
-def _workspace_plan(prep: _Prepared) -> Optional[plan.WorkspacePlan]:
-    tile_c = _cfg(_ws_kernel(prep.opts), prep.dtype, prep.D, prep.W.device).block_c
-    return plan.workspace_plan(prep.B, prep.C, prep.D, prep.dtype, prep.opts, tile_c, _device_bytes(prep.W.device))
+def _workspace_plan(prep: _Prepared) -> tuple[KernelConfig, plan.WorkspacePlan]:
+    """The forward's config and the row blocks. :func:`uses_workspace` decided with the default config's
+    tiles (it sees no device); a tuned config whose tiles leave no row within the budget gives way to it."""
+    kernel = _ws_kernel(prep.opts)
+    device_bytes = _device_bytes(prep.W.device)
+    for cfg in (_cfg(kernel, prep.dtype, prep.D, prep.W.device), config_for(kernel, prep.dtype, prep.D)):
+        pl = plan.workspace_plan(prep.B, prep.C, prep.D, prep.dtype, prep.opts, cfg.block_c, device_bytes)
+        if pl is not None:
+            return cfg, pl
+    raise ValueError("the workspace does not hold one row")  # uses_workspace said it would
 
 
 def _workspace_forward(prep: _Prepared, z: Tensor, g: Tensor):
@@ -747,10 +754,7 @@ def _workspace_forward(prep: _Prepared, z: Tensor, g: Tensor):
     opts, x, W = prep.opts, prep.xk, prep.W
     B, C, D, acc = prep.B, prep.C, prep.D, prep.acc
     need_x, need_W = opts.need_x, opts.need_W
-    cfg = _cfg(_ws_kernel(opts), x.dtype, D, x.device)
-    pl = _workspace_plan(prep)
-    if pl is None:
-        raise ValueError("the workspace does not hold one row")  # uses_workspace said it would
+    cfg, pl = _workspace_plan(prep)
     ws = ExpWorkspace.allocate(pl.rows, C, x.dtype, x.device, cfg.block_c)
     dxh = torch.empty(B, D, device=x.device, dtype=acc) if need_x else None
     dD = dW = None
