@@ -1,6 +1,6 @@
 """``python -m benchmarks gpu-check --out DIR``: the GPU targets and the GPU-only tests, in one command.
 
-On one H100/H200, from the repository root, in about 6 minutes (Triton's
+On one H100/H200, from the repository root, in at most about 6 minutes (Triton's
 compilation included), with nothing but torch, triton, numpy and pytest
 installed and no network:
 
@@ -33,12 +33,18 @@ network, from the repository root::
 
     pip download --no-deps --dest .whl cut-cross-entropy liger-kernel
 
-(``.whl/`` is ignored by git; the device tool carries it). In the window, one
-command from the repository root (``$OUT`` is what comes back)::
+(``.whl/`` is ignored by git; the device tool carries it: ``carry=[".whl"]``). The
+window is one call of the device tool from the repository root (``$OUT`` is what
+comes back; about 9 minutes of the 10 a call may take: the bf16 tuning starts no
+candidate after 120 s, the check no case after 360 s, its GPU tests included)::
 
-    pip install --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site \\
-      && python -m benchmarks gpu-tune --out $OUT/tune --write \\
-      && python -m benchmarks gpu-check --out $OUT/check; cp marginops/backends/triton_tuned.json $OUT/
+    pip install -q --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site; \
+    python -m benchmarks gpu-tune --out $OUT/tune --write --dtypes bfloat16 --budget 120; \
+    python -m benchmarks gpu-check --out $OUT/check --budget 360; \
+    cp marginops/backends/triton_tuned.json $OUT/
+
+Then commit ``marginops/backends/triton_tuned.json`` from ``$OUT`` and the
+check's records under ``benchmarks/results/gpu/`` (date and GPU in the name).
 
 The caller's ``PYTHONPATH`` is kept (the repository root goes in front of it),
 so the peers installed under ``/tmp/site`` are found by every child process.
