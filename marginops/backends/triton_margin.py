@@ -31,7 +31,11 @@ backends.triton_plan.workspace_plan`.
 statistics only; the backward walks class chunks: ``_margin_grad_kernel``
 recomputes the logits tiles into ``G`` (input dtype), cuBLAS adds ``G W_chunk``
 to ``dxh`` and writes ``dD_chunk = G^T xh``, and each chunk is finished into
-``dW`` before the next one starts. Its scratch is bounded by the budget.
+``dW`` before the next one starts. For narrow embeddings
+(``D <= FUSED_DX_MAX_D[dtype]``) ``_margin_bwd_dx_kernel`` forms ``G W_chunk`` in
+the same pass as the logits, from the same ``W`` tile (one partial per class
+split, summed in order), and cuBLAS does ``dD`` alone. Its scratch is bounded
+by the budget.
 
 **float16.** ``1 / |W_j|`` is folded into ``G`` except for float16 weights,
 whose range (65504) cannot hold it for tiny or zero rows (``1 / eps = 1e12``;
