@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, required=True, help="directory for records, tests.txt, summary.md")
     g.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shape")
     g.add_argument("--install", action="store_true", help="first pip install --no-deps -e . (no registry)")
-    g.add_argument("--budget", type=float, default=420.0, help="seconds until no new case starts (default: 420)")
+    g.add_argument("--budget", type=float, default=300.0, help="seconds until no new case starts (default: 300)")
     sub.add_parser("list", help="presets and implementations")
     for name, (_, text) in TOOLS.items():
         sub.add_parser(name, help=text, add_help=False)

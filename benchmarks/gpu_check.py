@@ -1,31 +1,58 @@
-"""``python -m benchmarks gpu-check --out DIR``: everything a short GPU window should answer, in one command.
+"""``python -m benchmarks gpu-check --out DIR``: the GPU targets and the GPU-only tests, in one command.
 
-On one H100/H200 (about 8 minutes with Triton's compilation), from the
-repository root, with nothing but torch, triton, numpy and pytest installed
-and no network:
+On one H100/H200, from the repository root, in at most about 6 minutes (Triton's
+compilation included), with nothing but torch, triton, numpy and pytest
+installed and no network:
 
 1. optionally (``--install``) ``pip install --no-deps --no-build-isolation -e .``
    (nothing from a registry; running from the repository root needs no install);
 2. the GPU-only tests (``tests/backends/test_triton_margin.py -k test_cuda_``: the
-   compiled kernels against the reference at scale, int64 offsets, memory and
-   time guards);
-3. the ``gpu`` preset through the one runner: ``marginops-triton`` (both
-   strategies), ``marginops-torch``, the floor, ``naive``, ``naive-compiled``
-   and the peers that are installed (``torch-linear-ce``, ``cce``, ``liger``;
-   absent ones are recorded as skipped) at B=8192, D=2304, C=256k and 1M,
-   bfloat16. Cases not started when ``--budget`` seconds have passed are
-   recorded as skipped, so the command ends inside the window.
+   compiled kernels against the reference, TMA loads, int64 offsets,
+   gradient filtering's error and speed, memory and time guards);
+3. the ``gpu`` preset through the one runner (:data:`benchmarks.presets.GPU_TARGETS`):
+   at every target shape the floor and ``marginops-triton`` (default options),
+   then ``naive``, then the peers (``cce-exact``, ``cce``, ``liger``,
+   ``torch-linear-ce``, ``torch.compile(naive)``) and marginops' other paths.
+   Peers that are not importable are recorded as skipped. Cases not started
+   when ``--budget`` seconds have passed are recorded as skipped;
+4. every target judged from the records of this run (:func:`evaluate`): the ratio
+   to the floor, the peers it must beat, the extra peak memory against a quarter
+   of the naive head's and against the backend's formula
+   (:func:`marginops.backends.triton_margin.scratch_bytes`);
+5. if time is left, ``torch.profiler`` tables of three steps of the face head in
+   bf16 and in fp16 (where the time goes, kernel by kernel).
 
-Writes ``DIR/gpu-check.json`` (records, the format of ``benchmarks/results``;
-copy it there and run ``python -m benchmarks report``), ``DIR/tests.txt`` and
-``DIR/summary.md``. ``--dry-run`` does the same on the CPU at a tiny shape with
-the Triton interpreter (no speed figures: it checks that the command works; a
-test runs it). Exit status 1 when a test fails or a marginops case does not
-run correctly.
+Writes ``DIR/gpu-check.json`` (records, the format of ``benchmarks/results``),
+``DIR/targets.json``, ``DIR/tests.txt``, ``DIR/summary.md`` and the profiles.
+``--dry-run`` does the same on the CPU at a tiny shape with the Triton
+interpreter (no speed figures: it checks that the command works; a test runs
+it). Exit status 1 when a test fails or a marginops case does not run correctly.
+
+Peers travel as wheels (pure Python). Before the GPU window, on a machine with
+network, from the repository root::
+
+    pip download --no-deps --dest .whl cut-cross-entropy liger-kernel
+
+(``.whl/`` is ignored by git; the device tool carries it: ``carry=[".whl"]``). The
+window is one call of the device tool from the repository root (``$OUT`` is what
+comes back; about 9 minutes of the 10 a call may take: the bf16 tuning starts no
+candidate after 120 s, the check no case after 360 s, its GPU tests included)::
+
+    pip install -q --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site; \
+    python -m marginops.tune --out $OUT/tune --write --dtypes bfloat16 --budget 120; \
+    python -m benchmarks gpu-check --out $OUT/check --budget 360; \
+    cp marginops/backends/triton_tuned.json $OUT/
+
+Then commit ``marginops/backends/triton_tuned.json`` from ``$OUT`` and the
+check's records under ``benchmarks/results/gpu/`` (date and GPU in the name).
+
+The caller's ``PYTHONPATH`` is kept (the repository root goes in front of it),
+so the peers installed under ``/tmp/site`` are found by every child process.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +60,38 @@ import time
 from pathlib import Path
 
 from . import presets, registry, report, runner
+
+MiB = 2**20
+DRY_SHAPE = (37, 40, 300)
+#: Bytes per element of ``x`` that marginops' own autograd path holds beside the backend's scratch at the peak
+#: (the target term's backward and the normalization backward of ``x``: measured about 24-28 on CPU), and
+#: allowance for the allocator's rounding and cuBLAS's workspace.
+OPS_BYTES_PER_X_ELEMENT = 32
+ALLOCATOR_SLACK = 96 * MiB
+
+
+def child_env(dry_run: bool) -> dict:
+    """The environment of every child: the caller's, the repository root first on ``PYTHONPATH`` (the
+    caller's entries kept: peers installed with ``pip install --target DIR`` travel on it)."""
+    env = dict(os.environ)
+    parts = [str(runner.REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
+    if dry_run:
+        env["TRITON_INTERPRET"] = "1"
+    return env
+
+
+def dry_cases(cases) -> tuple:
+    """The dry run's cases: each implementation once at the tiny shape (bfloat16, and marginops in every dtype of
+    the targets), no compiling peers (they take minutes on a CPU; the GPU run has them)."""
+    seen, out = set(), []
+    for c in presets.tiny(presets.Preset("gpu", "", tuple(cases)), DRY_SHAPE):
+        key = (c.impl, c.dtype if c.impl == "marginops-triton" else "bfloat16")
+        if registry.IMPLS[c.impl].compiles or key in seen or (c.impl != "marginops-triton" and c.dtype != "bfloat16"):
+            continue
+        seen.add(key)
+        out.append(c)
+    return tuple(out)
 
 
 def _tests(out: Path, env: dict, timeout: float) -> tuple[bool, str]:
@@ -48,15 +107,118 @@ def _tests(out: Path, env: dict, timeout: float) -> tuple[bool, str]:
     return ok, last[-1] if last else "(no output)"
 
 
-def main(out: Path, *, dry_run: bool = False, install: bool = False, budget: float = 420.0,
-         test_timeout: float = 240.0) -> int:
+def _metrics(records: list[dict]) -> dict[tuple, dict]:
+    """``(problem, B, D, C, dtype, implementation) -> {metric: value}``."""
+    out: dict[tuple, dict] = {}
+    for r in records:
+        key = (r["problem"], r["batch"], r["dim"], r["classes"], r["dtype"], r["implementation"])
+        out.setdefault(key, {})[r["metric"]] = r["value"]
+    return out
+
+
+def formula_bytes(t: presets.GpuTarget, shape=None) -> dict:
+    """The backend's scratch formula for ``marginops-triton`` at the target, and the band a measurement must
+    fall in: ``[total, total + OPS_BYTES_PER_X_ELEMENT B D + 16 C + ALLOCATOR_SLACK]``."""
+    import torch
+
+    from marginops.backends import FusedOptions
+    from marginops.backends import triton_margin as tm
+
+    B, D, C = shape or t.shape
+    problem = registry.PROBLEMS[t.problem]
+    opts = FusedOptions(scale=problem.scale, normalize=problem.normalize)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    terms = tm.scratch_bytes(B, C, D, registry.DTYPES[t.dtype], opts, device)
+    terms["upper"] = terms["total"] + OPS_BYTES_PER_X_ELEMENT * B * D + 16 * C + ALLOCATOR_SLACK
+    return terms
+
+
+def evaluate(records: list[dict], targets=presets.GPU_TARGETS, shape=None) -> list[dict]:
+    """Each target judged from ``records`` (one run): ``met`` is True, False or None (not measured)."""
+    m = _metrics(records)
+    rows = []
+    for t in targets:
+        B, D, C = shape or t.shape
+        at = {k[-1]: v for k, v in m.items() if k[1:5] == (B, D, C, t.dtype) and k[0] == t.problem}
+        anywhere = {k[-1]: v for k, v in m.items() if k[1:5] == (B, D, C, t.dtype)}  # plain-only peers
+        ours, floor, naive = at.get("marginops-triton", {}), at.get("floor", {}), at.get("naive", {})
+        row = dict(name=t.name, shape=[B, D, C], dtype=t.dtype, problem=t.problem, max_ratio=t.max_ratio)
+        ok_run = ours.get("status") == "ok" and ours.get("check_ok", True) is not False
+        row["seconds"] = ours.get("seconds")
+        row["ratio"] = ours["seconds"] / floor["seconds"] if ok_run and "seconds" in floor else None
+        row["ratio_met"] = None if row["ratio"] is None else row["ratio"] <= t.max_ratio
+        beats = {}
+        for peer in t.faster_than:
+            theirs = at.get(peer) or anywhere.get(peer) or {}
+            if theirs.get("status") == "ok" and ok_run:
+                beats[peer] = ours["seconds"] < theirs["seconds"]
+            else:
+                beats[peer] = None  # not measured (not installed, skipped, failed)
+        row["faster_than"] = beats
+        extra = ours.get("extra_peak_bytes")
+        row["extra_peak_bytes"] = extra
+        row["naive_extra_peak_bytes"] = naive.get("extra_peak_bytes")
+        row["memory_met"] = None if extra is None or row["naive_extra_peak_bytes"] is None \
+            else extra <= row["naive_extra_peak_bytes"] / 4
+        formula = formula_bytes(t, (B, D, C))
+        row["formula_bytes"], row["formula_upper"] = formula["total"], formula["upper"]
+        row["formula_met"] = None if extra is None else formula["total"] <= extra <= formula["upper"]
+        verdicts = [row["ratio_met"], row["memory_met"], row["formula_met"], *beats.values()]
+        row["met"] = False if False in verdicts else (None if None in verdicts else True)
+        rows.append(row)
+    return rows
+
+
+def targets_text(rows: list[dict]) -> str:
+    def yes(v):
+        return "-" if v is None else ("met" if v else "**not met**")
+
+    lines = ["| target | B, D, C | dtype | x floor (target) | faster than | extra peak | <= naive / 4 | "
+             "formula (band) | result |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "not measured" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        beats = ", ".join(f"{p}: {yes(v)}" for p, v in r["faster_than"].items()) or "-"
+        extra = "-" if r["extra_peak_bytes"] is None else f"{r['extra_peak_bytes'] / MiB:,.0f} MiB"
+        formula = f"{r['formula_bytes'] / MiB:,.0f}-{r['formula_upper'] / MiB:,.0f} MiB: {yes(r['formula_met'])}"
+        lines.append(f"| {r['name']} | {', '.join(f'{v:,}' for v in r['shape'])} | {r['dtype']} | {ratio} "
+                     f"(<= {r['max_ratio']:.2f}x) | {beats} | {extra} | {yes(r['memory_met'])} | {formula} | "
+                     f"{'not measured' if r['met'] is None else yes(r['met'])} |")
+    return "\n".join(lines)
+
+
+def profile(t: presets.GpuTarget, path: Path, *, shape=None, steps: int = 3) -> None:
+    """``torch.profiler``'s table (time by kernel) of ``steps`` steps of ``marginops-triton`` at ``t``."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    B, D, C = shape or t.shape
+    problem = registry.PROBLEMS[t.problem]
+    inp = registry.make_inputs(registry.Shape(B, D, C), problem.inputs, dtype=registry.DTYPES[t.dtype],
+                               device=device)
+    step = registry.step_function("marginops-triton", problem, inp, device=device)
+    step()  # compiled and warm
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            inp.clear_grads()
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    path.write_text(f"marginops-triton, {t.name}: B={B}, D={D}, C={C}, {t.dtype}, {steps} steps on {device}\n\n"
+                    + prof.key_averages().table(sort_by=key, row_limit=15))
+
+
+def main(out: Path, *, dry_run: bool = False, install: bool = False, budget: float = 300.0,
+         test_timeout: float = 120.0, total: float = 360.0) -> int:
     t0 = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(runner.REPO_ROOT)}
-    lines = [f"# GPU check{' (dry run: CPU, Triton interpreter, tiny shape; times mean nothing)' if dry_run else ''}",
-             ""]
+    env = child_env(dry_run)
+    title = "# GPU check" + (" (dry run: CPU, Triton interpreter, tiny shape; times mean nothing)" if dry_run else "")
+    lines = [title, ""]
     if dry_run:  # before marginops' Triton module is first imported (here and in every child)
-        os.environ["TRITON_INTERPRET"] = env["TRITON_INTERPRET"] = "1"
+        os.environ["TRITON_INTERPRET"] = "1"
     elif not __import__("torch").cuda.is_available():
         print("no CUDA GPU here: use --dry-run for the CPU check", file=sys.stderr)
         return 2
@@ -65,21 +227,46 @@ def main(out: Path, *, dry_run: bool = False, install: bool = False, budget: flo
                                "-e", "."], cwd=runner.REPO_ROOT, capture_output=True, text=True)
         lines.append(f"- `pip install --no-deps --no-build-isolation -e .`: exit status {proc.returncode}"
                      + (f" ({proc.stderr.strip().splitlines()[-1]})" if proc.returncode and proc.stderr.strip() else ""))
+    from marginops.backends import triton_config as tc
+
+    tuned = tc.tuned_table()
+    lines.append(f"- configs: {'tuned ' + ', '.join(f'{a} ({len(e)} entries)' for a, e in tuned.items()) if tuned else 'the defaults (no tuned table)'}")
+    peers = {name: registry.unavailable(name, "cuda" if not dry_run else "cpu") or "available"
+             for name in ("cce", "liger")}
+    lines.append("- peers: " + ", ".join(f"{k}: {v}" for k, v in peers.items()))
     tests_ok, tests_line = _tests(out, env, test_timeout)
     lines.append(f"- GPU-only tests (`pytest -k test_cuda_ tests/backends/test_triton_margin.py`): {tests_line} "
                  f"({time.monotonic() - t0:.0f} s so far; output in `tests.txt`)")
     preset = presets.PRESETS["gpu"]
-    cases = presets.tiny(preset) if dry_run else preset.cases
-    if dry_run:  # compiling peers take minutes on a CPU; the GPU run has them
-        cases = tuple(c for c in cases if not registry.IMPLS[c.impl].compiles)
+    shape = DRY_SHAPE if dry_run else None
+    cases = dry_cases(preset.cases) if dry_run else preset.cases
     records = runner.run(cases, preset="gpu-check" if not dry_run else "gpu-check-dry-run", env=env,
-                         deadline=t0 + budget, timeout=max(60.0, budget), output=out / "gpu-check.json")
+                         deadline=t0 + budget, timeout=120.0, output=out / "gpu-check.json")
     grouped = report.group(records)
     cases_done = next(iter(grouped.values()))
-    lines += [f"- cases: {len(cases_done)} in {time.monotonic() - t0:.0f} s in all", "",
-              report._machine_line(cases_done), "", report.full_table(cases_done), ""]
+    rows = evaluate(records, shape=shape)
+    (out / "targets.json").write_text(json.dumps(rows, indent=1))
+    lines += [f"- cases: {len(cases_done)} in {time.monotonic() - t0:.0f} s", "",
+              report._machine_line(cases_done), "", "## Targets", "", targets_text(rows), "",
+              "## Every case", "", report.full_table(cases_done), ""]
+    for t in presets.GPU_TARGETS:
+        if t.name.startswith("face-arcface") and time.monotonic() - t0 < total - 30:
+            name = f"profile-{t.name}.txt"
+            cmd = [sys.executable, "-m", "benchmarks.gpu_check", "profile", t.name, str(out / name)]
+            proc = subprocess.run(cmd + (["--dry-run"] if dry_run else []), cwd=runner.REPO_ROOT, env=env,
+                                  capture_output=True, text=True, timeout=max(30.0, total - (time.monotonic() - t0)))
+            lines.append(f"- `{name}`: torch.profiler, 3 steps of marginops-triton at {t.name}" if proc.returncode == 0
+                         else f"- `{name}` failed: {proc.stderr.strip()[-300:]}")
+    lines.append(f"\n{time.monotonic() - t0:.0f} s in all")
     (out / "summary.md").write_text("\n".join(lines))
     print("\n".join(lines))
     ours_bad = [k for k, m in cases_done.items() if k[-1] in registry.OURS
                 and m.get("status") not in ("ok", "skipped")]
     return 0 if tests_ok and not ours_bad else 1
+
+
+if __name__ == "__main__":  # python -m benchmarks.gpu_check profile TARGET PATH [--dry-run]: one profile, a child
+    _, what, name, where, *rest = sys.argv
+    assert what == "profile", sys.argv
+    target = next(t for t in presets.GPU_TARGETS if t.name == name)
+    profile(target, Path(where), shape=DRY_SHAPE if "--dry-run" in rest else None)

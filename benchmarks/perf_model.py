@@ -1,128 +1,231 @@
-"""Predicted GPU time of the Triton backend against the 3-GEMM floor (a model: docs/benchmarks.md).
+"""What each Triton-backend step should cost on one GPU, against the 3-GEMM floor (a model: docs/benchmarks.md).
 
-    python -m benchmarks model                      # H100 SXM, bf16, the gpu preset's sizes
-    python -m benchmarks model --triton-tflops 650
+    python -m benchmarks model                      # the H200 of the first GPU run, the target cases
+    python -m benchmarks model --efficiency 0.64    # Triton GEMM kernels at today's measured efficiency
 
-Nothing here is measured. Each step of a call is charged its FLOPs at an
-assumed rate or its HBM bytes at an assumed bandwidth, steps do not overlap
-(pessimistic), and the chunking is the backend's own (:func:`grad_plan`,
-:func:`workspace_rows` with the given budgets). cuBLAS is assumed to accumulate
-into fp32 outputs in place (``mm``/``addmm`` with ``out_dtype``, recent PyTorch
-on CUDA; older versions pay a product temporary per chunk). ``python -m benchmarks
+Nothing here is measured; the measured inputs are stated where they are
+used. Each step of a call is charged its tensor-core work at an assumed rate,
+its fused epilogue at an assumed number of SM cycles per logit (the part not
+hidden under another program's products), and its HBM bytes at an assumed
+streaming bandwidth. The plans are the backend's own
+(:mod:`marginops.backends.triton_plan`: strategy, row blocks, the ``dW``
+accumulator, class chunks, the forward grid's waves), with its pinned tiles
+(:mod:`marginops.backends.triton_config`). ``python -m benchmarks
 gpu-check`` on a GPU replaces these numbers with measurements.
+
+**Calibration.** On the first GPU run (H200, 2026-12-04) the old forward kernel
+(128 x 128 tiles through ``cp.async``, one program per SM, 320 programs in
+2.4 waves) took 28.7 ms at B=8192, D=2304, C=256k where cuBLAS's GEMM took
+14.1 ms: with its grid's waves (81% busy) and an unhidden epilogue of 0.16
+cycles per logit, its products ran at 0.64 of cuBLAS's rate. The model's
+``efficiency`` is that ratio for the new kernels (TMA loads, balanced grid):
+:data:`DESIGN_EFFICIENCY` is an assumption, to be replaced by what
+``python -m marginops.tune`` measures.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
-from .registry import workspace_budget
+from marginops.backends import triton_config as tc
 
-#: The gpu preset's shapes and the GPU tests' (B, D, C).
-SIZES = [(8192, 2304, 256_000), (8192, 2304, 1_000_000), (4096, 512, 100_000)]
+from . import presets
+from marginops.backends import triton_plan as tp
+from marginops.backends.interface import FusedOptions
+
+MiB = 2**20
 
 
 @dataclass(frozen=True)
 class Machine:
-    cublas_flops: float  # dense bf16 GEMM rate cuBLAS reaches, FLOP/s
-    triton_flops: float  # the same for the fused Triton GEMM kernels (1 program of 8 warps per SM)
-    exp_rate: float  # exp per second, not overlapped with the MMAs
-    bandwidth: float  # HBM bytes per second for streaming passes
+    name: str
+    sms: int
+    clock: float  # SM clock (Hz)
+    cublas: dict  # dtype name -> dense GEMM rate cuBLAS reaches (FLOP/s)
+    tf32x3: float  # peak rate of tf32x3 products (three TF32 MMAs per product), FLOP/s
+    bandwidth: float  # streaming HBM bytes per second (effective)
+    epilogue_cycles: float = 0.16  # SM cycles per logit of a fused epilogue (scale, mask, exp2, max/sum, store)
+    memory: int = 141 * 10**9
 
-    def gemm(self, flops: float, cublas: bool) -> float:
-        return flops / (self.cublas_flops if cublas else self.triton_flops)
-
-
-H100 = Machine(cublas_flops=700e12, triton_flops=500e12, exp_rate=3.9e12, bandwidth=2.8e12)
-
-
-def _plans(B: int, C: int, D: int, budget: int, ws_budget: int):
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # the planners only; nothing is launched
-    from marginops.backends import triton_margin as tm
-
-    grad = tm.grad_plan(B, C, D, torch.bfloat16, budget)
-    rows = tm.workspace_rows(B, C, torch.bfloat16, ws_budget)
-    fixed = rows * tm.ExpWorkspace.row_bytes(C, torch.bfloat16)
-    ws = tm.grad_plan(rows, C, D, torch.bfloat16, ws_budget, fixed=fixed)
-    return grad, rows, ws
+    def gemm(self, flops: float, dtype: str) -> float:
+        return flops / self.cublas[dtype]
 
 
-def predict(B: int, D: int, C: int, m: Machine, budget: int, ws_budget: Optional[int] = None) -> dict[str, float]:
-    """Seconds per step for the floor and both strategies (bf16 inputs, fp32 accumulation)."""
-    gemm = 2.0 * B * D * C
-    BC, CD, BD = float(B) * C, float(C) * D, float(B) * D
+def _triton_rate(m: Machine, dtype: str) -> float:
+    """The rate the Triton products are measured against: cuBLAS's at 16 bits, tf32x3's peak for float32."""
+    return m.tf32x3 if dtype == "float32" else m.cublas[dtype]
+
+
+#: One NVIDIA H200 as measured on 2026-12-04 (torch 2.11, triton 3.6): bf16 cuBLAS 687 TFLOP/s at B=8192,
+#: D=2304, C=256k (the 3-GEMM floor 42.2 ms); float32 without TF32 52 TFLOP/s (floor 558 ms); at each target
+#: shape whose floor was measured, :func:`predict` takes cuBLAS's rate from that floor. Assumed: fp16 as
+#: bf16; tf32x3 at a third of the 494 TFLOP/s dense TF32 peak; 4.0 TB/s of the 4.8 TB/s HBM3e peak for
+#: streaming passes; 1.98 GHz.
+H200 = Machine("H200", sms=132, clock=1.98e9,
+               cublas={"bfloat16": 687e12, "float16": 687e12, "float32": 52e12, "float64": 0.9e12},
+               tf32x3=494e12 / 3, bandwidth=4.0e12)
+#: Triton GEMM kernels' product rate as a fraction of cuBLAS's: today's measured kernel (see the calibration)
+#: and the assumption for the new ones (TMA loads, int32 class indices, balanced grid).
+MEASURED_EFFICIENCY = 0.64
+DESIGN_EFFICIENCY = 0.80
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target case of the GPU check, with what the first GPU run measured (None: not measured)."""
+
+    name: str
+    B: int
+    D: int
+    C: int
+    dtype: str
+    normalize: bool  # ArcFace s=64 (True) or plain cross-entropy
+    max_ratio: float  # the target: fwd + bwd <= max_ratio x the floor
+    floor_ms: Optional[float] = None  # the 3-GEMM floor measured on the H200
+    naive_extra_mib: Optional[float] = None  # the naive head's extra peak memory measured there
+
+
+#: What the first GPU run measured per target (H200, 2026-12-04): the floor (ms) and the naive head's extra
+#: peak memory (MiB), where it ran (records in benchmarks/results/gpu/; the probe's figures from issue 18).
+MEASURED = {
+    "cce-plain": (42.2, 14_838), "cce-arcface": (42.7, 16_001), "cce-arcface-1M": (169.0, None),
+    "llm-plain": (36.8, 11.7 * 1024), "face-arcface": (10.7, 40 * 1024), "face-arcface-fp16": (10.6, 40 * 1024),
+    "cce-arcface-fp32": (558.0, None),
+}
+TARGETS = tuple(Target(t.name, *t.shape, t.dtype, t.problem != "plain", t.max_ratio, *MEASURED.get(t.name, (None, None)))
+                for t in presets.GPU_TARGETS)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _triton_gemm(m: Machine, flops: float, dtype: str, efficiency: float) -> float:
+    return flops / (_triton_rate(m, dtype) * efficiency)
+
+
+def _logits_kernel(m: Machine, B: int, C: int, D: int, dtype: str, kernel: str, efficiency: float,
+                   store_bytes: float) -> float:
+    """A logits kernel: products at the Triton rate over its grid's busy share, then the epilogue and its
+    stores, hidden under another program's products in proportion to (occupancy - 1) / occupancy."""
+    cfg = tc.config_for(kernel, _dtype(dtype), D, 90)
+    rb, ct = -(-B // cfg.block_b), -(-C // cfg.block_c)
+    slots = m.sms * cfg.occupancy
+    busy = tp.grid_efficiency(rb, ct, slots) if kernel != "grad" else min(1.0, rb * ct / (-(-rb * ct // slots) * slots))
+    mma = _triton_gemm(m, 2.0 * B * C * D, dtype, efficiency) / busy
+    epilogue = B * C * m.epilogue_cycles / (m.sms * m.clock) + store_bytes / m.bandwidth
+    hidden = (cfg.occupancy - 1) / cfg.occupancy
+    return mma + epilogue * (1 - hidden)
+
+
+def predict(t: Target, m: Machine = H200, efficiency: float = DESIGN_EFFICIENCY,
+            strategy: str = "auto") -> dict:
+    """Seconds per step of one forward + backward (``reduction="mean"``, default options), by step, for the
+    strategy the backend takes (``"auto"``) or the one given."""
+    B, C, D, dtype = t.B, t.C, t.D, t.dtype
+    dt = _dtype(dtype)
+    e = tp.elt(dt)
+    if t.floor_ms is not None and m.cublas[dtype] == H200.cublas[dtype]:  # the rate the H200 showed at this shape
+        rate = 6.0 * B * C * D / (t.floor_ms * 1e-3)
+        m = replace(m, cublas={**m.cublas, dtype: rate})
+    opts = FusedOptions(scale=64.0 if t.normalize else 1.0, normalize=t.normalize, strategy=strategy)
+    tile_c = tc.config_for("ws", dt, D, 90).block_c
+    workspace = strategy == "workspace" or (strategy == "auto" and tp.auto_takes_workspace(B, C, D, dt, opts, tile_c))
     bw = m.bandwidth
-    grad, rows, ws = _plans(B, C, D, budget, ws_budget or workspace_budget(B, C))
-    floor = 3 * m.gemm(gemm, cublas=True)
-    norms = 2 * CD / bw  # |W_j| reads W once
-    # recompute: forward kernel (GEMM + exp), gradient kernel (GEMM + exp + G written in bf16), two cuBLAS
-    # GEMMs reading G, dxh += G @ W accumulated by cuBLAS into fp32 per class chunk (read and written:
-    # 8 B per B x D element and chunk), each dD chunk written by cuBLAS in fp32 and finished by
-    # _finish_w_kernel (two reads of dD and W, one bf16 write: 4 + 8 + 4 + 2 = 18 B per C x D element)
-    chunks = math.ceil(C / grad.chunk) * math.ceil(B / grad.rows)
-    recompute = {
-        "forward kernel": m.gemm(gemm, False) + BC / m.exp_rate,
-        "gradient kernel": m.gemm(gemm, False) + BC / m.exp_rate + 2 * BC / bw,
-        "cuBLAS dX, dW": 2 * m.gemm(gemm, True),
-        "passes": norms + (8 * BD * chunks + 18 * CD) / bw,
-    }
-    # workspace: the forward kernel also stores bf16 exponentials (2 B); the gradient kernel streams them
-    # (2 B in, 2 B out, one exp); dD (fp32, C x D): the first row block's GEMM writes it (4 B), each later
-    # one accumulates into it (8 B); the in-place finish (16 B) and the conversion to bf16 (6 B)
-    blocks = math.ceil(B / rows)
-    ws_chunks = math.ceil(C / ws.chunk) * blocks
-    workspace = {
-        "forward kernel": m.gemm(gemm, False) + BC / m.exp_rate + 2 * BC / bw,
-        "gradient kernel": BC / m.exp_rate + 4 * BC / bw,
-        "cuBLAS dX, dW": 2 * m.gemm(gemm, True),
-        "passes": norms + (8 * BD * ws_chunks + (4 + 8 * (blocks - 1) + 16 + 6) * CD) / bw,
-    }
-    return dict(floor=floor, recompute=recompute, workspace=workspace, rows=rows, blocks=blocks,
-                chunk=grad.chunk)
+    gemm = 2.0 * B * C * D
+    floor = 3 * m.gemm(gemm, dtype)
+    steps: dict[str, float] = {}
+    if t.normalize:  # inverse norms of W (marginops.ops): one read of W
+        steps["norms"] = C * D * e / bw
+    if workspace:
+        pl = tp.workspace_plan(B, C, D, dt, opts, tile_c, m.memory)
+        padded = tp.padded(C, dt)
+        steps["forward kernel (stores exp)"] = _logits_kernel(m, B, C, D, dtype, "ws", efficiency, B * padded * e)
+        steps["G in place"] = 2 * B * padded * e / bw
+        steps["cuBLAS dX"] = m.gemm(gemm, dtype)
+        steps["cuBLAS dW"] = m.gemm(gemm, dtype)
+        acc = 4 if pl.fp32_accumulator else e
+        # accumulator traffic beyond the floor's own dW write: the first block writes acc bytes, later ones
+        # read and write them; half of it assumed hidden under the GEMMs' products
+        extra = (acc - e + 2 * acc * (pl.blocks - 1)) * C * D
+        steps["dW accumulation"] = 0.5 * extra / bw
+        if t.normalize:
+            steps["finish (normalization backward)"] = (acc + 2 * e) * C * D / bw
+        elif pl.fp32_accumulator:
+            steps["finish (to the weight's dtype)"] = (4 + e) * C * D / bw
+        if dtype == "float16" and t.normalize:  # normalized rows of W for dX, per row block
+            steps["normalized rows (float16)"] = pl.blocks * 2 * C * D * e / bw
+        # marginops.ops scales the gradients formed in the forward by grad_output in place (on CUDA without
+        # reading it on the host, so also when it is 1): one pass over dW and dX
+        steps["scale by grad_output"] = (2 * e * C * D + 8 * B * D) / bw
+        plan_text = f"workspace: {pl.blocks} x {pl.rows} rows" + (", fp32 dW" if pl.fp32_accumulator else "")
+    else:
+        cfg = tc.config_for("grad", dt, D, 90)
+        budget = tp.default_budget(C, D, dt)
+        cp = tp.chunk_plan(B, C, D, dt, budget, cfg, scaled_g=not (dtype == "float16" and t.normalize))
+        chunks = math.ceil(C / cp.chunk) * math.ceil(B / cp.rows)
+        steps["forward kernel"] = _logits_kernel(m, B, C, D, dtype, "fwd", efficiency, 0.0)
+        steps["gradient kernel (writes G)"] = _logits_kernel(m, B, C, D, dtype, "grad", efficiency, B * C * e)
+        steps["cuBLAS dX"] = m.gemm(gemm, dtype) + 8 * B * D * chunks / bw
+        steps["cuBLAS dW"] = m.gemm(gemm, dtype)
+        steps["finish per chunk"] = ((4 + 2 * e) if t.normalize else (4 + e)) * C * D / bw
+        plan_text = f"recompute: {chunks} chunks of {cp.chunk} classes"
+    total = sum(steps.values())
+    scratch = tp.scratch_bytes(B, C, D, dt, opts, workspace, tile_c, tc.config_for("grad", dt, D, 90), m.memory)
+    return dict(floor=floor, steps=steps, total=total, ratio=total / floor, plan=plan_text,
+                scratch=scratch["total"], workspace=workspace)
 
 
-def table(m: Machine, budget: int, ws_budget: Optional[int], sizes=SIZES) -> str:
+#: Short names of the steps in the table.
+SHORT = {"norms": "norms", "forward kernel (stores exp)": "fwd", "G in place": "G", "cuBLAS dX": "dX",
+         "cuBLAS dW": "dW", "dW accumulation": "acc", "finish (normalization backward)": "finish",
+         "finish (to the weight's dtype)": "finish", "normalized rows (float16)": "rows",
+         "forward kernel": "fwd", "gradient kernel (writes G)": "grad", "finish per chunk": "finish",
+         "scale by grad_output": "scale"}
+
+
+def table(m: Machine = H200, efficiency: float = DESIGN_EFFICIENCY, *_ignored) -> str:
+    """The predictions for :data:`TARGETS` as a Markdown table (the docs' generated block)."""
+    if not isinstance(m, Machine):
+        m = H200
     lines = [
-        "| B | D | C | floor (ms) | recompute: fwd / grad kernel / cuBLAS / passes (ms) | recompute total | x floor "
-        "| workspace: row blocks | workspace total | x floor |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| case | B | D | C | dtype | plan | steps (ms; legend below) | predicted | x floor | target "
+        "| at today's efficiency "
+        "| scratch (formula) | naive's extra / 4 (measured) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for B, D, C in sizes:
-        p = predict(B, D, C, m, budget, ws_budget)
-        r, w = p["recompute"], p["workspace"]
-        rt, wt = sum(r.values()), sum(w.values())
-        parts = " / ".join(f"{1e3 * v:.1f}" for v in r.values())
-        lines.append(f"| {B} | {D} | {C:,} | {1e3 * p['floor']:.1f} | {parts} | {1e3 * rt:.1f} | "
-                     f"{rt / p['floor']:.2f}x | {p['blocks']} x {p['rows']} | {1e3 * wt:.1f} | "
-                     f"{wt / p['floor']:.2f}x |")
+    for t in TARGETS:
+        p = predict(t, m, efficiency)
+        today = predict(t, m, MEASURED_EFFICIENCY)
+        steps = ", ".join(f"{SHORT[k]} {1e3 * v:.1f}" for k, v in p["steps"].items())
+        quarter = f"{t.naive_extra_mib / 4:,.0f} MiB" if t.naive_extra_mib else "-"
+        lines.append(f"| {t.name} | {t.B} | {t.D} | {t.C:,} | {t.dtype} | {p['plan']} | {steps} | "
+                     f"{1e3 * p['total']:.1f} ms | {p['ratio']:.2f}x | <= {t.max_ratio:.2f}x | "
+                     f"{today['ratio']:.2f}x | {p['scratch'] / MiB:,.0f} MiB | {quarter} |")
     return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from marginops import DEFAULT_MEMORY_BUDGET
-
     parser = argparse.ArgumentParser(prog="python -m benchmarks model", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cublas-tflops", type=float, default=H100.cublas_flops / 1e12)
-    parser.add_argument("--triton-tflops", type=float, default=H100.triton_flops / 1e12)
-    parser.add_argument("--bandwidth-tbs", type=float, default=H100.bandwidth / 1e12)
-    parser.add_argument("--budget", type=int, default=DEFAULT_MEMORY_BUDGET, help="memory_budget (recompute)")
-    parser.add_argument("--workspace-budget", type=int, default=None,
-                        help="memory_budget of the workspace strategy (default: the GPU benchmark's, "
-                             "all rows in one block up to 24 GiB)")
+    parser.add_argument("--efficiency", type=float, default=DESIGN_EFFICIENCY,
+                        help="Triton products' rate as a fraction of cuBLAS's (default: %(default)s)")
+    parser.add_argument("--bandwidth-tbs", type=float, default=H200.bandwidth / 1e12)
+    parser.add_argument("--cublas-tflops", type=float, default=H200.cublas["bfloat16"] / 1e12,
+                        help="16-bit cuBLAS rate")
     args = parser.parse_args(argv)
-    m = Machine(args.cublas_tflops * 1e12, args.triton_tflops * 1e12, H100.exp_rate, args.bandwidth_tbs * 1e12)
-    print(f"Predicted (not measured): cuBLAS {args.cublas_tflops:g} TFLOP/s, Triton GEMM kernels "
-          f"{args.triton_tflops:g} TFLOP/s, exp {m.exp_rate / 1e12:g}e12/s, HBM {args.bandwidth_tbs:g} TB/s, "
-          f"no overlap; recompute budget {args.budget / 2**20:g} MiB, workspace budget "
-          f"{'the GPU benchmark' if args.workspace_budget is None else f'{args.workspace_budget / 2**20:g} MiB'}"
-          f"; bf16, fwd + bwd.\n")
-    print(table(m, args.budget, args.workspace_budget))
+    rate = args.cublas_tflops * 1e12
+    m = replace(H200, bandwidth=args.bandwidth_tbs * 1e12,
+                cublas={**H200.cublas, "bfloat16": rate, "float16": rate})
+    print(f"Predicted (not measured) on {m.name}: 16-bit cuBLAS {args.cublas_tflops:g} TFLOP/s, Triton products "
+          f"at {args.efficiency:g} of it (tf32x3 at {args.efficiency:g} x {m.tf32x3 / 1e12:.0f} TFLOP/s), "
+          f"HBM {args.bandwidth_tbs:g} TB/s, epilogue {m.epilogue_cycles} cycles per logit; fwd + bwd, "
+          f"default options.\n")
+    print(table(m, args.efficiency))
     return 0
 
 

@@ -14,8 +14,6 @@ from .runner import Case
 MiB = 2**20
 CPU_PEERS = ("floor", "marginops-native", "marginops-torch", "naive", "naive-compiled", "pml")
 PLAIN_PEERS = ("floor", "marginops-native", "marginops-torch", "naive", "naive-compiled", "torch-linear-ce", "cce")
-GPU_IMPLS = ("floor", "marginops-triton", "marginops-triton-ws", "marginops-torch", "naive", "naive-compiled",
-             "torch-linear-ce", "cce", "liger")
 
 
 @dataclass(frozen=True)
@@ -45,12 +43,66 @@ class Preset:
     busy: bool = False
 
 
+@dataclass(frozen=True)
+class GpuTarget:
+    """A GPU target: ``marginops-triton`` with default options (forward + backward) at one shape and dtype.
+
+    Met when, in one run, its time is at most ``max_ratio`` times the floor's at the same shape and dtype,
+    below each of ``faster_than`` (implementations at the same shape and dtype, any problem: the plain-only
+    peers are compared with a margin head at the plain head's shape), and its extra peak memory is at most a
+    quarter of ``naive``'s there. ``peers`` run beside it (besides the floor and ``naive``).
+    """
+
+    name: str
+    problem: str
+    batch: int
+    dim: int
+    classes: int
+    dtype: str
+    max_ratio: float
+    faster_than: tuple[str, ...] = ()
+    peers: tuple[str, ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.batch, self.dim, self.classes
+
+    def case(self, impl: str, **options) -> Case:
+        return Case(impl, self.problem, *self.shape, dtype=self.dtype, device="cuda", **options)
+
+
+_PLAIN_PEERS = ("cce-exact", "cce", "liger", "naive-compiled")
+#: The GPU targets (one H200), in the order the GPU check runs them. Exact peers only in ``faster_than``
+#: (Cut Cross-Entropy's default filters gradients; ``cce-exact`` is its exact setting).
+GPU_TARGETS = (
+    GpuTarget("cce-plain", "plain", 8192, 2304, 256_000, "bfloat16", 1.25, ("cce-exact",), _PLAIN_PEERS),
+    GpuTarget("cce-arcface", "arcface64", 8192, 2304, 256_000, "bfloat16", 1.25, ("cce-exact",), ("naive-compiled",)),
+    GpuTarget("cce-arcface-1M", "arcface64", 8192, 2304, 1_000_000, "bfloat16", 1.25),
+    GpuTarget("llm-plain", "plain", 8192, 4096, 128_256, "bfloat16", 1.25,
+              ("cce-exact", "liger", "naive", "naive-compiled", "torch-linear-ce"), _PLAIN_PEERS + ("torch-linear-ce",)),
+    GpuTarget("face-arcface", "arcface64", 1024, 512, 2_000_000, "bfloat16", 1.35),
+    GpuTarget("face-arcface-fp16", "arcface64", 1024, 512, 2_000_000, "float16", 1.35),
+    GpuTarget("cce-arcface-fp32", "arcface64", 8192, 2304, 256_000, "float32", 1.0),
+)
+
+
+def gpu_cases(targets=GPU_TARGETS) -> tuple[Case, ...]:
+    """The GPU check's cases, most important first (a deadline skips the tail): the floor and marginops at
+    every target, then ``naive`` (the memory targets need it), the peers, and marginops' other paths (the
+    recompute strategy; gradient filtering, approximate by design, so not checked against the reference)."""
+    cases = [t.case(i) for t in targets for i in ("floor", "marginops-triton")]
+    cases += [t.case("naive") for t in targets]
+    cases += [t.case(p) for t in targets for p in t.peers if p not in ("naive-compiled",)]
+    cases += [t.case("naive-compiled") for t in targets if "naive-compiled" in t.peers]
+    cases += [targets[0].case("marginops-triton-filter", check=False), targets[1].case("marginops-triton-recompute")]
+    return tuple(dict.fromkeys(cases))
+
+
 def sweep(problem: str, impls, shapes, **options) -> tuple[Case, ...]:
     """Every implementation at every shape, shape by shape (the floor first)."""
     return tuple(Case(i, problem, b, d, c, **options) for (b, d, c) in shapes for i in impls)
 
 
-_GPU = dict(dtype="bfloat16", device="cuda")
 _NATIVE = ("floor", "marginops-native", "marginops-torch")
 _TARGET_SHAPE = (1024, 512, 100_000)
 _TARGET_MEMORY = (512, 256, 1_000_000)
@@ -134,11 +186,9 @@ PRESETS = {p.name: p for p in (
                       "arcface-filter", "marginops-native", "seconds_min", 1.05, "marginops-native",
                       against_problem="arcface64-s"),
            ), rounds=5),
-    Preset("gpu", "one GPU: B=8192, D=2304 (the published Cut Cross-Entropy shape), C=256k and 1M, bfloat16",
-           sweep("arcface64", GPU_IMPLS[:6], [(8192, 2304, 256_000)], **_GPU)
-           + sweep("plain", ("marginops-triton", "marginops-triton-ws", "naive") + GPU_IMPLS[6:],
-                   [(8192, 2304, 256_000)], **_GPU)
-           + sweep("arcface64", GPU_IMPLS[:5], [(8192, 2304, 1_000_000)], **_GPU)),
+    Preset("gpu", "one GPU: the GPU targets (Cut Cross-Entropy's shape at 256k and 1M classes, an LLM head, a "
+                  "face head in bf16 and fp16, float32), marginops beside the floor, naive and the peers",
+           gpu_cases()),
 )}
 
 

@@ -4,23 +4,26 @@ Every entry point (the runner, the presets, the GPU check, the demo and the
 pytest-benchmark cases) names implementations and problems from here, so a
 name means the same computation everywhere:
 
-=======================  ===========================================================================
-``floor``                the three GEMMs of the shape (logits, dX, dW; ``6 B D C`` FLOPs), no loss
-``marginops-topk``       ``mo.topk_cosine`` (retrieval problems: the ``k`` nearest classes, chunked)
-``brute-force-topk``     one ``B x C`` cosine matrix and ``torch.topk`` (retrieval problems)
-``marginops-torch``      ``mo.margin_cross_entropy(..., backend="torch")`` (chunked PyTorch)
-``marginops-native``     ``backend="native"`` (C++ tile kernels between BLAS GEMMs, CPU)
-``marginops-default``    ``backend="auto"``: what a user gets
-``marginops-triton``     ``backend="triton"``, ``strategy="recompute"`` (four GEMMs, no logits kept)
-``marginops-triton-ws``  ``backend="triton"``, ``strategy="workspace"`` (three GEMMs, logits kept
-                         within a budget: :func:`workspace_budget`)
-``naive``                ``normalize -> linear -> margin -> cross_entropy`` with the B x C logits
-``naive-compiled``       ``torch.compile`` of ``naive``
-``pml``                  pytorch-metric-learning's ``ArcFaceLoss`` / ``CosFaceLoss``
-``torch-linear-ce``      ``F.linear_cross_entropy`` (recent PyTorch; plain problems only)
-``cce``                  Apple's Cut Cross-Entropy (plain problems only)
-``liger``                Liger-Kernel's fused linear cross-entropy (CUDA; plain problems only)
-=======================  ===========================================================================
+==============================  ====================================================================
+``floor``                       the three GEMMs of the shape (logits, dX, dW; ``6 B D C`` FLOPs), no loss
+``marginops-topk``              ``mo.topk_cosine`` (retrieval problems: the ``k`` nearest classes, chunked)
+``brute-force-topk``            one ``B x C`` cosine matrix and ``torch.topk`` (retrieval problems)
+``marginops-torch``             ``mo.margin_cross_entropy(..., backend="torch")`` (chunked PyTorch)
+``marginops-native``            ``backend="native"`` (C++ tile kernels between BLAS GEMMs, CPU)
+``marginops-default``           ``backend="auto"``: what a user gets
+``marginops-triton``            ``backend="triton"``, default options (for a scalar loss: the workspace
+                                strategy, three GEMMs, with the default budget)
+``marginops-triton-recompute``  ``backend="triton"``, ``strategy="recompute"`` (four GEMMs, no logits kept)
+``marginops-triton-filter``     ``backend="triton"``, ``gradient_filter=2**-12`` (Cut Cross-Entropy's
+                                default threshold for bf16: tiles of negligible probabilities skipped)
+``naive``                       ``normalize -> linear -> margin -> cross_entropy`` with the B x C logits
+``naive-compiled``              ``torch.compile`` of ``naive``
+``pml``                         pytorch-metric-learning's ``ArcFaceLoss`` / ``CosFaceLoss``
+``torch-linear-ce``             ``F.linear_cross_entropy`` (recent PyTorch; plain problems only)
+``cce``                         Apple's Cut Cross-Entropy, its defaults (``filter_eps="auto"``; plain only)
+``cce-exact``                   Cut Cross-Entropy with ``filter_eps=None`` (the exact gradients)
+``liger``                       Liger-Kernel's fused linear cross-entropy (CUDA; plain problems only)
+==============================  ====================================================================
 """
 
 from __future__ import annotations
@@ -229,8 +232,9 @@ IMPLS = {i.name: i for i in (
     Impl("marginops-torch", "marginops (torch)"),
     Impl("marginops-native", "marginops (native C++)"),
     Impl("marginops-default", "marginops (default backend)"),
-    Impl("marginops-triton", "marginops (triton, recompute)", needs_triton=True),
-    Impl("marginops-triton-ws", "marginops (triton, workspace)", needs_triton=True),
+    Impl("marginops-triton", "marginops (triton)", needs_triton=True),
+    Impl("marginops-triton-recompute", "marginops (triton, recompute)", needs_triton=True),
+    Impl("marginops-triton-filter", "marginops (triton, gradient_filter=2^-12)", needs_triton=True),
     Impl("naive", "naive PyTorch", bxc_tensors=5),
     Impl("naive-compiled", "torch.compile(naive)", compiles=True, bxc_tensors=4),
     Impl("pml", "pytorch-metric-learning", margins_only=True, module="pytorch_metric_learning",
@@ -238,12 +242,17 @@ IMPLS = {i.name: i for i in (
     Impl("torch-linear-ce", "F.linear_cross_entropy", plain_only=True, bxc_tensors=2),
     Impl("cce", "Cut Cross-Entropy", plain_only=True, module="cut_cross_entropy", package="cut-cross-entropy",
          compiles=True, bxc_tensors=4),
+    Impl("cce-exact", "Cut Cross-Entropy, filter_eps=None", plain_only=True, module="cut_cross_entropy",
+         package="cut-cross-entropy", compiles=True, bxc_tensors=4),
     Impl("liger", "Liger fused linear CE", plain_only=True, module="liger_kernel", package="liger-kernel",
          cuda_only=True, bxc_tensors=1),
 )}
 
 #: marginops' own implementations (the rest are the floor and what a user would pick instead).
-OURS = ("marginops-torch", "marginops-native", "marginops-default", "marginops-triton", "marginops-triton-ws")
+OURS = ("marginops-torch", "marginops-native", "marginops-default", "marginops-triton", "marginops-triton-recompute",
+        "marginops-triton-filter")
+#: ``marginops-triton-filter``'s threshold: Cut Cross-Entropy's default ``filter_eps`` for bf16 (2^-12).
+GRADIENT_FILTER = 2.0**-12
 
 
 def check_impl(name: str) -> Impl:
@@ -292,12 +301,6 @@ def unavailable(name: str, device: str) -> Optional[str]:
     return None
 
 
-def workspace_budget(batch: int, classes: int) -> int:
-    """``memory_budget`` of ``marginops-triton-ws``: every row's 16-bit exponentials in one block
-    (2 bytes per logit, a quarter more for the G chunks, slack), at most 24 GiB."""
-    return min(24 * 2**30, 3 * batch * classes)
-
-
 def naive_loss(x: Tensor, W: Tensor, y: Tensor, margin: Optional[mo.Margin], scale: float, normalize: bool,
                reduction: str = "mean") -> Tensor:
     """What people write: ``F.normalize``, ``F.linear``, the margin on the target column, ``F.cross_entropy``."""
@@ -342,21 +345,20 @@ def loss_function(name: str, problem: Problem, *, device: str = "cpu", reduction
     for why, exc in ((unsupported(name, problem), ValueError), (unavailable(name, device), RuntimeError)):
         if why is not None:
             raise exc(why)
-    if reduction != "mean" and name in ("pml", "cce", "liger"):
+    if reduction != "mean" and name in ("pml", "cce", "cce-exact", "liger"):
         raise ValueError(f"{name} is run with reduction='mean' only, got {reduction!r}")
     margin, s, normalize = problem.margin_object(), problem.scale, problem.normalize
     if name in OURS:
         options = dict(backend={"marginops-torch": "torch", "marginops-native": "native",
-                                "marginops-default": "auto"}.get(name, "triton"))
-        if name == "marginops-triton":
+                                "marginops-default": "auto"}.get(name, "triton"), memory_budget=memory_budget)
+        if name == "marginops-triton-recompute":
             options["strategy"] = "recompute"
+        if name == "marginops-triton-filter":
+            options["gradient_filter"] = GRADIENT_FILTER
 
         def ours(x, W, y):
-            extra = {"memory_budget": memory_budget}
-            if name == "marginops-triton-ws":
-                extra = {"strategy": "workspace", "memory_budget": memory_budget or workspace_budget(len(x), len(W))}
             return mo.margin_cross_entropy(x, W, y, margin, s, reduction=reduction, validate_labels=False,
-                                           **problem.options(), **options, **extra)
+                                           **problem.options(), **options)
 
         return ours
     if name in ("naive", "naive-compiled"):
@@ -367,11 +369,12 @@ def loss_function(name: str, problem: Problem, *, device: str = "cpu", reduction
     if name == "torch-linear-ce":
         options = torch.nn.LinearCrossEntropyOptions()
         return lambda x, W, y: F.linear_cross_entropy(x, W, y, reduction=reduction, options=options)
-    if name == "cce":
+    if name in ("cce", "cce-exact"):
         from cut_cross_entropy import linear_cross_entropy
 
         # "cce" is its Triton kernel (CUDA); "torch_compile" its pure-PyTorch path
-        return lambda x, W, y: linear_cross_entropy(x, W, y, impl="cce" if x.is_cuda else "torch_compile")
+        exact = {"filter_eps": None} if name == "cce-exact" else {}
+        return lambda x, W, y: linear_cross_entropy(x, W, y, impl="cce" if x.is_cuda else "torch_compile", **exact)
     if name == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 

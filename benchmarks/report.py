@@ -172,11 +172,9 @@ def model_table() -> Optional[str]:
 
     if importlib.util.find_spec("triton") is None:
         return None
-    from marginops import DEFAULT_MEMORY_BUDGET
-
     from . import perf_model
 
-    return perf_model.table(perf_model.H100, DEFAULT_MEMORY_BUDGET, None)
+    return perf_model.table()
 
 
 def blocks(records: Sequence[dict]) -> dict[str, str]:
@@ -244,7 +242,7 @@ def plot(records: Sequence[dict], preset: str, path: Path) -> Optional[Path]:
 
 def update(records: Optional[Sequence[dict]] = None, pages: Sequence[Path] = PAGES, plots: bool = True) -> list[Path]:
     """Rewrite the generated blocks of ``pages`` and the plots; returns the files written."""
-    records = load_records(RESULTS_DIR.glob("*.json")) if records is None else records
+    records = load_records([*RESULTS_DIR.glob("*.json"), *RESULTS_DIR.glob("gpu/*.json")]) if records is None else records
     generated = blocks(records)
     written = []
     for page in pages:
@@ -263,6 +261,6 @@ def update(records: Optional[Sequence[dict]] = None, pages: Sequence[Path] = PAG
 
 def stale_pages(records: Optional[Sequence[dict]] = None, pages: Sequence[Path] = PAGES) -> list[Path]:
     """The pages whose generated blocks differ from what ``records`` (default: the committed ones) give."""
-    records = load_records(RESULTS_DIR.glob("*.json")) if records is None else records
+    records = load_records([*RESULTS_DIR.glob("*.json"), *RESULTS_DIR.glob("gpu/*.json")]) if records is None else records
     generated = blocks(records)
     return [page for page in pages if render(page.read_text(), generated) != page.read_text()]

@@ -209,7 +209,8 @@ def rounding_floors(x, W, y, scale, margin, t64, *, normalize=True, reduction="m
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     ulp = 8 * torch.finfo(acc).eps
-    x64, W64 = x.detach().double(), W.detach().double()
+    # on the CPU, whatever device the problem ran on (the oracle helper compares on the CPU)
+    x64, W64, y, t64 = x.detach().cpu().double(), W.detach().cpu().double(), y.cpu(), t64.detach().cpu()
     valid = (y != ignore_index).double()
     w = valid / valid.sum().clamp_min(1.0) if reduction == "mean" else valid
     psi = margin if margin is not None else (lambda t: t)
