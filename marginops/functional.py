@@ -161,20 +161,21 @@ def margin_cross_entropy(
         chunk_size (int, optional): classes per tile (torch, native) or per forward program
             (triton). Default: chosen by the backend.
         memory_budget (int, optional): bytes of scratch memory the backend may use
-            beyond inputs and their gradients. Default:
-            :data:`marginops.DEFAULT_MEMORY_BUDGET` (256 MiB).
+            beyond inputs and their gradients. Default: :data:`marginops.DEFAULT_MEMORY_BUDGET`
+            (256 MiB) on the torch and native backends; on the triton backend the weight's own
+            bytes (at least 256 MiB, at most an eighth of the GPU's memory; see
+            ``docs/benchmarks.md``).
         strategy (str): how the fused backends spend GEMMs and memory.
             ``"recompute"``: the forward keeps only per-row statistics and the
             backward recomputes the logits tile by tile (four GEMMs, scratch
             of a few tiles). ``"workspace"``: a block of rows across *all*
-            classes is kept in a logits workspace bounded by ``memory_budget``
+            classes is kept in a workspace bounded by ``memory_budget``
             and, for a scalar loss, the gradients are computed during the
             forward pass (three GEMMs; needs ``reduction`` ``"mean"``/``"sum"``
             and a budget of at least one row of ``C`` logits, else a
-            ValueError; ``dW`` is accumulated in the accumulation dtype across
-            row blocks). ``"auto"``: the torch and native backends take ``"workspace"``
-            when blocks of at least 128 rows fit the budget, the triton
-            backend ``"recompute"``. Default: ``"auto"``.
+            ValueError). ``"auto"``: ``"workspace"`` for a scalar loss with gradients over the
+            whole class range when blocks of at least 128 rows (or the whole batch) fit the
+            budget, else ``"recompute"``. Default: ``"auto"``.
         return_stats (bool): also return :class:`MarginStats`. Default: False.
         validate_labels (bool or str): check that labels lie in ``[0, C)`` or equal
             ``ignore_index``. ``True``: on CPU the labels are read and a bad one raises a

@@ -81,11 +81,11 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
     compiled C++ tile kernels, built on first use) when it is available
     (:func:`marginops.backends.native.available`: not switched off by
     ``MARGINOPS_NATIVE=0`` and the kernels built), else the chunked PyTorch
-    backend ``"torch"``. On a GPU the torch
-    backend runs its GEMMs in the accumulation dtype (fp32 for 16-bit inputs)
-    plus several elementwise passes per tile, while the Triton backend runs
-    16-bit tensor-core GEMMs with fused epilogues; ``docs/benchmarks.md`` has
-    the model behind this choice, a prediction until measured on a GPU.
+    backend ``"torch"``. On a GPU the torch backend also runs (16-bit products
+    with float32 results over large tiles: the engine's GPU plan), while the
+    Triton backend forms the logits and their epilogue in fused tensor-core
+    kernels; ``docs/benchmarks.md`` has the model behind this choice and the
+    GPU records.
     ``"triton"`` on CPU tensors runs only under the Triton interpreter
     (``TRITON_INTERPRET=1``, for tests) and otherwise raises a RuntimeError
     when called.
