@@ -244,7 +244,8 @@ def embed(encoder: nn.Module, inputs: Tensor, batch: int = 1024) -> Tensor:
     """Encoder outputs of ``inputs`` in eval mode, ``batch`` rows at a time (float32, CPU)."""
     was = encoder.training
     encoder.eval()
-    out = torch.cat([encoder(inputs[i:i + batch]).float() for i in range(0, len(inputs), batch)])
+    device = next(encoder.parameters()).device
+    out = torch.cat([encoder(inputs[i:i + batch].to(device)).float().cpu() for i in range(0, len(inputs), batch)])
     encoder.train(was)
     return out
 
@@ -331,6 +332,7 @@ def add_training_args(p: argparse.ArgumentParser, *, epochs: int, batch: int, lr
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--backend", default="auto", help="marginops backend of the head (default: auto)")
+    p.add_argument("--device", default="cpu", help="device of the encoder and head, e.g. cuda (default: cpu)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint file, written after every epoch (default: runs/<corpus>-<margin>-s<seed>.pt)")
@@ -445,6 +447,9 @@ def train(task: Task, args: argparse.Namespace, *, quiet: bool = False) -> dict:
     random.seed(args.seed)
     encoder = task.encoder
     head = make_head(args.margin, args.dim, task.num_classes, args.scale, args.m, backend=args.backend)
+    device = torch.device(getattr(args, "device", "cpu"))
+    encoder.to(device)
+    head.to(device)
     params = list(encoder.parameters()) + list(head.parameters())
     n = len(task.train_y)
     steps_per_epoch = max(1, n // args.batch)
@@ -463,7 +468,7 @@ def train(task: Task, args: argparse.Namespace, *, quiet: bool = False) -> dict:
                              "loss_trace": [], "history": []}
     ckpt = args.checkpoint
     if args.resume and ckpt is not None and Path(ckpt).exists():
-        saved = torch.load(ckpt, weights_only=False)
+        saved = torch.load(ckpt, weights_only=False, map_location="cpu")
         if saved["settings"] != settings or saved["num_classes"] != task.num_classes:
             raise SystemExit(f"error: checkpoint {ckpt} was made with other settings "
                              f"({saved['settings']}, {saved['num_classes']} classes); "
@@ -498,7 +503,7 @@ def train(task: Task, args: argparse.Namespace, *, quiet: bool = False) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
         run_loss, run_n = 0.0, 0
         for x, y in epoch_batches(task, args, gen):
-            loss = head(encoder(x), y)
+            loss = head(encoder(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
