@@ -389,3 +389,17 @@ def test_bad_arguments():
         pml.SubCenterArcFaceLoss(num_classes=4)
     with pytest.raises(ValueError, match="labels"):
         pml.CosFaceLoss(4, 4)(torch.randn(3, 4), torch.tensor([0, 1, 7]))
+
+
+def test_label_minus_100_counts_as_a_zero_loss_row(plosses):
+    """The library's cross-entropy ignores label -100 (its mask indexing wraps, C >= 100): the row adds 0 to the
+    mean over the whole batch. Ours gives the same."""
+    theirs = build(plosses, "CosFaceLoss", {}, classes=150).double()
+    ours = build(pml, "CosFaceLoss", {}, classes=150).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 150, (10,), generator=g)
+    y[[2, 7]] = -100
+    for a, b in zip(loss_and_grads(theirs, x, y), loss_and_grads(ours, x, y)):
+        assert_rel(b, a, 1e-12, "label -100")
+    assert loss_and_grads(ours, x, y)[1][[2, 7]].abs().max() == 0
