@@ -30,11 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import margin_cross_entropy
-from ..margins import CosFace, Margin, SphereFace, _check_param, safe_acos
+from .. import (ArcFace, CosFace, Margin, SphereFace, SubCenter, drop_non_dominant_sub_centers, margin_cross_entropy,
+               topk_cosine)
+from ..margins import safe_acos
 from ..reference import EPS
-from ..retrieval import topk_cosine
-from ..subcenter import SubCenter, drop_non_dominant_sub_centers
 
 try:  # optional: the library whose interface this module implements
     from pytorch_metric_learning import distances as _pml_distances
@@ -81,7 +80,7 @@ class PMLArcFace(Margin):
     """
 
     def __init__(self, m: Union[float, Tensor] = 0.5) -> None:
-        self.params = {"m": _check_param("m", m, low=0.0, high=math.pi, high_open=True)}
+        self.params = {"m": ArcFace(m).params["m"]}  # ArcFace's validation: a number or (B,) tensor in [0, pi)
 
     def __call__(self, t: Tensor) -> Tensor:
         m = self.params["m"]

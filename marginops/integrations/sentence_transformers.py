@@ -30,11 +30,9 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from ..functional import margin_cross_entropy
-from ..margins import CosFace, MarginLike
+from .. import CosFace, SubCenter, answer_or_abstain, margin_cross_entropy, topk_cosine
+from ..margins import MarginLike
 from ..modules import _OPTIONS, init_class_weights
-from ..retrieval import answer_or_abstain, topk_cosine
-from ..subcenter import SubCenter, check_sub_centers
 
 try:
     from sentence_transformers.base.modules import Module as _STModule
@@ -68,7 +66,7 @@ class ClassCentres(_STModule):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.in_features, self.num_classes = in_features, num_classes
-        self.sub_centers = check_sub_centers(sub_centers, "sub_centers")
+        self.sub_centers = SubCenter(None, sub_centers).k  # validated as SubCenter's k
         self.normalize = bool(normalize)
         self.weight = nn.Parameter(torch.empty(num_classes * self.sub_centers, in_features))
         init_class_weights(self.weight, self.normalize)
