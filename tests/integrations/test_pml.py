@@ -6,6 +6,7 @@ module works without it.
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -403,3 +404,12 @@ def test_label_minus_100_counts_as_a_zero_loss_row(plosses):
     for a, b in zip(loss_and_grads(theirs, x, y), loss_and_grads(ours, x, y)):
         assert_rel(b, a, 1e-12, "label -100")
     assert loss_and_grads(ours, x, y)[1][[2, 7]].abs().max() == 0
+
+
+def test_committed_benchmark_table_is_generated_from_its_record():
+    """docs/integrations.md's memory/time table is what examples/pml_benchmark.py writes from the record."""
+    from examples import pml_benchmark as pb
+    record = json.loads((REPO_ROOT / pb.RECORD).read_text())
+    doc = (REPO_ROOT / pb.DOC).read_text()
+    assert pb.BEGIN + "\n" + pb.table(record) + "\n" + pb.END in doc
+    assert record["classes"] == 200_000 and record["batch"] == 512 and record["dim"] == 256
