@@ -455,3 +455,16 @@ def test_committed_pages_are_generated_from_the_committed_records():
     readme = (root / rr.README).read_text()
     summary = rr.readme_summary(rr.load_runs(runs), runs)
     assert rr.README_BEGIN + "\n" + summary + "\n" + rr.README_END in readme
+
+
+def test_committed_integration_sections_are_generated_from_their_records():
+    """docs/results.md's parity, recipe and sentence-transformers tables hold what their records give, and every
+    committed float64 parity record passed its tolerance."""
+    from examples import realdata_report as rr
+    root = Path(__file__).resolve().parent.parent
+    dirs = [root / d for d in (rr.PARITY64, rr.PARITY32, rr.RECIPE_RUNS, rr.ST_RUNS, rr.SMALL_RUNS)]
+    text = rr.integrations_text(*dirs)
+    assert rr.INTEG_BEGIN + "\n" + text + "\n" + rr.INTEG_END in (root / rr.DOC).read_text()
+    for p in sorted((root / rr.PARITY64).glob("*.json")):
+        rec = json.loads(p.read_text())
+        assert rec["passed"] and rec["worst"] <= rec["tolerance"] <= 1e-9 and rec["steps"] >= 100, p
