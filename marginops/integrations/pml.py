@@ -182,10 +182,10 @@ class _ClassifierLoss(nn.Module):
         default = getattr(_pml_distances, self._default_distance)
         if (type(distance) is not default or getattr(distance, "power", 1) != 1 or getattr(distance, "p", 2) != 2
                 or not getattr(distance, "normalize_embeddings", True)):
+            settings = {k: getattr(distance, k, None) for k in ("p", "power", "normalize_embeddings")}
             raise UnsupportedFeatureError(
                 f"{type(self).__name__} computes its logits with the default {default.__name__}() (normalized "
-                f"embeddings, p=2, power=1); got {distance!r} with p={getattr(distance, 'p', None)}, power="
-                f"{getattr(distance, 'power', None)}, normalize_embeddings={getattr(distance, 'normalize_embeddings', None)}")
+                f"embeddings, p=2, power=1); got {type(distance).__name__} with {settings}")
         return distance
 
     def sub_loss_names(self) -> list[str]:
@@ -563,7 +563,7 @@ def __getattr__(name: str):
         return getattr(_pml_losses, name)
     if not name.startswith("_") and name[:1].isupper():
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}" + (
-            "" if HAS_PML else f" (the other losses are pytorch-metric-learning's, which is not installed: "
+            "" if HAS_PML else " (the other losses are pytorch-metric-learning's, which is not installed: "
                                "pip install pytorch-metric-learning)"))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -18,7 +18,6 @@ import torch
 
 import marginops as mo
 from marginops.integrations import pml
-from marginops.reference import margin_cross_entropy_reference
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
