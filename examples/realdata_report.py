@@ -5,6 +5,7 @@ Run from the repository root after the runs::
     python -m examples.realdata_report            # rewrites the generated part of docs/results.md
     python -m examples.realdata_report --print    # prints it instead
     python -m examples.realdata_report --untrained  # first measures the untrained encoders' floor
+    python -m examples.realdata_report --integrations-only  # only the parity / recipe / sentence-transformers block
 
 Reads the run records ``docs/results/realdata/<corpus>-<margin>-s<seed>.json`` (the full-scale grid), those
 of the scale-down grid (``docs/results/realdata-small/``) and of its longer runs
@@ -449,7 +450,13 @@ def main() -> None:
                    help="first measure the untrained encoders (seeds 0-2) into <runs>/<corpus>-untrained.json")
     p.add_argument("--memory", action="store_true",
                    help="first measure the head's extra peak memory into <runs>/memory.jsonl (about a minute)")
+    p.add_argument("--integrations-only", action="store_true",
+                   help="only rewrite the parity / recipe / sentence-transformers block of --doc")
     args = p.parse_args()
+    if args.integrations_only:
+        replace_between(args.doc, INTEG_BEGIN, INTEG_END, integrations_text())
+        print(f"updated the integrations block of {args.doc}")
+        return
     if args.memory:
         measure_memory(args.runs / "memory.jsonl")
     if args.untrained:
