@@ -27,9 +27,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import glyph_data
-from .realdata import Task, add_training_args, check_args, default_paths, exit_if_missing, summary_line, train
-from .train_glyphs import _augment
+from . import glyph_data, train_glyphs
+from .realdata import Task, add_training_args, check_args, default_paths, summary_line, train
 
 #: The schema declared for a torchvision operator whose compiled kernel did not load (only its name matters:
 #: torchvision registers a fake kernel for it at import, nothing calls it).
@@ -102,19 +101,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def build_task(args: argparse.Namespace, corpus: Optional[glyph_data.GlyphCorpus] = None) -> Task:
-    if corpus is None:
-        corpus = exit_if_missing(lambda: glyph_data.load_corpus(args.cache_dir, size=args.size))
-    split = corpus.split(held_out_fraction=args.held_out, held_out_font=args.held_out_font,
-                         max_classes=args.max_classes, eval_classes=args.eval_classes)
-    x = torch.from_numpy(corpus.images)
+    """``examples/train_glyphs.py``'s task (corpus, split, augmentation), its encoder replaced by the timm model."""
+    task = train_glyphs.build_task(args, corpus)
     torch.manual_seed(args.seed)
-    return Task("glyphs", x[split.train_idx], torch.from_numpy(split.train_labels), x[split.eval_idx],
-                torch.from_numpy(split.eval_labels), split.num_train_classes, TimmEncoder(args.arch, args.dim, args.size),
-                augment=None if args.no_augment else _augment,
-                eval_groups=torch.from_numpy(corpus.fonts[split.eval_idx].astype("int64")),
-                group_names=list(corpus.font_names),
-                info={"corpus_stats": corpus.stats, "held_out_fraction": args.held_out, "encoder": f"timm {args.arch}",
-                      "held_out_font": args.held_out_font, "size": args.size, "augment": not args.no_augment})
+    task.encoder = TimmEncoder(args.arch, args.dim, args.size)
+    task.info["encoder"] = f"timm {args.arch}"
+    return task
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
