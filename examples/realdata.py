@@ -244,7 +244,8 @@ def embed(encoder: nn.Module, inputs: Tensor, batch: int = 1024) -> Tensor:
     """Encoder outputs of ``inputs`` in eval mode, ``batch`` rows at a time (float32, CPU)."""
     was = encoder.training
     encoder.eval()
-    out = torch.cat([encoder(inputs[i:i + batch]).float() for i in range(0, len(inputs), batch)])
+    device = next(encoder.parameters()).device
+    out = torch.cat([encoder(inputs[i:i + batch].to(device)).float().cpu() for i in range(0, len(inputs), batch)])
     encoder.train(was)
     return out
 
@@ -331,6 +332,7 @@ def add_training_args(p: argparse.ArgumentParser, *, epochs: int, batch: int, lr
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--backend", default="auto", help="marginops backend of the head (default: auto)")
+    p.add_argument("--device", default="cpu", help="device of the encoder and head, e.g. cuda (default: cpu)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint file, written after every epoch (default: runs/<corpus>-<margin>-s<seed>.pt)")
@@ -340,6 +342,9 @@ def add_training_args(p: argparse.ArgumentParser, *, epochs: int, batch: int, lr
     p.add_argument("--log-every", type=int, default=20, help="steps per training-loss point")
     p.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
                    help="stop after this many epochs in this invocation (checkpoint kept; finish with --resume)")
+    p.add_argument("--margin-warmup", type=float, nargs=2, default=None, metavar=("BEGIN", "END"),
+                   help="margin warm-up (mo.MarginScheduler, exponential): m held at 0 for the first BEGIN share "
+                        "of the training steps, raised to its value by the END share (e.g. 0.1 0.3)")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -355,6 +360,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --lr must be > 0, got {args.lr}")
     if not (math.isfinite(args.scale) and args.scale > 0):
         raise SystemExit(f"error: --scale must be a positive finite number, got {args.scale}")
+    warm = getattr(args, "margin_warmup", None)
+    if warm is not None:
+        if not 0.0 <= warm[0] <= warm[1] <= 1.0:
+            raise SystemExit(f"error: --margin-warmup needs 0 <= BEGIN <= END <= 1, got {warm[0]} {warm[1]}")
+        if args.margin not in ("cosface", "arcface"):
+            raise SystemExit(f"error: --margin-warmup applies to cosface and arcface, not {args.margin}")
     held = getattr(args, "held_out", None)
     if held is not None and not 0.0 < held < 1.0:
         raise SystemExit(f"error: --held-out must lie in (0, 1), got {held}")
@@ -381,6 +392,39 @@ class Task:
     info: dict = field(default_factory=dict)
 
 
+def make_optimizer(params, args: argparse.Namespace, total: int):
+    """AdamW (weight decay 1e-4) and its schedule: a linear warm-up over ``min(200, total / 10)`` steps,
+    then cosine decay to 0 at step ``total``."""
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, min(200, total // 10))) * 0.5 * (1 + math.cos(math.pi * s / total)))
+    return opt, sched
+
+
+def epoch_batches(task: Task, args: argparse.Namespace, gen: torch.Generator):
+    """One epoch of training batches ``(x, y)``: a permutation drawn from ``gen``, ``n // batch`` full
+    batches, each augmented (with ``gen``) where the task augments."""
+    n = len(task.train_y)
+    perm = torch.randperm(n, generator=gen)
+    for i in range(max(1, n // args.batch)):
+        b = perm[i * args.batch:(i + 1) * args.batch]
+        x = task.train_x[b]
+        if task.augment is not None:
+            x = task.augment(x, gen)
+        yield x, task.train_y[b]
+
+
+def margin_warmup(head: mo.MarginHead, args: argparse.Namespace, total: int) -> Optional[mo.MarginScheduler]:
+    """``--margin-warmup BEGIN END``: a :class:`marginops.MarginScheduler` on the head's margin (exponential
+    ramp from 0 to ``m`` between steps ``BEGIN * total`` and ``END * total``), or None."""
+    warm = getattr(args, "margin_warmup", None)
+    if warm is None:
+        return None
+    m = float(head.margin.params["m"])
+    return mo.MarginScheduler(head.margin, start=0.0, end=m, warmup_begin=round(warm[0] * total),
+                              warmup_end=round(warm[1] * total), mode="exponential")
+
+
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
@@ -403,24 +447,28 @@ def train(task: Task, args: argparse.Namespace, *, quiet: bool = False) -> dict:
     random.seed(args.seed)
     encoder = task.encoder
     head = make_head(args.margin, args.dim, task.num_classes, args.scale, args.m, backend=args.backend)
+    device = torch.device(getattr(args, "device", "cpu"))
+    encoder.to(device)
+    head.to(device)
     params = list(encoder.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     n = len(task.train_y)
     steps_per_epoch = max(1, n // args.batch)
     total = steps_per_epoch * args.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, min(200, total // 10))) * 0.5 * (1 + math.cos(math.pi * s / total)))
+    opt, sched = make_optimizer(params, args, total)
+    warmup = margin_warmup(head, args, total)
     gen = torch.Generator().manual_seed(args.seed)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                 if k in ("margin", "scale", "m", "max_classes", "eval_classes", "epochs", "batch", "lr", "dim",
                          "seed", "backend")}
+    if warmup is not None:  # only then: records and checkpoints of runs without it keep their settings
+        settings["margin_warmup"] = list(args.margin_warmup)
     # train_cpu_seconds: this process's CPU time in the training steps, which other jobs on the machine (or a
     # paused run) do not inflate the way they inflate the wall-clock train_seconds
     state: dict[str, Any] = {"epoch": 0, "step": 0, "train_seconds": 0.0, "train_cpu_seconds": 0.0,
                              "loss_trace": [], "history": []}
     ckpt = args.checkpoint
     if args.resume and ckpt is not None and Path(ckpt).exists():
-        saved = torch.load(ckpt, weights_only=False)
+        saved = torch.load(ckpt, weights_only=False, map_location="cpu")
         if saved["settings"] != settings or saved["num_classes"] != task.num_classes:
             raise SystemExit(f"error: checkpoint {ckpt} was made with other settings "
                              f"({saved['settings']}, {saved['num_classes']} classes); "
@@ -429,6 +477,8 @@ def train(task: Task, args: argparse.Namespace, *, quiet: bool = False) -> dict:
         head.load_state_dict(saved["head"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
+        if warmup is not None:
+            warmup.load_state_dict(saved["margin_warmup"])
         gen.set_state(saved["generator"])
         torch.set_rng_state(saved["rng"]["torch"])
         np.random.set_state(saved["rng"]["numpy"])
@@ -451,18 +501,15 @@ def train(task: Task, args: argparse.Namespace, *, quiet: bool = False) -> dict:
                desc=f"{task.name} {args.margin}")
     while state["epoch"] < args.epochs:
         t0, c0 = time.perf_counter(), time.process_time()
-        perm = torch.randperm(n, generator=gen)
         run_loss, run_n = 0.0, 0
-        for i in range(steps_per_epoch):
-            b = perm[i * args.batch:(i + 1) * args.batch]
-            x = task.train_x[b]
-            if task.augment is not None:
-                x = task.augment(x, gen)
-            loss = head(encoder(x), task.train_y[b])
+        for x, y in epoch_batches(task, args, gen):
+            loss = head(encoder(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            if warmup is not None:
+                warmup.step()
             state["step"] += 1
             run_loss += loss.detach().item()
             run_n += 1
@@ -488,7 +535,8 @@ def train(task: Task, args: argparse.Namespace, *, quiet: bool = False) -> dict:
             tmp = Path(str(ckpt) + ".tmp")
             torch.save({"settings": settings, "num_classes": task.num_classes, "encoder": encoder.state_dict(),
                         "head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "generator": gen.get_state(), "rng": _rng_state(), "state": state}, tmp)
+                        "generator": gen.get_state(), "rng": _rng_state(), "state": state,
+                        **({"margin_warmup": warmup.state_dict()} if warmup is not None else {})}, tmp)
             os.replace(tmp, ckpt)
         epochs_now += 1
         if stop_after is not None and epochs_now >= stop_after and state["epoch"] < args.epochs:

@@ -5,6 +5,7 @@ Run from the repository root after the runs::
     python -m examples.realdata_report            # rewrites the generated part of docs/results.md
     python -m examples.realdata_report --print    # prints it instead
     python -m examples.realdata_report --untrained  # first measures the untrained encoders' floor
+    python -m examples.realdata_report --integrations-only  # only the parity / recipe / sentence-transformers block
 
 Reads the run records ``docs/results/realdata/<corpus>-<margin>-s<seed>.json`` (the full-scale grid), those
 of the scale-down grid (``docs/results/realdata-small/``) and of its longer runs
@@ -32,6 +33,11 @@ ORDER = ("softmax", "normface", "cosface", "arcface", "sphereface", "simpler")
 LABEL = {"softmax": "softmax", "normface": "NormFace (no margin)", "cosface": "CosFace", "arcface": "ArcFace",
          "sphereface": "SphereFace", "simpler": "simpler A-Softmax"}
 BEGIN, END = "<!-- realdata:begin -->", "<!-- realdata:end -->"
+PARITY64 = Path("docs/results/parity-float64")
+PARITY32 = Path("docs/results/parity-float32")
+RECIPE_RUNS = Path("docs/results/realdata-recipe")
+ST_RUNS = Path("docs/results/st-wordnet")
+INTEG_BEGIN, INTEG_END = "<!-- integrations:begin -->", "<!-- integrations:end -->"
 README = Path("README.md")
 README_BEGIN, README_END = "<!-- realdata-summary:begin -->", "<!-- realdata-summary:end -->"
 
@@ -312,6 +318,87 @@ def page_text(runs: dict, runs_dir: Path, small: dict, small_dir: Path, long_run
     return text + "\n" + long_section(long_runs, small) if long_runs else text
 
 
+def parity64_table(folder: Path) -> str:
+    """The float64 parity records (``examples/parity.py``): per corpus and margin, the largest relative errors."""
+    recs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
+    if not recs:
+        return "(no float64 parity records)"
+    lines = ["| corpus | margin | classes | steps | loss | d class weight | d encoder (every parameter) | "
+             "training loss, step 1 -> last |", "|---|---|---|---|---|---|---|---|"]
+    for rec in sorted(recs, key=lambda r: ("wordnet", "glyphs").index(r["corpus"])):
+        for r in rec["results"]:
+            e = r["max_rel_err"]
+            lines.append(f"| {rec['corpus']} | {LABEL[r['margin']]} | {r['classes']:,} | {r['steps']} | "
+                         f"{e['loss']:.1e} | {e['d_weight']:.1e} | {e['d_encoder']:.1e} | "
+                         f"{r['loss_first']:.2f} -> {r['loss_last']:.2f} |")
+    worst = max(r["worst"] for r in recs)
+    backends = sorted({f"{r['backend']} ({r['resolved_backend']})" for r in recs})
+    return (f"marginops' head: backend {', '.join(backends)}; largest relative error over all steps, margins and "
+            f"tensors: {worst:.1e} (required: <= {recs[0]['tolerance']:g}).\n\n" + "\n".join(lines))
+
+
+def parity32_table(folder: Path, small: dict) -> str:
+    """float32 runs of the default path and of the naive head, same seeds: held-out top-1 per seed."""
+    runs = {impl: load_optional(folder / impl) for impl in ("auto", "reference")}
+    if not runs["auto"] and not runs["reference"]:
+        return "(no float32 parity records)"
+    lines = ["| corpus | margin | head | seeds | top-1 per seed | top-1 | top-5 | AP | train CPU s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    names = {"auto": "marginops, default path (backend auto)", "reference": "naive head (materialized B x C)"}
+    for corpus in ("wordnet", "glyphs"):
+        for impl in ("auto", "reference"):
+            for kind, rs in sorted(runs[impl].get(corpus, {}).items()):
+                rs = sorted(rs, key=lambda r: r["settings"]["seed"])
+                f = [r["final"] for r in rs]
+                lines.append(f"| {corpus} | {margin_label(rs[0])} | {names[impl]} | "
+                             f"{','.join(str(r['settings']['seed']) for r in rs)} | "
+                             f"{' / '.join(f'{x:.4f}' for x in (v['top1'] for v in f))} | "
+                             f"{stat([v['top1'] for v in f])} | {stat([v['top5'] for v in f])} | "
+                             f"{stat([v['ap'] for v in f])} | {stat([train_seconds(r) for r in rs], 0)} |")
+    return "\n".join(lines)
+
+
+def recipe_table(recipe: dict, small: dict, rerun: dict) -> str:
+    """ArcFace with margin warm-up, next to plain ArcFace run now with the same code and seeds (``rerun``: the
+    float32 parity runs of the default path) and the scale-down grid's softmax, CosFace and ArcFace."""
+    if not recipe:
+        return "(no recipe records)"
+    lines = ["| corpus | head | runs | seeds | top-1 | top-5 | top-10 | AP | recall @ P0.9 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for corpus in ("wordnet", "glyphs"):
+        rows = [(margin_label(rs[0]), "scale-down grid", rs) for k in ("softmax", "cosface", "arcface")
+                for rs in [small.get(corpus, {}).get(k, [])] if rs]
+        rows += [(margin_label(rs[0]), "rerun with this code", rs) for rs in rerun.get(corpus, {}).values()]
+        rows += [(margin_label(rs[0]) + ", margin warm-up", "recipe", rs) for rs in recipe.get(corpus, {}).values()]
+        for label, what, rs in rows:
+            rs = sorted(rs, key=lambda r: r["settings"]["seed"])
+            f = [r["final"] for r in rs]
+            lines.append(f"| {corpus} | {label} | {what} | {','.join(str(r['settings']['seed']) for r in rs)} | "
+                         f"{stat([v['top1'] for v in f])} | {stat([v['top5'] for v in f])} | "
+                         f"{stat([v['top10'] for v in f])} | {stat([v['ap'] for v in f])} | "
+                         f"{stat([v['recall_at_p90'] for v in f])} |")
+    return "\n".join(lines)
+
+
+def integrations_text(parity64: Path = PARITY64, parity32: Path = PARITY32, recipe: Path = RECIPE_RUNS,
+                      st: Path = ST_RUNS, small: Path = SMALL_RUNS) -> str:
+    """The generated part of docs/results.md about training parity, the ArcFace recipe and sentence-transformers."""
+    small_runs = load_optional(small)
+    parts = ["#### Training parity, float64: marginops' gradients against the naive head's at every step", "",
+             parity64_table(parity64), "",
+             "#### Training parity, float32: full short trainings, default path against the naive head (ArcFace)", "",
+             parity32_table(parity32, small_runs), "",
+             "#### ArcFace with margin warm-up (scale-down sizes)", "",
+             recipe_table(load_optional(recipe), small_runs, load_optional(parity32 / "auto")), ""]
+    st_runs = load_optional(st)
+    if st_runs.get("wordnet"):
+        r = next(iter(st_runs["wordnet"].values()))[0]
+        parts += ["#### sentence-transformers on WordNet (StaticEmbedding, BPE tokenizer, MarginSoftmaxLoss)", "",
+                  counts("wordnet", st_runs["wordnet"]) + f"; {r['info']['encoder']}.", "",
+                  table("wordnet", st_runs["wordnet"]), ""]
+    return "\n".join(parts)
+
+
 def readme_summary(runs: dict, runs_dir: Path) -> str:
     """README's table: held-out top-1 per corpus and margin (mean ± std over seeds); bold: the best, and any
     margin whose mean lies within a seed spread (its own or the best's) of it."""
@@ -363,7 +450,13 @@ def main() -> None:
                    help="first measure the untrained encoders (seeds 0-2) into <runs>/<corpus>-untrained.json")
     p.add_argument("--memory", action="store_true",
                    help="first measure the head's extra peak memory into <runs>/memory.jsonl (about a minute)")
+    p.add_argument("--integrations-only", action="store_true",
+                   help="only rewrite the parity / recipe / sentence-transformers block of --doc")
     args = p.parse_args()
+    if args.integrations_only:
+        replace_between(args.doc, INTEG_BEGIN, INTEG_END, integrations_text())
+        print(f"updated the integrations block of {args.doc}")
+        return
     if args.memory:
         measure_memory(args.runs / "memory.jsonl")
     if args.untrained:
@@ -378,9 +471,10 @@ def main() -> None:
         long_plot(long_runs, small, IMG)
     text = page_text(runs, args.runs, small, args.small_runs, long_runs)
     if args.print:
-        print(text + "\n\n" + readme_summary(runs, args.runs))
+        print(text + "\n\n" + integrations_text() + "\n\n" + readme_summary(runs, args.runs))
         return
     replace_between(args.doc, BEGIN, END, text)
+    replace_between(args.doc, INTEG_BEGIN, INTEG_END, integrations_text())
     replace_between(args.readme, README_BEGIN, README_END, readme_summary(runs, args.runs))
     print(f"updated {args.doc}, {args.readme}, {IMG}/realdata_training.png, {IMG}/realdata_abstain.png")
 

@@ -324,6 +324,79 @@ def test_resume_continues_the_same_run(tmp_path):
         realdata.train(mod.build_task(args_c), args_c, quiet=True)
 
 
+def _synthetic_glyph_task(classes: int = 40, seed: int = 0):
+    """A glyph task on random 16 x 16 bitmaps in three fonts (no font needed): the real encoder and augmentation."""
+    from examples import train_glyphs
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), 3)
+    fonts = np.tile(np.arange(3), classes).astype(np.int8)
+    corpus = glyph_data.GlyphCorpus(rng.integers(0, 255, (len(labels), 16, 16), dtype=np.uint8), labels, fonts,
+                                    np.arange(0x4E00, 0x4E00 + classes), ["Noto Sans CJK", "Noto Serif CJK",
+                                                                          "AR PL UKai"])
+    args = train_glyphs.parse_args(["--size", "16", "--batch", "16", "--dim", "16", "--epochs", "3",
+                                    "--threads", "1"])
+    return train_glyphs, args, train_glyphs.build_task(args, corpus=corpus)
+
+
+@pytest.mark.parametrize("corpus", ["wordnet", "glyphs"])
+def test_training_parity_float64(tmp_path, corpus):
+    """The short version of examples/parity.py: every margin of the grid, the real training loop in float64,
+    marginops' gradients against the naive head's at every step (relative error <= 1e-9)."""
+    from examples import parity
+    for kind in realdata.MARGINS:
+        if corpus == "wordnet":
+            mod, args = _wordnet_args(tmp_path, "--epochs", "3")
+            task = None  # run_margin builds it: a fresh encoder
+        else:
+            mod, args, task = _synthetic_glyph_task()
+        r = parity.run_margin(corpus, kind, args, mod.build_task, steps=6, backend="auto", task=task)
+        assert r["steps"] == 6 and r["loss_last"] != r["loss_first"]          # the weights did move
+        assert max(r["max_rel_err"].values()) <= 1e-9, (kind, r["max_rel_err"])
+
+
+def test_parity_catches_a_different_head(tmp_path, monkeypatch):
+    """The check is not vacuous: a naive head with another scale than ours fails it."""
+    from examples import parity
+    mod, args = _wordnet_args(tmp_path, "--epochs", "3")
+    real = parity.naive_loss
+    monkeypatch.setattr(parity, "naive_loss", lambda head, f, y: real(head, f, y) * (1 + 1e-6))
+    r = parity.run_margin("wordnet", "cosface", args, mod.build_task, steps=2, backend="auto")
+    assert r["max_rel_err"]["loss"] > 1e-7 and r["max_rel_err"]["d_weight"] > 1e-7
+
+
+def test_float32_default_path_follows_the_naive_head(tmp_path):
+    """A short float32 training, the default path against the naive head (backend reference), same seed:
+    the loss traces and held-out metrics agree to rounding."""
+    mod, args = _wordnet_args(tmp_path, "--epochs", "3", "--margin", "arcface")
+    ours = realdata.train(mod.build_task(args), args, quiet=True)
+    mod, args_ref = _wordnet_args(tmp_path, "--epochs", "3", "--margin", "arcface", "--backend", "reference",
+                                  "--checkpoint", str(tmp_path / "ref.pt"))
+    naive = realdata.train(mod.build_task(args_ref), args_ref, quiet=True)
+    assert np.allclose([v for _, v in ours["loss_trace"]], [v for _, v in naive["loss_trace"]], rtol=1e-3)
+    assert ours["final"]["top1"] == pytest.approx(naive["final"]["top1"], abs=0.02)
+
+
+def test_margin_warmup_ramps_and_resumes(tmp_path):
+    mod, args = _wordnet_args(tmp_path, "--epochs", "4", "--margin", "arcface", "--margin-warmup", "0.25", "0.75",
+                              "--out", str(tmp_path / "w.json"))
+    full = realdata.train(mod.build_task(args), args, quiet=True)
+    assert full["settings"]["margin_warmup"] == [0.25, 0.75]
+    head = realdata.make_head("arcface", 8, 5)
+    sched = realdata.margin_warmup(head, args, total=100)
+    assert head.margin.params["m"] == 0.0 and sched.get_value(25) == 0.0 and sched.get_value(75) == 0.5
+    assert 0.0 < sched.get_value(50) < 0.5
+    (tmp_path / "c.pt").unlink()
+    mod, a = _wordnet_args(tmp_path, "--epochs", "4", "--margin", "arcface", "--margin-warmup", "0.25", "0.75",
+                           "--stop-after", "2")
+    realdata.train(mod.build_task(a), a, quiet=True)
+    mod, b = _wordnet_args(tmp_path, "--epochs", "4", "--margin", "arcface", "--margin-warmup", "0.25", "0.75",
+                           "--resume")
+    rest = realdata.train(mod.build_task(b), b, quiet=True)
+    assert np.allclose([v for _, v in rest["loss_trace"]], [v for _, v in full["loss_trace"]], rtol=1e-4, atol=1e-5)
+    with pytest.raises(SystemExit, match="cosface and arcface"):
+        _wordnet_args(tmp_path, "--margin", "sphereface", "--margin-warmup", "0.1", "0.3")
+
+
 def test_report_table_means_and_spread(tmp_path):
     from examples import realdata_report
 
@@ -382,3 +455,16 @@ def test_committed_pages_are_generated_from_the_committed_records():
     readme = (root / rr.README).read_text()
     summary = rr.readme_summary(rr.load_runs(runs), runs)
     assert rr.README_BEGIN + "\n" + summary + "\n" + rr.README_END in readme
+
+
+def test_committed_integration_sections_are_generated_from_their_records():
+    """docs/results.md's parity, recipe and sentence-transformers tables hold what their records give, and every
+    committed float64 parity record passed its tolerance."""
+    from examples import realdata_report as rr
+    root = Path(__file__).resolve().parent.parent
+    dirs = [root / d for d in (rr.PARITY64, rr.PARITY32, rr.RECIPE_RUNS, rr.ST_RUNS, rr.SMALL_RUNS)]
+    text = rr.integrations_text(*dirs)
+    assert rr.INTEG_BEGIN + "\n" + text + "\n" + rr.INTEG_END in (root / rr.DOC).read_text()
+    for p in sorted((root / rr.PARITY64).glob("*.json")):
+        rec = json.loads(p.read_text())
+        assert rec["passed"] and rec["worst"] <= rec["tolerance"] <= 1e-9 and rec["steps"] >= 100, p
