@@ -239,11 +239,11 @@ class _ClassifierLoss(nn.Module):
             self.W.data = self.W.data.to(device=embeddings.device, dtype=dtype)
 
     def _head_inputs(self, x: Tensor, labels: Tensor):
-        """``(weight (rows, D), margin, normalize)`` for :func:`marginops.margin_cross_entropy`."""
+        """``(weight (rows, D), margin, normalize, scale)`` for :func:`marginops.margin_cross_entropy`."""
         margin = self._margin()
         if self._sub_centers > 1:
             margin = SubCenter(margin, self._sub_centers)
-        return self._class_rows(), margin, True
+        return self._class_rows(), margin, True, self._logit_scale
 
     def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, indices_tuple=None,
                 ref_emb: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None):
@@ -271,15 +271,17 @@ class _ClassifierLoss(nn.Module):
             self.avg_angle = 0
         self._follow_embeddings(embeddings)
         weights = miner_weights(indices_tuple, labels, embeddings.dtype)
-        weight, margin, normalize = self._head_inputs(embeddings, labels)
-        fused = weights is None and self._plain_mean()
-        out = margin_cross_entropy(embeddings, weight, labels, margin, self._logit_scale, normalize=normalize,
+        weight, margin, normalize, scale = self._head_inputs(embeddings, labels)
+        # the library's default MeanReducer is the mean over the batch of the (miner-weighted) per-row losses: a
+        # scalar reduction, so the fused head forms the gradients in its forward pass (three GEMMs)
+        fused = self._plain_mean()
+        out = margin_cross_entropy(embeddings, weight, labels, margin, scale, normalize=normalize,
                                    reduction="sum" if fused else "none", return_stats=self.collect_stats,
-                                   **self.options)
+                                   row_weight=weights if fused else None, **self.options)
         if self.collect_stats:
             out, stats = out
             self._record_angles(stats.target_cos, margin)
-        if fused:  # the library's default MeanReducer: the mean over the batch of the per-row losses
+        if fused:
             if self.reducer is not None and self.reducer.collect_stats:
                 self.reducer.losses_size = embeddings.shape[0]
             return out / embeddings.shape[0]
@@ -531,15 +533,16 @@ class LargeMarginSoftmaxLoss(_ClassifierLoss):
         rows = self.W.t()
         target = rows.index_select(0, labels.clamp(0, self.num_classes - 1))
         nx, nw = torch.linalg.vector_norm(x, dim=1), torch.linalg.vector_norm(target, dim=1)
-        return rows, _OnRawLogits(self._psi, nx * nw, nx.clamp_min(EPS) * nw.clamp_min(EPS)), False
+        return (rows, _OnRawLogits(self._psi, nx * nw, nx.clamp_min(EPS) * nw.clamp_min(EPS)), False,
+                self._logit_scale)
 
 
 class SphereFaceLoss(LargeMarginSoftmaxLoss):
     r"""SphereFace / A-Softmax, pytorch-metric-learning's ``SphereFaceLoss``.
 
     Only the weight is normalized: logits ``s * |x_i| cos(theta_ij)``, the target's
-    ``s * |x_i| psi(cos theta)``. The fused head is given the normalized weight (one ``C x D`` copy
-    and its gradient, no ``B x C``) and the raw embeddings.
+    ``s * |x_i| psi(cos theta)``: the fused head's per-row scale ``s |x_i|`` (differentiable, so
+    the gradient through the norm flows), with no copy of the weight and no ``B x C`` tensor.
 
     Args:
         num_classes (int), embedding_size (int): ``C`` and ``D``.
@@ -551,9 +554,9 @@ class SphereFaceLoss(LargeMarginSoftmaxLoss):
     _normalize_w = True
 
     def _head_inputs(self, x: Tensor, labels: Tensor):
-        rows = F.normalize(self.W.t(), dim=1, eps=EPS)
-        nx = torch.linalg.vector_norm(x, dim=1)
-        return rows, _OnRawLogits(self._psi, nx, nx.clamp_min(EPS)), False
+        # a zero embedding has all logits 0 either way; the floor keeps the per-row scale positive
+        row_scale = self._logit_scale * torch.linalg.vector_norm(x, dim=1).clamp_min(EPS)
+        return self.W.t(), self._psi, True, row_scale
 
 
 

@@ -412,3 +412,28 @@ def test_committed_benchmark_table_is_generated_from_its_record():
     doc = (REPO_ROOT / pb.DOC).read_text()
     assert pb.BEGIN + "\n" + pb.table(record) + "\n" + pb.END in doc
     assert record["classes"] == 200_000 and record["batch"] == 512 and record["dim"] == 256
+
+
+def test_miners_and_sphereface_take_the_fused_path(monkeypatch):
+    """With the default reducer, miner weights become the core's row weights on a scalar reduction (the
+    three-GEMM workspace path, no per-row loss tensor), and SphereFace's |x_i| the core's per-row scale
+    (the raw weight, no normalized copy of it)."""
+    calls = []
+    real = pml.margin_cross_entropy
+
+    def spy(x, W, y, margin, scale, **kw):
+        calls.append((W, scale, kw))
+        return real(x, W, y, margin, scale, **kw)
+
+    monkeypatch.setattr(pml, "margin_cross_entropy", spy)
+    torch.manual_seed(0)
+    x, y = torch.randn(B, D, dtype=torch.float64, requires_grad=True), torch.randint(0, C, (B,))
+    arc = pml.ArcFaceLoss(C, D).double()
+    arc(x, y, indices_tuple=(torch.arange(10), torch.arange(5, 20)))
+    W, scale, kw = calls[-1]
+    assert kw["reduction"] == "sum" and kw["row_weight"] is not None and kw["row_weight"][:5].eq(0.5).all()
+    sphere = pml.SphereFaceLoss(C, D, scale=2.0).double()
+    sphere(x, y).backward()
+    W, scale, kw = calls[-1]
+    assert W.data_ptr() == sphere.W.data_ptr() and kw["normalize"] is True
+    torch.testing.assert_close(scale, 2.0 * torch.linalg.vector_norm(x, dim=1))
