@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import marginops as mo
 from marginops.backends import engine, native
 from marginops.backends import torch_chunked as tc
-from marginops.backends.common import inverse_norms
+from marginops.backends.common import Prepared, inverse_norms
 from marginops.backends.interface import DEFAULT_MEMORY_BUDGET, Call, FusedOptions
 
 from ..conftest import TOLERANCE, assert_close_to_oracle, make_inputs, run
@@ -494,16 +494,13 @@ def test_gpu_plan_issues_few_tiles(gpu_like, monkeypatch):
     assert p.rows == 600 and math.ceil(5000 / p.chunk) <= 5
 
 
-def test_a_backend_off_the_engine_still_refuses_per_row_scales():
-    """The refusal is a flag of the shared per-call state (``Prepared.row_scale_supported``): the Triton
-    backend, not yet on the engine, keeps refusing per-row scales and the gradient filter, by name."""
-    pytest.importorskip("triton")
-    from marginops.backends import get_backend
-
-    triton_backend = get_backend("triton")
+def test_a_backend_without_per_row_scales_refuses_them_by_name():
+    """The refusal is a flag of the shared per-call state (``Prepared.row_scale_supported``): per-call state
+    that does not declare per-row scales refuses a call carrying them, never ignoring them silently; the
+    engine's state declares them."""
     x, W, y = make_inputs(5, 7, 3, torch.float32)
     inv_x, inv_w = inverse_norms(x, x.dtype), inverse_norms(W, W.dtype)
+    call = Call(x, W, y, inv_x, inv_w, FusedOptions(scale=2.0), torch.ones(5))
     with pytest.raises(NotImplementedError, match="row_scale"):
-        triton_backend.forward_stats(Call(x, W, y, inv_x, inv_w, FusedOptions(scale=2.0), torch.ones(5)))
-    with pytest.raises(NotImplementedError, match="gradient_filter"):
-        triton_backend.forward_stats(Call(x, W, y, inv_x, inv_w, FusedOptions(scale=2.0, gradient_filter=0.1)))
+        Prepared(call)
+    assert engine.RowBlockKernel.row_scale_supported
