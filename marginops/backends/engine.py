@@ -9,7 +9,9 @@ module-level functions of :class:`~marginops.backends.interface.Backend`
 through :class:`Engine`. The torch backend's row block is a loop over class
 tiles in ATen (:mod:`marginops.backends.torch_chunked`); the native
 backend's is one C++ call per pass whose parallel region runs the whole block
-(:mod:`marginops.backends.native`).
+(:mod:`marginops.backends.native`); the Triton backend's is a launch of its
+forward kernel over a grid of class splits and, for the gradients, its
+gradient kernels with cuBLAS products (:mod:`marginops.backends.triton_margin`).
 
 **The per-row-block interface** (:class:`RowBlockKernel`, one object per call,
 built from the :class:`~marginops.backends.interface.Call`):
@@ -22,14 +24,17 @@ built from the :class:`~marginops.backends.interface.Call`):
   logits (relative to 0 where ``shift`` is ``-inf``); with a prediction
   wanted, the largest non-target logit (filtered ones included) and its
   first class index in the range; the row's target logit as the GEMM
-  produced it (0 where the target lies outside the range); optionally the
-  sum of the non-target logits per group (label smoothing's statistic; None:
-  the engine computes it as a rank-1 term). Groups must be consecutive
-  class intervals in increasing order. With a ``workspace`` (a flat tensor
-  of :attr:`Plan.scratch_bytes` the engine allocates, the workspace
-  strategy), each group is one tile of ``plan.chunk`` classes and the
-  block's exponentials ``exp(logit - shift)`` of that group stay there,
-  laid out as the backend likes, until ``gradient_block`` of the same rows.
+  produced it (0 where the target lies outside the range; None when the
+  maxima already cover the target); optionally the sum of the non-target
+  logits per group (label smoothing's statistic; None: the engine computes
+  it as a rank-1 term). Groups must be consecutive class intervals in
+  increasing order. With a ``workspace`` (what :meth:`RowBlockKernel.new_workspace`
+  allocated for the plan, by default a flat tensor of :attr:`Plan.scratch_bytes`;
+  the workspace strategy), each group is one tile of ``plan.chunk`` classes
+  (any groups if the workspace keeps its tiles' shifts itself,
+  :attr:`RowBlockKernel.workspace_keeps_shifts`) and the block's exponentials
+  ``exp(logit - shift)`` stay there, laid out as the backend likes, until
+  ``gradient_block`` of the same rows.
 * ``gradient_block(r0, r1, plan, grads, workspace, dxh, dD)``: add the
   gradients of the block's non-target logits to ``dxh[r0:r1]`` and ``dD``,
   from the kept exponentials (``workspace`` not None) or recomputed against
@@ -37,32 +42,34 @@ built from the :class:`~marginops.backends.interface.Call`):
   ``coef_i = g_i s row_scale_i`` (``dL/dlogit_ij = coef_i (p_ij - eps/C)``),
   label smoothing's ``coef_i eps / C`` per row, each kept tile's factor
   ``coef_i exp(shift_ik - lse_i)`` and, with the gradient filter, which
-  kept tiles it lets through; ``first``/``last`` say whether this is the
+  kept tiles it lets through (neither for a workspace that keeps its
+  shifts); ``first``/``last`` say whether this is the
   first or the last row block (a backend may write ``dD`` on the first
   instead of accumulating, and finish it on the last).
 * ``finish_grads(coef, dxh, dD)``: once after all row blocks (e.g. label
   smoothing as a rank-1 term, the normalization backward of ``W``).
 * Class attributes and methods the planner reads: :meth:`stored_bytes`
   (bytes per row and class of the workspace, a pure function of dtypes and
-  options), :meth:`tiling` (the device's tile policy, :class:`Tiling`),
-  :attr:`workspace_sub_centers`, and :meth:`new_weight_grad`.
+  options), :meth:`workspace_budget` (the backend's budget policy,
+  :class:`WorkspaceBudget`: by default rows of ``classes * stored_bytes``
+  within ``opts.budget``), :meth:`tiling` (the device's tile policy,
+  :class:`Tiling`), :attr:`workspace_sub_centers`,
+  :attr:`workspace_keeps_shifts`, :meth:`new_weight_grad` and
+  :meth:`new_workspace`.
 
-**Moving the Triton backend onto it.** Its forward kernel computes a row
-block's statistics across all classes in class splits, optionally storing
-exponentials (``ExpWorkspace``), then a gradient step. ``forward_block``
-returns the per-split ``(m, l)`` it already produces as ``shift``/``sumexp``
-(one group per split) with its per-split prediction maxima and indices
-(local, first on ties) and ``logit_sum=None``. With a workspace the groups
-must be the stored tiles of ``plan.chunk`` classes (the engine derives each
-kept tile's factor and the gradient filter's decision from their shifts):
-``ExpWorkspace.shift`` already holds each tile's shift, the per-tile sum is
-one more store in the kernel, and its tile policy sets ``plan.chunk`` to the
-kernel's tile width. ``gradient_block`` launches the gradient kernel with
-``grads.lse`` and ``grads.coef`` (it may ignore ``tile_coef``: its
-workspace keeps each tile's shift itself) and runs the cuBLAS products;
-``stored_bytes`` is the ``ExpWorkspace`` row size per class. Everything else
-(blocks, strategies, merging, prediction, gradient filtering decisions for
-kept tiles, per-row scale coefficients, option checks) is then the engine's.
+**A GPU kernel backend on it** (Triton, :mod:`marginops.backends.triton_plan`):
+its forward kernel computes a row block's statistics across all classes in
+class splits, so ``forward_block`` returns one group per split, with
+maxima that cover the target (``target=None``); its workspace keeps one
+shift per kernel tile and its gradient kernel rescales the exponentials and
+flags negligible tiles of ``G`` itself (:attr:`RowBlockKernel.workspace_keeps_shifts`).
+Its budget policy sizes the default budget to the weight, lets a block of
+all rows take what the ``dW`` accumulator of several would cost, and caps
+it at a share of the device's memory (:class:`WorkspaceBudget`); its tiling
+makes the recompute strategy's row block the whole batch (its backward
+plans class chunks of ``G`` and finishes ``dW`` chunk by chunk) and takes
+any workspace block the budget allows; its kernels' configs set the class
+tiles.
 
 **Strategies.** Whether a call forms its gradients in the forward pass
 (:func:`takes_workspace`) is a pure function of sizes, dtypes and options,
