@@ -7,11 +7,11 @@ Nothing here is measured; the measured inputs are stated where they are
 used. Each step of a call is charged its tensor-core work at an assumed rate,
 its fused epilogue at an assumed number of SM cycles per logit (the part not
 hidden under another program's products), and its HBM bytes at an assumed
-streaming bandwidth. The plans are the backend's own
-(:mod:`marginops.backends.triton_plan`: strategy, row blocks, the ``dW``
-accumulator, class chunks, the forward grid's waves), with its pinned tiles
-(:mod:`marginops.backends.triton_config`). ``python -m benchmarks
-gpu-check`` on a GPU replaces these numbers with measurements.
+streaming bandwidth. The plans are the backend's own (the tile engine's
+strategy and row blocks under :mod:`marginops.backends.triton_plan`'s budget
+policy, the ``dW`` accumulator, class chunks, the forward grid's waves), with
+its pinned tiles (:mod:`marginops.backends.triton_config`). ``python -m
+benchmarks gpu-check`` on a GPU replaces these numbers with measurements.
 
 **Calibration.** On the first GPU run (H200, 2026-12-04) the old forward kernel
 (128 x 128 tiles through ``cp.async``, one program per SM, 320 programs in
@@ -135,7 +135,7 @@ def predict(t: Target, m: Machine = H200, efficiency: float = DESIGN_EFFICIENCY,
         m = replace(m, cublas={**m.cublas, dtype: rate})
     opts = FusedOptions(scale=64.0 if t.normalize else 1.0, normalize=t.normalize, strategy=strategy)
     tile_c = tc.config_for("ws", dt, D, 90).block_c
-    workspace = strategy == "workspace" or (strategy == "auto" and tp.auto_takes_workspace(B, C, D, dt, opts, tile_c))
+    workspace = strategy == "workspace" or (strategy == "auto" and tp.uses_workspace(B, C, D, dt, dt, opts))
     bw = m.bandwidth
     gemm = 2.0 * B * C * D
     floor = 3 * m.gemm(gemm, dtype)

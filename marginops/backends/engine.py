@@ -9,7 +9,9 @@ module-level functions of :class:`~marginops.backends.interface.Backend`
 through :class:`Engine`. The torch backend's row block is a loop over class
 tiles in ATen (:mod:`marginops.backends.torch_chunked`); the native
 backend's is one C++ call per pass whose parallel region runs the whole block
-(:mod:`marginops.backends.native`).
+(:mod:`marginops.backends.native`); the Triton backend's is a launch of its
+forward kernel over a grid of class splits and, for the gradients, its
+gradient kernels with cuBLAS products (:mod:`marginops.backends.triton_margin`).
 
 **The per-row-block interface** (:class:`RowBlockKernel`, one object per call,
 built from the :class:`~marginops.backends.interface.Call`):
@@ -22,14 +24,17 @@ built from the :class:`~marginops.backends.interface.Call`):
   logits (relative to 0 where ``shift`` is ``-inf``); with a prediction
   wanted, the largest non-target logit (filtered ones included) and its
   first class index in the range; the row's target logit as the GEMM
-  produced it (0 where the target lies outside the range); optionally the
-  sum of the non-target logits per group (label smoothing's statistic; None:
-  the engine computes it as a rank-1 term). Groups must be consecutive
-  class intervals in increasing order. With a ``workspace`` (a flat tensor
-  of :attr:`Plan.scratch_bytes` the engine allocates, the workspace
-  strategy), each group is one tile of ``plan.chunk`` classes and the
-  block's exponentials ``exp(logit - shift)`` of that group stay there,
-  laid out as the backend likes, until ``gradient_block`` of the same rows.
+  produced it (0 where the target lies outside the range; None when the
+  maxima already cover the target); optionally the sum of the non-target
+  logits per group (label smoothing's statistic; None: the engine computes
+  it as a rank-1 term). Groups must be consecutive class intervals in
+  increasing order. With a ``workspace`` (what :meth:`RowBlockKernel.new_workspace`
+  allocated for the plan, by default a flat tensor of :attr:`Plan.scratch_bytes`;
+  the workspace strategy), each group is one tile of ``plan.chunk`` classes
+  (any groups if the workspace keeps its tiles' shifts itself,
+  :attr:`RowBlockKernel.workspace_keeps_shifts`) and the block's exponentials
+  ``exp(logit - shift)`` stay there, laid out as the backend likes, until
+  ``gradient_block`` of the same rows.
 * ``gradient_block(r0, r1, plan, grads, workspace, dxh, dD)``: add the
   gradients of the block's non-target logits to ``dxh[r0:r1]`` and ``dD``,
   from the kept exponentials (``workspace`` not None) or recomputed against
@@ -37,32 +42,34 @@ built from the :class:`~marginops.backends.interface.Call`):
   ``coef_i = g_i s row_scale_i`` (``dL/dlogit_ij = coef_i (p_ij - eps/C)``),
   label smoothing's ``coef_i eps / C`` per row, each kept tile's factor
   ``coef_i exp(shift_ik - lse_i)`` and, with the gradient filter, which
-  kept tiles it lets through; ``first``/``last`` say whether this is the
+  kept tiles it lets through (neither for a workspace that keeps its
+  shifts); ``first``/``last`` say whether this is the
   first or the last row block (a backend may write ``dD`` on the first
   instead of accumulating, and finish it on the last).
 * ``finish_grads(coef, dxh, dD)``: once after all row blocks (e.g. label
   smoothing as a rank-1 term, the normalization backward of ``W``).
 * Class attributes and methods the planner reads: :meth:`stored_bytes`
   (bytes per row and class of the workspace, a pure function of dtypes and
-  options), :meth:`tiling` (the device's tile policy, :class:`Tiling`),
-  :attr:`workspace_sub_centers`, and :meth:`new_weight_grad`.
+  options), :meth:`workspace_budget` (the backend's budget policy,
+  :class:`WorkspaceBudget`: by default rows of ``classes * stored_bytes``
+  within ``opts.budget``), :meth:`tiling` (the device's tile policy,
+  :class:`Tiling`), :attr:`workspace_sub_centers`,
+  :attr:`workspace_keeps_shifts`, :meth:`new_weight_grad` and
+  :meth:`new_workspace`.
 
-**Moving the Triton backend onto it.** Its forward kernel computes a row
-block's statistics across all classes in class splits, optionally storing
-exponentials (``ExpWorkspace``), then a gradient step. ``forward_block``
-returns the per-split ``(m, l)`` it already produces as ``shift``/``sumexp``
-(one group per split) with its per-split prediction maxima and indices
-(local, first on ties) and ``logit_sum=None``. With a workspace the groups
-must be the stored tiles of ``plan.chunk`` classes (the engine derives each
-kept tile's factor and the gradient filter's decision from their shifts):
-``ExpWorkspace.shift`` already holds each tile's shift, the per-tile sum is
-one more store in the kernel, and its tile policy sets ``plan.chunk`` to the
-kernel's tile width. ``gradient_block`` launches the gradient kernel with
-``grads.lse`` and ``grads.coef`` (it may ignore ``tile_coef``: its
-workspace keeps each tile's shift itself) and runs the cuBLAS products;
-``stored_bytes`` is the ``ExpWorkspace`` row size per class. Everything else
-(blocks, strategies, merging, prediction, gradient filtering decisions for
-kept tiles, per-row scale coefficients, option checks) is then the engine's.
+**A GPU kernel backend on it** (Triton, :mod:`marginops.backends.triton_plan`):
+its forward kernel computes a row block's statistics across all classes in
+class splits, so ``forward_block`` returns one group per split, with
+maxima that cover the target (``target=None``); its workspace keeps one
+shift per kernel tile and its gradient kernel rescales the exponentials and
+flags negligible tiles of ``G`` itself (:attr:`RowBlockKernel.workspace_keeps_shifts`).
+Its budget policy sizes the default budget to the weight, lets a block of
+all rows take what the ``dW`` accumulator of several would cost, and caps
+it at a share of the device's memory (:class:`WorkspaceBudget`); its tiling
+makes the recompute strategy's row block the whole batch (its backward
+plans class chunks of ``G`` and finishes ``dW`` chunk by chunk) and takes
+any workspace block the budget allows; its kernels' configs set the class
+tiles.
 
 **Strategies.** Whether a call forms its gradients in the forward pass
 (:func:`takes_workspace`) is a pure function of sizes, dtypes and options,
@@ -110,9 +117,10 @@ import torch
 from torch import Tensor
 
 from .common import Prepared, acc_dtype
-from .interface import Call, FusedOptions, RowStats
+from .interface import DEFAULT_MEMORY_BUDGET, Call, FusedOptions, RowStats
 
-__all__ = ["DeviceInfo", "describe", "Tiling", "cpu_tiling", "gpu_tiling", "Plan", "plan", "takes_workspace",
+__all__ = ["DeviceInfo", "describe", "Tiling", "cpu_tiling", "gpu_tiling", "Plan", "plan", "WorkspaceBudget",
+           "takes_workspace",
            "MIN_WORKSPACE_ROWS", "BlockStats", "BlockGrads", "RowBlockKernel", "Engine", "merge_block",
            "logsumexp_groups", "exp_floor", "check_options"]
 
@@ -128,12 +136,15 @@ class DeviceInfo:
         cache_bytes: a CPU core's L2 cache; a GPU's L2.
         workers: threads PyTorch runs on (CPU, read at import), or multiprocessors (GPU).
         memory_bytes: the GPU's memory (0 on a CPU).
+        capability: a CUDA GPU's compute capability as ``major * 10 + minor`` (90 for H100/H200); None
+            elsewhere (kernel backends pick tuned tiles by it).
     """
 
     kind: str
     cache_bytes: int
     workers: int
     memory_bytes: int = 0
+    capability: Optional[int] = None
 
 
 _DEFAULT_L2 = 1 << 20
@@ -163,16 +174,17 @@ CPU = DeviceInfo("cpu", _l2_per_core(), max(1, torch.get_num_threads()))
 def _gpu(device: torch.device) -> DeviceInfo:
     props = torch.cuda.get_device_properties(device)
     return DeviceInfo("gpu", int(getattr(props, "L2_cache_size", 0) or 0), int(props.multi_processor_count),
-                      int(props.total_memory))
+                      int(props.total_memory), props.major * 10 + props.minor)
 
 
 def describe(device: "torch.device | str") -> DeviceInfo:
-    """The :class:`DeviceInfo` of ``device`` (CPU: :data:`CPU`; CUDA: its properties, cached)."""
+    """The :class:`DeviceInfo` of ``device`` (CPU: :data:`CPU`; CUDA: its properties, cached; ``"cuda"``
+    without an index: the current device)."""
     device = torch.device(device)
     if device.type == "cpu":
         return CPU
     if device.type == "cuda":
-        return _gpu(device)
+        return _gpu(device if device.index is not None else torch.device("cuda", torch.cuda.current_device()))
     return DeviceInfo("gpu", 0, 1)
 
 
@@ -270,29 +282,66 @@ def _derived_chunk(tiling: Tiling, rows: int, classes: int, per_logit: int, k: i
     return max(1, min(max(classes, 1), max(low, min(high, chunk))))
 
 
-def takes_workspace(batch: int, classes: int, opts: FusedOptions, stored: int, wanted: bool) -> bool:
+@dataclass(frozen=True)
+class WorkspaceBudget:
+    """How many bytes a call's workspace may take: a backend's budget policy, read by :func:`takes_workspace`
+    and :func:`plan`.
+
+    With ``memory_budget`` set, the workspace takes at most that many bytes.
+    Without it, ``default`` bytes; a block of *all* rows may take up to
+    ``one_block`` bytes more (what several blocks would need beside the
+    workspace and one block does not, e.g. a float32 ``dW`` accumulator); and
+    never more than ``cap`` bytes (a share of the device's memory; None: no cap).
+
+    Attributes:
+        row_bytes: bytes of one row of the workspace (every class of the range).
+        default, one_block, cap: the default budget's terms, above.
+    """
+
+    row_bytes: int
+    default: int = DEFAULT_MEMORY_BUDGET
+    one_block: int = 0
+    cap: Optional[int] = None
+
+    def total(self, opts: FusedOptions) -> int:
+        """The budget in bytes: ``opts.memory_budget``, or :attr:`default`."""
+        return opts.memory_budget if opts.memory_budget is not None else self.default
+
+    def rows(self, batch: int, opts: FusedOptions) -> int:
+        """Rows of ``batch`` per workspace block within the budget (0: not one row fits)."""
+        row = max(1, self.row_bytes)
+        if opts.memory_budget is not None:
+            return min(batch, opts.memory_budget // row)
+        rows = batch if batch * row <= self.default + self.one_block else min(batch, self.default // row)
+        return rows if self.cap is None else min(rows, max(1, self.cap // row))
+
+
+def takes_workspace(batch: int, classes: int, opts: FusedOptions, stored: int, wanted: bool,
+                    budget: Optional[WorkspaceBudget] = None) -> bool:
     """Whether a call forms its gradients in the forward pass: a pure function of sizes and options.
 
     ``stored`` is the workspace's bytes per row and class, ``wanted`` whether
-    the call could (a scalar loss with gradients over the whole class range).
+    the call could (a scalar loss with gradients over the whole class range),
+    ``budget`` the backend's budget policy (default: rows of ``classes * stored``
+    bytes within ``opts.budget``).
     ``"auto"``: when ``min(batch, MIN_WORKSPACE_ROWS)`` rows fit the budget.
     ``"workspace"``: when one row does (else a ValueError); ``"recompute"``: never.
     """
     if not wanted or opts.strategy == "recompute" or batch == 0:
         return False
-    fit = opts.budget // max(1, classes * stored)
+    budget = budget or WorkspaceBudget(classes * stored)
     least = 1 if opts.strategy == "workspace" else min(batch, MIN_WORKSPACE_ROWS)
-    if fit >= least:
+    if budget.rows(batch, opts) >= least:
         return True
     if opts.strategy == "workspace":
-        raise ValueError(f"strategy='workspace' needs memory_budget >= {classes * stored} bytes (one row of "
-                         f"logits across all {classes} classes), got memory_budget={opts.budget}")
+        raise ValueError(f"strategy='workspace' needs memory_budget >= {budget.row_bytes} bytes (one row of "
+                         f"the workspace across all {classes} classes), got memory_budget={budget.total(opts)}")
     return False
 
 
 def plan(batch: int, classes: int, opts: FusedOptions, tiling: Tiling, *, stored: int, tile: int,
-         workspace: bool, rows_per_class: int = 1) -> Plan:
-    """Rows and tiles for one call within ``opts.budget``.
+         workspace: bool, rows_per_class: int = 1, budget: Optional[WorkspaceBudget] = None) -> Plan:
+    """Rows and tiles for one call within its budget.
 
     Args:
         batch, classes: rows and classes of the call.
@@ -302,28 +351,30 @@ def plan(batch: int, classes: int, opts: FusedOptions, tiling: Tiling, *, stored
             strategy; 0 when the tiles live in it).
         workspace: whether the call forms its gradients in the forward pass (:func:`takes_workspace`).
         rows_per_class: rows of ``W`` per class (sub-centres): the tile policy's bounds count rows of ``W``.
+        budget: the workspace's budget policy (default: rows of ``classes * stored`` bytes within
+            ``opts.budget``).
 
     The workspace strategy's blocks hold as many rows as fit (evened out over
     the batch: no thin last block), if that reaches ``tiling.min_workspace_rows``
     (or the batch); otherwise, and for calls that do not form gradients early,
     the recompute strategy: ``min(batch, tiling.recompute_rows)`` rows and
-    tiles shrunk (classes first) until ``tiling.tiles_in_flight`` of them fit the budget.
+    tiles shrunk (classes first) until ``tiling.tiles_in_flight`` of them fit ``opts.budget``.
     """
-    budget = opts.budget
     if workspace:
-        rows = max(1, min(batch, budget // max(1, classes * stored)))
+        ws = budget or WorkspaceBudget(classes * stored)
+        rows = max(1, ws.rows(batch, opts))
         if opts.strategy == "workspace" or rows >= min(batch, tiling.min_workspace_rows):
             rows = math.ceil(batch / math.ceil(batch / rows)) if batch else rows
             chunk = opts.chunk_size or _derived_chunk(tiling, rows, classes, tile or stored, rows_per_class)
             if tile:  # the tiles' scratch comes out of what the workspace leaves
-                left = budget - rows * classes * stored
+                left = ws.total(opts) - rows * ws.row_bytes
                 chunk = max(1, min(chunk, left // max(1, tiling.tiles_in_flight * rows * tile)))
             extra = tiling.tiles_in_flight * rows * chunk * tile
-            return Plan("workspace", rows, min(chunk, max(classes, 1)), rows * classes * stored + extra)
+            return Plan("workspace", rows, min(chunk, max(classes, 1)), rows * ws.row_bytes + extra)
     rows = max(1, min(batch, tiling.recompute_rows))
     per_logit = max(1, tile)
     chunk = opts.chunk_size or _derived_chunk(tiling, rows, classes, per_logit, rows_per_class)
-    chunk = max(1, min(chunk, max(classes, 1), budget // max(1, tiling.tiles_in_flight * rows * per_logit)))
+    chunk = max(1, min(chunk, max(classes, 1), opts.budget // max(1, tiling.tiles_in_flight * rows * per_logit)))
     return Plan("recompute", rows, chunk, tiling.tiles_in_flight * rows * chunk * tile)
 
 
@@ -340,7 +391,9 @@ class BlockStats(NamedTuple):
         best: (R, G) largest non-target logit, filtered ones included; None without a prediction.
         best_index: (R, G) int64 its class index in the range, the first on ties; None without a prediction.
         logit_sum: (R, G) sum of the non-target logits, or None (the engine forms it as a rank-1 term).
-        target: (R,) the target logit as the GEMM produced it; 0 where the target is outside the range.
+        target: (R,) the target logit as the GEMM produced it; 0 where the target is outside the range. None:
+            ``best`` and ``best_index`` already cover every class of the range, the target's included (a
+            kernel whose running maximum sees the target column), and the engine does not compare it.
     """
 
     shift: Tensor
@@ -348,7 +401,7 @@ class BlockStats(NamedTuple):
     best: Optional[Tensor]
     best_index: Optional[Tensor]
     logit_sum: Optional[Tensor]
-    target: Tensor
+    target: Optional[Tensor]
 
 
 class BlockGrads(NamedTuple):
@@ -359,9 +412,11 @@ class BlockGrads(NamedTuple):
         coef: (R,) ``g_i s row_scale_i``: ``dL/dlogit_ij = coef_i (p_ij - eps / C)`` for a non-target ``j``.
         smoothing: (R,) ``coef_i eps / C``, or None without label smoothing.
         tile_coef: (R, T) ``coef_i exp(shift_ik - lse_i)``, the factor of kept tile ``k``'s exponentials
-            (workspace strategy); None when recomputing.
+            (workspace strategy); None when recomputing or when the workspace keeps its shifts itself
+            (:attr:`RowBlockKernel.workspace_keeps_shifts`).
         keep: (T,) bool, the kept tiles the gradient filter lets through (some probability reaches it);
-            None: all of them (or recomputing: the backend applies ``opts.gradient_filter`` per tile).
+            None: all of them (or recomputing, or a workspace that keeps its shifts: the backend applies
+            ``opts.gradient_filter`` per tile).
         first, last: whether this is the first / last row block of the call.
     """
 
@@ -446,6 +501,11 @@ class RowBlockKernel(Prepared):
     #: whether the workspace strategy keeps sub-centre tiles (else such calls recompute; an explicit
     #: ``strategy="workspace"`` raises NotImplementedError)
     workspace_sub_centers = False
+    #: whether the workspace keeps each stored tile's shift itself and its gradient pass rescales the kept
+    #: exponentials and applies ``opts.gradient_filter`` on its own (a GPU kernel's workspace): then
+    #: ``forward_block`` may return any groups (e.g. a kernel's class splits) with a workspace too, and
+    #: :class:`BlockGrads` carries no ``tile_coef`` or ``keep``
+    workspace_keeps_shifts = False
 
     def __init__(self, call: Call):
         check_options(call.opts)
@@ -458,6 +518,14 @@ class RowBlockKernel(Prepared):
         """Bytes per row and class of the workspace: one accumulation-dtype exponential per row of ``W``."""
         return torch.finfo(acc_dtype(x_dtype, W_dtype)).bits // 8 * opts.sub_centers
 
+    @classmethod
+    def workspace_budget(cls, classes: int, D: int, x_dtype: torch.dtype, W_dtype: torch.dtype,
+                         opts: FusedOptions, device: Optional[DeviceInfo] = None) -> WorkspaceBudget:
+        """The workspace's budget policy (:class:`WorkspaceBudget`): by default rows of ``classes`` times
+        :meth:`stored_bytes` within ``opts.budget``. A pure function of sizes, dtypes and options; ``device``
+        (None when deciding :func:`takes_workspace`, which sees no device) may refine it at run time."""
+        return WorkspaceBudget(classes * cls.stored_bytes(x_dtype, W_dtype, opts))
+
     def tile_bytes(self, strategy: str) -> int:
         """Bytes per row and class of each tile's scratch beyond the workspace (``strategy="workspace"``),
         or of a recomputed tile."""
@@ -469,6 +537,12 @@ class RowBlockKernel(Prepared):
     def new_weight_grad(self) -> Tensor:
         """``dD`` (rows of ``W`` x D), accumulation dtype, zeroed."""
         return torch.zeros(self.n_rows, self.D, device=self.W.device, dtype=self.acc)
+
+    def new_workspace(self, pl: Plan):
+        """The workspace of a ``"workspace"`` plan, handed to every block: by default a flat
+        accumulation-dtype tensor of :attr:`Plan.scratch_bytes`."""
+        return torch.empty(pl.scratch_bytes // (torch.finfo(self.acc).bits // 8), device=self.W.device,
+                           dtype=self.acc)
 
     # -- the work --
     def forward_block(self, r0: int, r1: int, pl: Plan, workspace: Optional[Tensor]) -> BlockStats:
@@ -485,9 +559,10 @@ class RowBlockKernel(Prepared):
     def plan(self, grads: bool) -> Plan:
         """The call's :class:`Plan`; ``grads``: for :meth:`Engine.forward_with_grads`."""
         stored = self.stored_bytes(self.x.dtype, self.W.dtype, self.opts)
-        if grads and _takes_workspace(type(self), self.B, self.C, self.x.dtype, self.W.dtype, self.opts):
+        if grads and _takes_workspace(type(self), self.B, self.C, self.D, self.x.dtype, self.W.dtype, self.opts):
+            budget = self.workspace_budget(self.C, self.D, self.x.dtype, self.W.dtype, self.opts, self.device)
             pl = plan(self.B, self.C, self.opts, self.tiling(), stored=stored, tile=self.tile_bytes("workspace"),
-                      workspace=True, rows_per_class=self.k)
+                      workspace=True, rows_per_class=self.k, budget=budget)
             if pl.strategy == "workspace":
                 return pl
         return plan(self.B, self.C, self.opts, self.tiling(), stored=stored, tile=self.tile_bytes("recompute"),
@@ -509,14 +584,14 @@ def _workspace_wanted(kernel: type, C: int, opts: FusedOptions) -> bool:
     return opts.sub_centers == 1 or kernel.workspace_sub_centers
 
 
-def _takes_workspace(kernel: type, B: int, C: int, x_dtype, W_dtype, opts: FusedOptions) -> bool:
+def _takes_workspace(kernel: type, B: int, C: int, D: int, x_dtype, W_dtype, opts: FusedOptions) -> bool:
     if opts.strategy == "workspace" and (opts.need_x or opts.need_W) and opts.reduce:
         opts.require_full_range(C)
         if opts.sub_centers > 1 and not kernel.workspace_sub_centers:
             raise NotImplementedError(f"strategy='workspace' does not support sub-centres (sub_centers="
                                       f"{opts.sub_centers}) on this backend; use strategy='recompute' or 'auto'")
-    return takes_workspace(B, C, opts, kernel.stored_bytes(x_dtype, W_dtype, opts),
-                           _workspace_wanted(kernel, C, opts))
+    return takes_workspace(B, C, opts, kernel.stored_bytes(x_dtype, W_dtype, opts), _workspace_wanted(kernel, C, opts),
+                           kernel.workspace_budget(C, D, x_dtype, W_dtype, opts))
 
 
 # -- the loops, written once ---------------------------------------------------------------------------------
@@ -528,6 +603,7 @@ def _forward(k: RowBlockKernel, pl: Plan, workspace: Optional[Tensor] = None, on
     want = k.opts.want_prediction
     N = torch.empty(B, device=dev, dtype=acc)
     target = torch.zeros(B, device=dev, dtype=acc)  # s * t where the target is in range, else 0
+    compare = True  # whether the target still competes for the prediction (BlockStats.target)
     best = torch.empty(B, device=dev, dtype=acc) if want else k.empty()
     arg = torch.empty(B, device=dev, dtype=torch.int64) if want else k.empty(torch.int64)
     smoothing = k.opts.label_smoothing > 0
@@ -535,7 +611,10 @@ def _forward(k: RowBlockKernel, pl: Plan, workspace: Optional[Tensor] = None, on
     for r0, r1 in k.row_blocks(pl):
         bs = k.forward_block(r0, r1, pl, workspace)
         N[r0:r1], b, i, s = merge_block(bs)
-        target[r0:r1] = bs.target
+        if bs.target is None:
+            compare = False
+        else:
+            target[r0:r1] = bs.target
         if want:
             best[r0:r1], arg[r0:r1] = b, i
         if smoothing:
@@ -545,11 +624,13 @@ def _forward(k: RowBlockKernel, pl: Plan, workspace: Optional[Tensor] = None, on
                 lsum[r0:r1] = s
         if on_block is not None:
             on_block(r0, r1, bs, N[r0:r1])
-    if want:  # the target competes too: first index on ties
-        take = k.in_range & ((target > best) | ((target == best) & (k.y_local < arg)))
-        best = torch.where(take, target, best)
-        arg = torch.where(take, k.y_local, arg) + k.opts.class_start
-    logit_sum = (lsum if lsum is not None else k.logit_sum(target)) if smoothing else k.empty()
+    if want:
+        if compare:  # the target competes too: first index on ties
+            take = k.in_range & ((target > best) | ((target == best) & (k.y_local < arg)))
+            best = torch.where(take, target, best)
+            arg = torch.where(take, k.y_local, arg)
+        arg = arg + k.opts.class_start
+    logit_sum = (lsum if lsum is not None else k.logit_sum(target if compare else None)) if smoothing else k.empty()
     return RowStats(N, best, arg, logit_sum)
 
 
@@ -580,7 +661,7 @@ class Engine:
                        opts: FusedOptions) -> bool:
         """Whether the call forms its gradients in the forward pass (``C``: rows of ``W``)."""
         check_options(opts)
-        return _takes_workspace(self.kernel, B, opts.classes_of(C), x_dtype, W_dtype, opts)
+        return _takes_workspace(self.kernel, B, opts.classes_of(C), D, x_dtype, W_dtype, opts)
 
     def forward_stats(self, call: Call) -> RowStats:
         k = self.kernel(call)
@@ -589,7 +670,7 @@ class Engine:
     def forward_with_grads(self, call: Call, z: Tensor, g: Tensor) -> tuple[RowStats, Optional[Tensor],
                                                                             Optional[Tensor]]:
         k = self.kernel(call)
-        if not _takes_workspace(self.kernel, k.B, k.C, call.x.dtype, call.W.dtype, call.opts):
+        if not _takes_workspace(self.kernel, k.B, k.C, k.D, call.x.dtype, call.W.dtype, call.opts):
             raise ValueError("forward_with_grads called for a call that does not form its gradients in the "
                              "forward pass (see uses_workspace)")
         pl = k.plan(grads=True)
@@ -599,16 +680,18 @@ class Engine:
             stats = _forward(k, pl)
             _recompute(k, pl, torch.logaddexp(stats.lse, zf), coef, smooth, dxh, dD)
             return stats, dxh, dD
-        workspace = torch.empty(pl.scratch_bytes // (torch.finfo(k.acc).bits // 8), device=k.W.device,
-                                dtype=k.acc)
+        workspace = k.new_workspace(pl)
         gf = call.opts.gradient_filter
 
         def gradients(r0, r1, bs: BlockStats, N_block):
             lse = torch.logaddexp(N_block, zf[r0:r1])
-            top = torch.exp(bs.shift - lse.unsqueeze(1))  # (R, tiles): each kept tile's largest probability
-            keep = top.amax(0) >= gf if gf is not None and r1 > r0 else None
             c = coef[r0:r1]
-            grads = BlockGrads(lse, c, smooth[r0:r1] if smooth is not None else None, c.unsqueeze(1) * top, keep,
+            tile_coef = keep = None
+            if not k.workspace_keeps_shifts:
+                top = torch.exp(bs.shift - lse.unsqueeze(1))  # (R, tiles): each kept tile's largest probability
+                keep = top.amax(0) >= gf if gf is not None and r1 > r0 else None
+                tile_coef = c.unsqueeze(1) * top
+            grads = BlockGrads(lse, c, smooth[r0:r1] if smooth is not None else None, tile_coef, keep,
                                r0 == 0, r1 == k.B)
             k.gradient_block(r0, r1, pl, grads, workspace, dxh, dD)
 

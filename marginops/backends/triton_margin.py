@@ -1,11 +1,14 @@
 """Triton backend: margin softmax cross-entropy fused over classes, no ``B x C`` tensor of logits kept.
 
 The kernels are in :mod:`marginops.backends.triton_kernels`, their pinned
-configs in :mod:`marginops.backends.triton_config`, the planning (strategy,
-row blocks, chunks, grids, default budget) in
-:mod:`marginops.backends.triton_plan`. This module reads top to bottom:
-launchers (check, allocate, launch; no autograd), the two strategies built
-from them and cuBLAS, then the functions of the backend interface
+configs in :mod:`marginops.backends.triton_config`, the planning (budget
+policy, tiles, the recompute backward's chunks, grids, memory formula) in
+:mod:`marginops.backends.triton_plan`. Row blocks, strategies, statistics
+merging, prediction, per-row scale coefficients and option checks are the
+tile engine's (:mod:`marginops.backends.engine`). This module reads top to
+bottom: launchers (check, allocate, launch; no autograd), the products
+(cuBLAS, or the block-sparse kernel), the work on one row block the engine
+calls (:class:`_TritonBlocks`), then the functions of the backend interface
 (:class:`marginops.backends.interface.Backend`; autograd lives in
 :mod:`marginops.ops`).
 
@@ -13,29 +16,32 @@ from them and cuBLAS, then the functions of the backend interface
 GEMMs).** Per block of rows: the forward kernel computes every logits tile
 of the block (raw ``x``/``W`` tiles multiplied with the row factor
 ``s_i / |x_i|`` and the column factor ``1 / |W_j|`` folded in), keeps online
-max / sum / argmax, and stores ``exp2(logit - shift)`` in the input dtype
-(every value <= 1) with one shift per (row, tile) in float32. With the
-block's log-sum-exp known, ``_grad_from_exp_kernel`` turns the stored
-exponentials into ``G_ij = g_i s_i (p_ij - eps/C) / |W_j|`` (0 on the target)
-*in place*, one read and one write per element, and cuBLAS forms
-``dxh = G W`` (float32 output) and ``dD (+)= G^T xh``. ``dD`` goes straight
-into ``dW``'s storage when there is one block of a plain (unnormalized)
-head or the weight is float32/float64; otherwise it is accumulated across
-blocks in a float32 ``C x D`` buffer and the normalization backward
-(``_finish_w_kernel``) writes ``dW`` in the weight's dtype. The gradients
-are ready when the forward returns. Rows per block: :func:`~marginops.
-backends.triton_plan.workspace_plan`.
+max / sum / argmax per class split (the engine merges the splits), and
+stores ``exp2(logit - shift)`` in the input dtype (every value <= 1) with
+one shift per (row, tile) in float32. With the block's log-sum-exp known,
+``_grad_from_exp_kernel`` turns the stored exponentials into
+``G_ij = g_i s_i (p_ij - eps/C) / |W_j|`` (0 on the target) *in place*, one
+read and one write per element, and cuBLAS forms ``dxh = G W`` (float32
+output) and ``dD (+)= G^T xh``. ``dD`` goes straight into ``dW``'s storage
+when there is one block of a plain (unnormalized) head or the weight is
+float32/float64; otherwise it is accumulated across blocks in a float32
+``C x D`` buffer and the normalization backward (``_finish_w_kernel``)
+writes ``dW`` in the weight's dtype after the last block. The gradients are
+ready when the forward returns. Rows per block: the engine's, under
+:func:`~marginops.backends.triton_plan.workspace_budget`.
 
 **Recompute strategy** (``reduction="none"``, class ranges, sub-centres, or
 ``strategy="recompute"``; four GEMMs). The forward kernel keeps per-row
-statistics only; the backward walks class chunks: ``_margin_grad_kernel``
-recomputes the logits tiles into ``G`` (input dtype), cuBLAS adds ``G W_chunk``
-to ``dxh`` and writes ``dD_chunk = G^T xh``, and each chunk is finished into
-``dW`` before the next one starts. For narrow embeddings
-(``D <= FUSED_DX_MAX_D[dtype]``) ``_margin_bwd_dx_kernel`` forms ``G W_chunk`` in
-the same pass as the logits, from the same ``W`` tile (one partial per class
-split, summed in order), and cuBLAS does ``dD`` alone. Its scratch is bounded
-by the budget.
+statistics only (one row block: the whole batch); the backward walks class
+chunks: ``_margin_grad_kernel`` recomputes the logits tiles into ``G``
+(input dtype), cuBLAS adds ``G W_chunk`` to ``dxh`` and writes
+``dD_chunk = G^T xh``, and each chunk is finished into ``dW`` before the
+next one starts (no ``C x D`` accumulator: the chunks, and the rows of a
+``G`` buffer when the budget is tight, are planned by
+:func:`~marginops.backends.triton_plan.chunk_plan`). For narrow embeddings
+(``D <= FUSED_DX_MAX_D[dtype]``) ``_margin_bwd_dx_kernel`` forms ``G W_chunk``
+in the same pass as the logits, from the same ``W`` tile (one partial per
+class split, summed in order), and cuBLAS does ``dD`` alone.
 
 **float16.** ``1 / |W_j|`` is folded into ``G`` except for float16 weights,
 whose range (65504) cannot hold it for tiny or zero rows (``1 / eps = 1e12``;
@@ -48,10 +54,13 @@ time), and the finish kernel applies ``1 / |W_j|``.
 kernels flag each tile of ``G`` whose probabilities all lie below the
 threshold, do not write it, and the products run in ``_masked_mm_kernel``
 (block-sparse: flagged-off tiles skipped, fixed order) instead of cuBLAS.
+The flags are per tile of ``G`` (64 x 128 in the workspace strategy), finer
+than the engine's per-row-block decisions: the workspace keeps its shifts
+(:attr:`~marginops.backends.engine.RowBlockKernel.workspace_keeps_shifts`).
 
 **Per-row scales** (``Call.row_scale``): row ``i``'s logits are
 ``s r_i cos_ij``; ``r_i`` joins the row factor, the per-row threshold of
-inter-class filtering and ``g_i s_i``.
+inter-class filtering and ``g_i s_i`` (the engine's per-row coefficients).
 
 Everything is reproducible run to run: no atomics, every output element
 written by one program or one cuBLAS call in a fixed order. On CPU the
@@ -62,9 +71,8 @@ first call of ``backend="triton"``).
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -72,8 +80,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import engine
 from . import triton_plan as plan
-from .common import Prepared, acc_dtype
+from .common import acc_dtype
+from .engine import BlockGrads, BlockStats, Plan, merge_block
 from .interface import Call, FusedOptions, RowStats
 from .triton_config import DTYPES as SUPPORTED_DTYPES
 from .triton_config import FUSED_DX_MAX_D as _FUSED_DX_MAX_D
@@ -126,32 +136,16 @@ def _check_inputs(x: Tensor, W: Tensor, y: Tensor) -> None:
         raise ValueError("labels must be contiguous")
 
 
-def _index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-@functools.cache
-def _cuda_props(index: int):
-    return torch.cuda.get_device_properties(index)
-
-
 def arch(device: torch.device) -> Optional[int]:
     """Compute capability as ``major * 10 + minor`` (90 for H100/H200); None off CUDA."""
-    if device.type != "cuda":
-        return None
-    p = _cuda_props(_index(device))
-    return p.major * 10 + p.minor
+    return engine.describe(device).capability if device.type == "cuda" else None
 
 
 def _slots(device: torch.device, cfg: KernelConfig) -> int:
     """Programs of ``cfg`` that run at once: SMs times its occupancy; 1 under the interpreter."""
     if device.type != "cuda":
         return 1
-    return _cuda_props(_index(device)).multi_processor_count * max(1, cfg.occupancy)
-
-
-def _device_bytes(device: torch.device) -> Optional[int]:
-    return _cuda_props(_index(device)).total_memory if device.type == "cuda" else None
+    return engine.describe(device).workers * max(1, cfg.occupancy)
 
 
 def _cfg(kernel: str, dtype: torch.dtype, D: int, device: torch.device) -> KernelConfig:
@@ -263,11 +257,12 @@ class ExpWorkspace:
                              f"{e.dtype}, shift {tuple(sh.shape)} {sh.dtype}, tile_c {self.tile_c}")
 
 
-def margin_fwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Optional[Tensor], *,
-               want_prediction: bool = False, classes: Optional[int] = None,
-               config: Optional[KernelConfig] = None, workspace: Optional[ExpWorkspace] = None,
-               sub_centers: int = 1, filter_logit=None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Per-row log-sum-exp of ``row_scale_i * col_scale_j * (x_i . W_j)`` over ``j != y_i``, and the argmax.
+def margin_fwd_splits(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Optional[Tensor], *,
+                      want_prediction: bool = False, classes: Optional[int] = None,
+                      config: Optional[KernelConfig] = None, workspace: Optional[ExpWorkspace] = None,
+                      sub_centers: int = 1, filter_logit=None) -> BlockStats:
+    """Per class split, the statistics of the logits ``row_scale_i * col_scale_j * (x_i . W_j)`` over
+    ``j != y_i`` (and the argmax over every class), as the tile engine merges them.
 
     Args:
         x, W, y: ``(B, D)``, ``(C k, D)`` raw inputs of one dtype, ``(B,)`` int64 labels (a label outside
@@ -284,8 +279,11 @@ def margin_fwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Op
         workspace: optional :class:`ExpWorkspace` for ``B`` rows and ``C`` classes to fill.
 
     Returns:
-        ``N`` (B,) in the accumulation dtype (``-inf`` when ``C == 1``), the prediction (B,) int64 and
-        the largest logit (B,), target included (both None unless ``want_prediction``).
+        :class:`~marginops.backends.engine.BlockStats` with one group per class split (``S`` of them), in
+        natural units: ``shift``/``sumexp`` (B, S) the largest kept non-target logit and the sum of the
+        exponentials relative to it; ``best``/``best_index`` (B, S) the largest logit, target included,
+        and its first class index (None unless ``want_prediction``); ``target`` None (the maxima cover
+        it); ``logit_sum`` None.
     """
     _check_inputs(x, W, y)
     B, D = x.shape
@@ -329,15 +327,17 @@ def margin_fwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Op
         if want_prediction:
             pv.fill_(float("-inf"))
             pi.zero_()
-    # combine the splits (base 2): N = (M + log2(sum_k l_k 2^(m_k - M))) ln 2
-    M = m.amax(1, keepdim=True)
-    M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))  # no non-target class at all (C == 1)
-    N = (M.squeeze(1) + torch.log2((l * torch.exp2(m - M)).sum(1))) * LN2
-    pred = top = None
-    if want_prediction:
-        best = pv.amax(1, keepdim=True)
-        pred = torch.where(pv == best, pi, torch.full_like(pi, C)).amin(1)  # first class among the tied splits
-        top = best.squeeze(1) * LN2
+    # the kernel works on base-2 logits
+    return BlockStats(m * LN2, l, pv * LN2 if want_prediction else None, pi if want_prediction else None, None,
+                      None)
+
+
+def margin_fwd(x: Tensor, W: Tensor, y: Tensor, row_scale: Tensor, col_scale: Optional[Tensor],
+               **options) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """:func:`margin_fwd_splits` with the splits merged by the engine: ``N`` (B,) in the accumulation dtype
+    (``-inf`` when ``C == 1``), the prediction (B,) int64 and the largest logit (B,), target included (both
+    None unless ``want_prediction``)."""
+    N, top, pred, _ = merge_block(margin_fwd_splits(x, W, y, row_scale, col_scale, **options))
     return N, pred, top
 
 
@@ -614,51 +614,48 @@ def _dw_product(out: Tensor, G: Tensor, rows: Tensor, accumulate: bool, flags: O
                   accumulate=accumulate)
 
 
-# -- per call ------------------------------------------------------------------------------------------
+# -- the row block (the tile engine's interface) ------------------------------------------------------
 
 
-class _Prepared(Prepared):
-    """The shared per-call quantities plus the kernels' operand, row factors and how ``G`` is scaled.
+class _TritonBlocks(plan.Planning):
+    """One call: the kernels' operand and row factors, and the work on one row block.
 
     The kernels multiply tiles in the weight's dtype: ``xk`` is ``x`` in that
     dtype (a ``B x D`` conversion when the embeddings differ, e.g. bf16
     embeddings from an autocast backbone against an fp32 weight; the ``C x D``
-    weight is never copied). ``scales`` are the per-row scales ``s r_i``.
+    weight is never copied). ``row_factor`` is ``s r_i / |x_i|`` (or
+    ``s r_i``), the kernels' row factor of the logits.
     """
 
     def __init__(self, call: Call):
-        opts = call.opts
         _check_device(call.W)
         if (call.x.dtype == torch.float64) != (call.W.dtype == torch.float64):
             raise TypeError(f"backend='triton' does not mix float64 with other dtypes, got embeddings "
                             f"{call.x.dtype} and weight {call.W.dtype}; convert one of them")
-        super().__init__(replace(call, row_scale=None))  # per-row scales are this backend's own business
-        B = call.x.shape[0]
-        if call.row_scale is not None and call.row_scale.shape != (B,):
-            raise ValueError(f"row_scale must have shape ({B},), got {tuple(call.row_scale.shape)}")
-        self.rscale = None if call.row_scale is None else call.row_scale.to(call.x.device, self.acc)
-        self.scales = (torch.full((B,), opts.scale, device=call.x.device, dtype=self.acc) if self.rscale is None
-                       else self.rscale * opts.scale)
-        self.xk = call.x if call.x.dtype == call.W.dtype else call.x.to(call.W.dtype)
-        self.row_scale = self.scales if self.inv_x is None else self.inv_x * self.scales
-        # G carries 1 / |W_j| (dX multiplies raw W rows) unless that overflows the input dtype (float16)
-        self.scale_g = self.inv_w is None or call.W.dtype != torch.float16
-        self.gfilter = opts.gradient_filter
-        if self.gfilter is not None and opts.label_smoothing > 0:
-            raise NotImplementedError(f"backend='triton' does not combine gradient_filter ({self.gfilter}) with "
-                                      f"label_smoothing ({opts.label_smoothing}): a skipped tile would drop its "
-                                      "smoothing term")
-        thr = opts.filter_threshold
-        self.filter_logit = None if thr is None else self.scales * thr
+        super().__init__(call)
+        opts = self.opts
+        if opts.gradient_filter is not None and opts.label_smoothing > 0:
+            raise NotImplementedError(f"backend='triton' does not combine gradient_filter ({opts.gradient_filter})"
+                                      f" with label_smoothing ({opts.label_smoothing}): a skipped tile would drop "
+                                      "its smoothing term")
         self.dtype = call.W.dtype
+        self.xk = call.x if call.x.dtype == call.W.dtype else call.x.to(call.W.dtype)
+        self.row_factor = self.logit_scale if self.inv_x is None else self.inv_x * self.logit_scale
+        thr = opts.filter_threshold
+        self.filter_logit = None if thr is None else self.logit_scale * thr
+        self.smooth = opts.label_smoothing / self.C_total  # folded into G by the gradient kernels
+        # the workspace strategy's dW accumulator, dW product operand and float16 dX operand, across row blocks
+        self._dD: Optional[Tensor] = None
+        self._xh_in: Optional[Tensor] = None
+        self._rows_buf: Optional[Tensor] = None
 
-    def logit_sum(self, target_logit: Optional[Tensor] = None) -> Tensor:
-        out = super().logit_sum(target_logit)
-        return out if self.rscale is None or out.numel() == 0 else out * self.rscale
+    def new_weight_grad(self) -> Tensor:
+        """``dW`` in the weight's dtype, written by the gradient passes (zeroed only without rows)."""
+        make = torch.zeros if self.B == 0 else torch.empty
+        return make(self.n_rows, self.D, device=self.W.device, dtype=self.dtype)
 
-    def coef(self, g: Tensor) -> Tensor:
-        """``g_i s_i``: the row factor of ``G``."""
-        return g.to(self.acc) * self.scales
+    def new_workspace(self, pl: Plan) -> ExpWorkspace:
+        return ExpWorkspace.allocate(pl.rows, self.C, self.dtype, self.W.device, pl.chunk)
 
     def dx_rows(self, c0: int, c1: int, buf: Optional[Tensor]) -> Tensor:
         """The right operand of ``dxh (+)= G @ rows`` for rows ``[c0, c1)`` of ``W``, in the input dtype."""
@@ -674,139 +671,111 @@ class _Prepared(Prepared):
         else:
             finish_w(dD, self.W[c0:c1], self.inv_w[c0:c1], self.w_clamped(c0, c1), out, scaled=self.scale_g)
 
+    def _filter(self, r0: int, r1: int) -> Optional[Tensor]:
+        return self.filter_logit[r0:r1] if self.filter_logit is not None else None
 
-# -- the recompute strategy -----------------------------------------------------------------------------
+    # -- the engine's calls --
 
+    def forward_block(self, r0: int, r1: int, pl: Plan, workspace: Optional[ExpWorkspace]) -> BlockStats:
+        """The forward kernel over all classes of rows ``[r0, r1)``, one group per class split; with the
+        workspace (its first ``r1 - r0`` rows) its exponentials and tile shifts stored."""
+        options = dict(want_prediction=self.opts.want_prediction, classes=self.opts.chunk_size,
+                       filter_logit=self._filter(r0, r1))
+        if workspace is None:
+            options.update(sub_centers=self.k)
+        else:
+            options.update(config=plan.workspace_config(self.C, self.D, self.dtype, self.opts, self.device),
+                           workspace=workspace.rows(0, r1 - r0))
+        return margin_fwd_splits(self.xk[r0:r1], self.W, self.y_local[r0:r1], self.row_factor[r0:r1], self.inv_w,
+                                 **options)
 
-def _recompute_grads(prep: _Prepared, lse: Tensor, coef: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """``dxh`` (accumulation dtype) and ``dW`` (weight dtype) for row factors ``coef = g s``.
+    def gradient_block(self, r0: int, r1: int, pl: Plan, grads: BlockGrads, workspace: Optional[ExpWorkspace],
+                       dxh: Optional[Tensor], dD: Optional[Tensor]) -> None:
+        if workspace is not None:
+            self._gradient_from_workspace(r0, r1, grads, workspace.rows(0, r1 - r0), dxh, dD)
+        else:
+            self._recompute_gradient(pl, grads, dxh, dD)
 
-    Class chunk by class chunk: the kernel recomputes the logits into ``G``
-    (for ``D <= FUSED_DX_MAX_D[dtype]`` forming ``dxh += G W`` in the same pass),
-    cuBLAS (or the masked kernel) multiplies, and each chunk of ``dW`` is
-    finished and written in the weight's dtype before the next one starts.
-    """
-    opts, x, W = prep.opts, prep.xk, prep.W
-    B, D, k = prep.B, prep.D, prep.k
-    need_x, need_W = opts.need_x, opts.need_W
-    cfg = _cfg("sub_grad" if k > 1 else "grad", x.dtype, D, x.device)
-    budget = opts.memory_budget or plan.default_budget(prep.C, D, x.dtype)
-    pl = plan.chunk_plan(B, prep.n_rows, D, x.dtype, budget, cfg, scaled_g=prep.scale_g)
-    chunk = max(1, pl.chunk // k)  # classes per chunk
-    dxh = torch.zeros(B, D, device=x.device, dtype=prep.acc) if need_x else None
-    dW = torch.empty(prep.n_rows, D, device=x.device, dtype=W.dtype) if need_W else None
-    xh_in = prep.xh.to(x.dtype) if need_W else None
-    buf = torch.empty(pl.rows * chunk * k, device=x.device, dtype=x.dtype)
-    dD_buf = torch.empty(chunk * k * D, device=x.device, dtype=prep.acc) if need_W else None
-    fused = need_x and k == 1 and prep.gfilter is None and D <= FUSED_DX_MAX_D[x.dtype]  # dX in the same pass
-    unscaled = need_x and not prep.scale_g and not fused
-    rows_buf = torch.empty(chunk * k * D, device=x.device, dtype=x.dtype) if unscaled else None
-    smooth = opts.label_smoothing / prep.C_total
-    for c0 in range(0, prep.C, chunk):
-        c1 = min(c0 + chunk, prep.C)
-        w0, w1 = c0 * k, c1 * k
-        dD = dD_buf[: (w1 - w0) * D].view(w1 - w0, D) if need_W else None
-        w_rows = prep.dx_rows(w0, w1, rows_buf) if need_x and not fused else None
-        for r0 in range(0, B, pl.rows):
-            r1 = min(r0 + pl.rows, B)
-            G = buf[: (r1 - r0) * (w1 - w0)].view(r1 - r0, w1 - w0)
-            inv_w = prep.inv_w[w0:w1] if prep.inv_w is not None else None
-            filt = prep.filter_logit[r0:r1] if prep.filter_logit is not None else None
-            if fused:
-                dxh[r0:r1] += margin_bwd_dx(x[r0:r1], W[w0:w1], prep.y_local[r0:r1], prep.row_scale[r0:r1], inv_w,
-                                            lse[r0:r1], coef[r0:r1], G, label_offset=c0, smoothing=smooth,
-                                            scale_g=prep.scale_g, filter_logit=filt)
-                flags = None
-            else:
-                f = margin_grad(x[r0:r1], W[w0:w1], prep.y_local[r0:r1], prep.row_scale[r0:r1], inv_w, lse[r0:r1],
-                                coef[r0:r1], G, label_offset=c0, smoothing=smooth, scale_g=prep.scale_g, config=cfg,
-                                sub_centers=k, filter_logit=filt, gradient_filter=prep.gfilter)
-                flags = None if f is None else _Flags(f, cfg.block_b, cfg.block_c * k)
-                if need_x:
-                    _dx_product(dxh[r0:r1], G, w_rows, True, flags)
-            if need_W:
-                _dw_product(dD, G, xh_in[r0:r1], r0 > 0, flags)
-        if need_W:
-            if B == 0:
-                dW[w0:w1].zero_()
-            else:
-                prep.finish(dD, w0, w1, dW[w0:w1])
-    return dxh, dW
-
-
-# -- the workspace strategy -------------------------------------------------------------------------------
-
-
-def _ws_kernel(opts: FusedOptions) -> str:
-    return "ws_pred" if opts.want_prediction else "ws"
-
-
-def _workspace_plan(prep: _Prepared) -> tuple[KernelConfig, plan.WorkspacePlan]:
-    """The forward's config and the row blocks. :func:`uses_workspace` decided with the default config's
-    tiles (it sees no device); a tuned config whose tiles leave no row within the budget gives way to it."""
-    kernel = _ws_kernel(prep.opts)
-    device_bytes = _device_bytes(prep.W.device)
-    for cfg in (_cfg(kernel, prep.dtype, prep.D, prep.W.device), config_for(kernel, prep.dtype, prep.D)):
-        pl = plan.workspace_plan(prep.B, prep.C, prep.D, prep.dtype, prep.opts, cfg.block_c, device_bytes)
-        if pl is not None:
-            return cfg, pl
-    raise ValueError("the workspace does not hold one row")  # uses_workspace said it would
-
-
-def _workspace_forward(prep: _Prepared, z: Tensor, g: Tensor):
-    """Forward with the gradients for ``grad_output = 1`` (three GEMMs), block of rows by block of rows."""
-    opts, x, W = prep.opts, prep.xk, prep.W
-    B, C, D, acc = prep.B, prep.C, prep.D, prep.acc
-    need_x, need_W = opts.need_x, opts.need_W
-    cfg, pl = _workspace_plan(prep)
-    ws = ExpWorkspace.allocate(pl.rows, C, x.dtype, x.device, cfg.block_c)
-    dxh = torch.empty(B, D, device=x.device, dtype=acc) if need_x else None
-    dD = dW = None
-    if need_W:
-        dD = torch.empty(C, D, device=x.device, dtype=torch.float32 if pl.fp32_accumulator else W.dtype)
-    xh_in = (x if prep.inv_x is None and x.dtype == W.dtype else prep.xh.to(x.dtype)) if need_W else None
-    gcfg = _cfg("from_exp", x.dtype, D, x.device)
-    step = max(gcfg.block_c, plan.normalized_rows_chunk(C, D, x.dtype) // gcfg.block_c * gcfg.block_c)
-    rows_buf = torch.empty(min(step, C) * D, device=x.device, dtype=x.dtype) if need_x and not prep.scale_g else None
-    N = torch.empty(B, device=x.device, dtype=acc)
-    want = opts.want_prediction
-    pred = torch.empty(B, device=x.device, dtype=torch.int64) if want else prep.empty(torch.int64)
-    best = torch.empty(B, device=x.device, dtype=acc) if want else prep.empty()
-    coef = prep.coef(g)
-    smooth = opts.label_smoothing / prep.C_total
-    for b0 in range(0, B, pl.rows):
-        b1 = min(b0 + pl.rows, B)
-        block = ws.rows(0, b1 - b0)
-        N[b0:b1], p, top = margin_fwd(x[b0:b1], W, prep.y_local[b0:b1], prep.row_scale[b0:b1], prep.inv_w,
-                                      want_prediction=want, classes=opts.chunk_size, config=cfg, workspace=block,
-                                      filter_logit=prep.filter_logit[b0:b1] if prep.filter_logit is not None
-                                      else None)
-        if want:
-            pred[b0:b1], best[b0:b1] = p, top
-        lse = torch.logaddexp(N[b0:b1], z[b0:b1])
-        G, f, _ = grad_from_exp(block, prep.y_local[b0:b1], prep.inv_w, lse, coef[b0:b1], smoothing=smooth,
-                                scale_g=prep.scale_g, gradient_filter=prep.gfilter, config=gcfg)
+    def _gradient_from_workspace(self, r0: int, r1: int, grads: BlockGrads, block: ExpWorkspace,
+                                 dxh: Optional[Tensor], dD: Optional[Tensor]) -> None:
+        """``G`` in place over the block's exponentials, then ``dxh[r0:r1] = G W`` and ``dD (+)= G^T xh``;
+        ``dW`` finished after the last block (from a float32 accumulator where one is needed)."""
+        C, D, W = self.C, self.D, self.W
+        gcfg = _cfg("from_exp", self.dtype, D, W.device)
+        G, f, _ = grad_from_exp(block, self.y_local[r0:r1], self.inv_w, grads.lse, grads.coef, smoothing=self.smooth,
+                                scale_g=self.scale_g, gradient_filter=self.opts.gradient_filter, config=gcfg)
         flags = None if f is None else _Flags(f, gcfg.block_b, gcfg.block_c)
-        if need_x:
-            if prep.scale_g:
-                _dx_product(dxh[b0:b1], G, W, False, flags)
+        if dxh is not None:
+            if self.scale_g:
+                _dx_product(dxh[r0:r1], G, W, False, flags)
             else:  # float16: normalized rows of W, chunk by chunk (chunks of whole flag tiles)
+                step = max(gcfg.block_c, plan.normalized_rows_chunk(C, D, self.dtype) // gcfg.block_c * gcfg.block_c)
+                if self._rows_buf is None:
+                    self._rows_buf = torch.empty(min(step, C) * D, device=W.device, dtype=self.dtype)
                 for c0 in range(0, C, step):
                     c1 = min(c0 + step, C)
-                    _dx_product(dxh[b0:b1], G[:, c0:c1], prep.dx_rows(c0, c1, rows_buf), c0 > 0, flags, c0)
-        if need_W:
-            _dw_product(dD, G, xh_in[b0:b1], b0 > 0, flags)
-    if need_W:
-        if B == 0:
-            dD.zero_()
-        if pl.fp32_accumulator:
-            dW = torch.empty(C, D, device=x.device, dtype=W.dtype)
-            prep.finish(dD, 0, C, dW)
-            del dD
-        else:
-            dW = dD
-            prep.finish(dD, 0, C, dW)
-    return RowStats(N, best, pred, prep.logit_sum()), dxh, dW
+                    _dx_product(dxh[r0:r1], G[:, c0:c1], self.dx_rows(c0, c1, self._rows_buf), c0 > 0, flags, c0)
+        if dD is not None:
+            if grads.first:  # the dW product's operand and its accumulator, for all row blocks
+                self._xh_in = self.xk if self.inv_x is None else self.xh.to(self.dtype)
+                blocks = 1 if grads.last else 2
+                self._dD = torch.empty(C, D, device=W.device, dtype=torch.float32) \
+                    if plan.fp32_accumulator(self.dtype, blocks, self.opts.normalize) else dD
+            _dw_product(self._dD, G, self._xh_in[r0:r1], not grads.first, flags)
+            if grads.last:
+                self.finish(self._dD, 0, C, dD)
+                self._dD = self._xh_in = None
+
+    def _recompute_gradient(self, pl: Plan, grads: BlockGrads, dxh: Optional[Tensor], dD: Optional[Tensor]) -> None:
+        """Class chunk by class chunk: the kernel recomputes the logits into ``G`` (for
+        ``D <= FUSED_DX_MAX_D[dtype]`` forming ``dxh += G W`` in the same pass), cuBLAS (or the masked
+        kernel) multiplies, and each chunk of ``dW`` is finished and written in the weight's dtype before the
+        next one starts. The engine's row block is the whole batch (:func:`~marginops.backends.triton_plan.
+        tiling`): the chunks, and the rows of a ``G`` buffer, are :meth:`recompute_chunks`'."""
+        assert grads.first and grads.last, "the recompute backward finishes dW per chunk: one row block"
+        opts, x, W = self.opts, self.xk, self.W
+        B, D, k = self.B, self.D, self.k
+        cfg = self.grad_config()
+        cp = self.recompute_chunks()
+        chunk = pl.chunk  # classes per chunk
+        lse, coef = grads.lse, grads.coef
+        gfilter = opts.gradient_filter
+        xh_in = self.xh.to(x.dtype) if dD is not None else None
+        buf = torch.empty(cp.rows * chunk * k, device=x.device, dtype=x.dtype)
+        dD_buf = torch.empty(chunk * k * D, device=x.device, dtype=self.acc) if dD is not None else None
+        fused = dxh is not None and k == 1 and gfilter is None and D <= FUSED_DX_MAX_D[x.dtype]  # dX in the pass
+        unscaled = dxh is not None and not self.scale_g and not fused
+        rows_buf = torch.empty(chunk * k * D, device=x.device, dtype=x.dtype) if unscaled else None
+        for c0 in range(0, self.C, chunk):
+            c1 = min(c0 + chunk, self.C)
+            w0, w1 = c0 * k, c1 * k
+            dDc = dD_buf[: (w1 - w0) * D].view(w1 - w0, D) if dD is not None else None
+            w_rows = self.dx_rows(w0, w1, rows_buf) if dxh is not None and not fused else None
+            inv_w = self.inv_w[w0:w1] if self.inv_w is not None else None
+            for r0 in range(0, B, cp.rows):
+                r1 = min(r0 + cp.rows, B)
+                G = buf[: (r1 - r0) * (w1 - w0)].view(r1 - r0, w1 - w0)
+                if fused:
+                    dxh[r0:r1] += margin_bwd_dx(x[r0:r1], W[w0:w1], self.y_local[r0:r1], self.row_factor[r0:r1],
+                                                inv_w, lse[r0:r1], coef[r0:r1], G, label_offset=c0,
+                                                smoothing=self.smooth, scale_g=self.scale_g,
+                                                filter_logit=self._filter(r0, r1))
+                    flags = None
+                else:
+                    f = margin_grad(x[r0:r1], W[w0:w1], self.y_local[r0:r1], self.row_factor[r0:r1], inv_w,
+                                    lse[r0:r1], coef[r0:r1], G, label_offset=c0, smoothing=self.smooth,
+                                    scale_g=self.scale_g, config=cfg, sub_centers=k, filter_logit=self._filter(r0, r1),
+                                    gradient_filter=gfilter)
+                    flags = None if f is None else _Flags(f, cfg.block_b, cfg.block_c * k)
+                    if dxh is not None:
+                        _dx_product(dxh[r0:r1], G, w_rows, True, flags)
+                if dD is not None:
+                    _dw_product(dDc, G, xh_in[r0:r1], r0 > 0, flags)
+            if dD is not None:
+                self.finish(dDc, w0, w1, dD[w0:w1])
+
+
+_ENGINE = engine.Engine(_TritonBlocks)
 
 
 # -- the backend interface (marginops.backends.interface.Backend) ---------------------------------------
@@ -819,58 +788,32 @@ def weight_grad_dtype(x_dtype: torch.dtype, W_dtype: torch.dtype, opts: FusedOpt
 
 
 def uses_workspace(B: int, C: int, D: int, x_dtype: torch.dtype, W_dtype: torch.dtype, opts: FusedOptions) -> bool:
-    """Whether a call takes the workspace strategy: ``"workspace"``, or ``"auto"`` where it applies (a scalar
-    loss with gradients, the whole class range, one row per class) and its row blocks hold at least
-    :data:`~marginops.backends.triton_plan.MIN_WORKSPACE_ROWS` rows. ``C`` counts rows of the weight.
+    """Whether a call takes the workspace strategy (the engine's rule under this backend's budget policy):
+    ``"workspace"``, or ``"auto"`` where it applies (a scalar loss with gradients, the whole class range, one
+    row per class) and its row blocks hold at least
+    :data:`~marginops.backends.engine.MIN_WORKSPACE_ROWS` rows (or all of ``B``). ``C`` counts rows of the
+    weight.
 
     Raises:
         ValueError: ``"workspace"`` that cannot hold one row within the budget, or a class range.
         NotImplementedError: ``"workspace"`` with sub-centres.
     """
-    if opts.strategy == "recompute" or B == 0 or not (opts.reduce and (opts.need_x or opts.need_W)):
-        return False
-    tile_c = config_for(_ws_kernel(opts), W_dtype, D).block_c
-    classes = opts.classes_of(C)
-    if opts.strategy == "workspace":
-        if opts.sub_centers > 1:
-            raise NotImplementedError(f"strategy='workspace' does not support sub-centres (sub_centers="
-                                      f"{opts.sub_centers}) on backend='triton'; use strategy='recompute' or 'auto'")
-        opts.require_full_range(classes)
-        if plan.workspace_plan(B, classes, D, W_dtype, opts, tile_c) is None:
-            need = plan.workspace_row_bytes(classes, W_dtype, tile_c)
-            raise ValueError(f"strategy='workspace' needs memory_budget >= {need} bytes (one row of exponentials "
-                             f"across all {classes} classes), got memory_budget={opts.memory_budget}")
-        return True
-    return plan.auto_takes_workspace(B, C, D, W_dtype, opts, tile_c)
+    return _ENGINE.uses_workspace(B, C, D, x_dtype, W_dtype, opts)
 
 
 def forward_stats(call: Call) -> RowStats:
-    """The forward kernel over all row blocks and class splits; no gradients."""
-    prep = _Prepared(call)
-    opts = call.opts
-    N, pred, best = margin_fwd(prep.xk, call.W, prep.y_local, prep.row_scale, prep.inv_w,
-                               want_prediction=opts.want_prediction, classes=opts.chunk_size,
-                               sub_centers=prep.k, filter_logit=prep.filter_logit)
-    if opts.want_prediction:
-        pred = pred + opts.class_start
-    else:
-        pred, best = prep.empty(torch.int64), prep.empty()
-    return RowStats(N, best, pred, prep.logit_sum())
+    """The forward kernel over all rows and class splits; no gradients."""
+    return _ENGINE.forward_stats(call)
 
 
 def forward_with_grads(call: Call, z: Tensor, g: Tensor) -> tuple[RowStats, Optional[Tensor], Optional[Tensor]]:
     """The workspace strategy: three GEMMs, gradients formed during the forward pass."""
-    prep = _Prepared(call)
-    call.opts.require_full_range(prep.C)
-    return _workspace_forward(prep, z.to(prep.acc), g.to(prep.acc))
+    return _ENGINE.forward_with_grads(call, z, g)
 
 
 def recompute_grads(call: Call, lse: Tensor, g: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """The recompute strategy's gradients (four GEMMs in all): ``G`` chunks from the kernel, then the products."""
-    prep = _Prepared(call)
-    if not (call.opts.need_x or call.opts.need_W):
-        return None, None
-    return _recompute_grads(prep, lse.to(prep.acc), prep.coef(g))
+    return _ENGINE.recompute_grads(call, lse, g)
 
 
 def scratch_bytes(B: int, C: int, D: int, dtype: torch.dtype, opts: FusedOptions,
@@ -878,8 +821,10 @@ def scratch_bytes(B: int, C: int, D: int, dtype: torch.dtype, opts: FusedOptions
     """The scratch one training step takes beyond inputs and gradients, term by term
     (:func:`marginops.backends.triton_plan.scratch_bytes` for this backend's strategy choice and configs)."""
     device = torch.device(device or "cpu")
+    described = engine.describe(device)
+    classes = opts.classes_of(C)
     workspace = uses_workspace(B, C, D, dtype, dtype, opts)
-    return plan.scratch_bytes(B, opts.classes_of(C), D, dtype, opts, workspace,
-                              _cfg(_ws_kernel(opts), dtype, D, device).block_c,
+    return plan.scratch_bytes(B, classes, D, dtype, opts, workspace,
+                              plan.workspace_config(classes, D, dtype, opts, described).block_c,
                               _cfg("sub_grad" if opts.sub_centers > 1 else "grad", dtype, D, device),
-                              _device_bytes(device))
+                              described.memory_bytes or None)

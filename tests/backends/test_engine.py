@@ -1,6 +1,6 @@
 """The tile engine: its planner (CPU and GPU tile policies), statistics merging, option checks, and what it
-gives both backends on it: per-row scales, gradient filtering, and the torch backend's GPU code path (16-bit
-products, large tiles) run on CPU tensors."""
+gives the backends on it: per-row scales, gradient filtering, the torch backend's GPU code path (16-bit
+products, large tiles) run on CPU tensors, and the Triton backend's row blocks through its loops."""
 
 from __future__ import annotations
 
@@ -92,6 +92,28 @@ def test_recompute_tiles_shrink_classes_first_to_the_budget():
     assert p == engine.Plan("recompute", 512, 100, 512 * 100 * 4)
     tiny = engine.plan(1000, 10_000, opts(memory_budget=1), CPU_TORCH, stored=8, tile=8, workspace=False)
     assert tiny.strategy == "recompute" and tiny.chunk == 1
+
+
+def test_a_backends_budget_policy():
+    """WorkspaceBudget: without memory_budget a default sized by the backend, a block of all rows allowed what
+    several blocks would spend beside the workspace, a device cap; an explicit memory_budget bounds the
+    workspace alone."""
+    row = 1000
+    wb = engine.WorkspaceBudget(row, default=200 * row, one_block=50 * row)
+    assert wb.rows(250, opts()) == 250  # all rows cost no more than the default plus the allowance
+    assert wb.rows(251, opts()) == 200  # else the default's rows
+    assert replace(wb, cap=30 * row).rows(250, opts()) == 30
+    assert replace(wb, cap=1).rows(10, opts()) == 1  # a cap below one row still leaves one
+    assert replace(wb, cap=1).rows(10, opts(memory_budget=20 * row + 1)) == 10  # the caller's budget alone
+    assert wb.rows(150, opts(memory_budget=20 * row + 1)) == 20 and wb.rows(5, opts(memory_budget=row - 1)) == 0
+    assert engine.takes_workspace(251, 7, opts(), 1, True, wb)
+    p = engine.plan(251, 7, opts(), CPU_TORCH, stored=1, tile=0, workspace=True, budget=wb)
+    assert (p.strategy, p.rows, p.scratch_bytes) == ("workspace", 126, 126 * row)  # two even blocks of <= 200
+    assert not engine.takes_workspace(1000, 7, opts(), 1, True, replace(wb, cap=100 * row))  # 100 < 128 rows
+    with pytest.raises(ValueError, match=f"memory_budget >= {row} bytes"):
+        engine.takes_workspace(1000, 7, opts(memory_budget=row - 1, strategy="workspace"), 1, True, wb)
+    # the default policy: rows of classes x stored bytes within opts.budget
+    assert engine.WorkspaceBudget(10_000 * 4).rows(10**6, opts()) == DEFAULT_MEMORY_BUDGET // (10_000 * 4)
 
 
 def test_cpu_tiles_are_sized_from_the_cache():
@@ -504,3 +526,23 @@ def test_a_backend_without_per_row_scales_refuses_them_by_name():
     with pytest.raises(NotImplementedError, match="row_scale"):
         Prepared(call)
     assert engine.RowBlockKernel.row_scale_supported
+
+
+def test_the_triton_backend_runs_on_the_engine(monkeypatch):
+    """The Triton backend supplies only its row-block work: its statistics and gradients come out of the
+    engine's loops, here with per-row scales, filtering and the prediction, against this module's float64 oracle
+    (its kernels under the Triton interpreter on CPU)."""
+    pytest.importorskip("triton")
+    from marginops.backends import get_backend
+
+    triton_backend = get_backend("triton")
+    loops = []
+    for name in ("_forward", "_recompute"):
+        real = getattr(engine, name)
+        monkeypatch.setattr(engine, name, lambda *a, real=real, name=name, **kw: loops.append(name) or real(*a, **kw))
+    x, W, _ = make_inputs(13, 37, 5)
+    row_scale = torch.rand(13, dtype=torch.float64) * 3 + 0.2
+    for strategy in ("workspace", "recompute"):
+        o = FusedOptions(scale=4.0, strategy=strategy, want_prediction=True, filter_threshold=0.1)
+        check_call(triton_backend, x, W, torch.tensor(LABELS_13), o, row_scale, strategy)
+    assert loops == ["_forward", "_forward", "_recompute"]

@@ -301,13 +301,13 @@ def test_prediction_is_the_first_argmax_across_tiles_and_splits(tiles, chunk_siz
 
 def test_prediction_not_computed_unless_asked(monkeypatch):
     asked = []
-    real = tm.margin_fwd
+    real = tm.margin_fwd_splits
 
     def spy(*args, **kwargs):
         asked.append(kwargs.get("want_prediction", False))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tm, "margin_fwd", spy)
+    monkeypatch.setattr(tm, "margin_fwd_splits", spy)
     x, W, y = (t.to(DEVICE) for t in inputs())
     mo.margin_cross_entropy(x, W, y, backend="triton")
     assert asked and not any(asked)  # the forward kernel ran without its argmax
@@ -512,8 +512,8 @@ def test_fused_dx_launcher_matches_the_formula(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_workspace_strategy_matches_reference(tiles, dtype, reduction, budget, monkeypatch):
     blocks = []
-    real_fwd = tm.margin_fwd
-    monkeypatch.setattr(tm, "margin_fwd", lambda x, *a, **k: blocks.append(len(x)) or real_fwd(x, *a, **k))
+    real_fwd = tm.margin_fwd_splits
+    monkeypatch.setattr(tm, "margin_fwd_splits", lambda x, *a, **k: blocks.append(len(x)) or real_fwd(x, *a, **k))
     x, W, y = inputs(dtype, ignore=3)
     out = check(x, W, y, mo.ArcFace(0.5), reduction=reduction, label_smoothing=0.1, memory_budget=budget,
                 strategy="workspace")
@@ -532,8 +532,8 @@ def test_workspace_hands_over_dW_in_the_weight_dtype(dtype, normalize, monkeypat
     # one block of a plain head: cuBLAS writes dW directly; several blocks or a normalization: a float32
     # accumulator for 16-bit weights (the accumulation dtype's dW for float32 ones)
     handed = []
-    real = tm._workspace_forward
-    monkeypatch.setattr(tm, "_workspace_forward", lambda *a: handed.append(real(*a)) or handed[-1])
+    real = tm.forward_with_grads
+    monkeypatch.setattr(tm, "forward_with_grads", lambda *a: handed.append(real(*a)) or handed[-1])
     x, W, y = inputs(dtype, ignore=2)
     for budget in (None, 20_000):
         check(x, W, y, None if not normalize else mo.ArcFace(0.5), 64.0 if normalize else 1.0,
@@ -546,8 +546,8 @@ def test_workspace_hands_over_dW_in_the_weight_dtype(dtype, normalize, monkeypat
 def test_recompute_hands_over_dW_in_the_input_dtype(dtype, monkeypatch):
     # no fp32 C x D copy of the weight gradient: chunks are finished straight into W.grad's dtype
     handed = []
-    real = tm._recompute_grads
-    monkeypatch.setattr(tm, "_recompute_grads", lambda *a: handed.append(real(*a)) or handed[-1])
+    real = tm.recompute_grads
+    monkeypatch.setattr(tm, "recompute_grads", lambda *a: handed.append(real(*a)) or handed[-1])
     x, W, y = inputs(dtype, ignore=2)
     check(x, W, y, mo.ArcFace(0.5), memory_budget=40_000, strategy="recompute")
     (dx, dW), = handed
