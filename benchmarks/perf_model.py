@@ -25,7 +25,6 @@ cycles per logit, its products ran at 0.64 of cuBLAS's rate. The model's
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -167,10 +166,8 @@ SHORT = {"norms": "norms", "forward kernel (stores exp)": "fwd", "G in place": "
          "scale by grad_output": "scale"}
 
 
-def table(m: Machine = H200, efficiency: float = DESIGN_EFFICIENCY, *_ignored) -> str:
+def table(m: Machine = H200, efficiency: float = DESIGN_EFFICIENCY) -> str:
     """The predictions for :data:`TARGETS` as a Markdown table (the docs' generated block)."""
-    if not isinstance(m, Machine):
-        m = H200
     lines = [
         "| case | B | D | C | dtype | plan | steps (ms; legend below) | predicted | x floor | target "
         "| at today's efficiency "
@@ -188,24 +185,16 @@ def table(m: Machine = H200, efficiency: float = DESIGN_EFFICIENCY, *_ignored) -
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks model", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--efficiency", type=float, default=DESIGN_EFFICIENCY,
-                        help="Triton products' rate as a fraction of cuBLAS's (default: %(default)s)")
-    parser.add_argument("--bandwidth-tbs", type=float, default=H200.bandwidth / 1e12)
-    parser.add_argument("--cublas-tflops", type=float, default=H200.cublas["bfloat16"] / 1e12,
-                        help="16-bit cuBLAS rate")
-    args = parser.parse_args(argv)
-    rate = args.cublas_tflops * 1e12
-    m = replace(H200, bandwidth=args.bandwidth_tbs * 1e12,
+def main(efficiency: Optional[float] = None, bandwidth_tbs: Optional[float] = None,
+         cublas_tflops: Optional[float] = None) -> int:
+    """Print the table at these rates (default: :data:`DESIGN_EFFICIENCY` and the H200's)."""
+    efficiency = efficiency or DESIGN_EFFICIENCY
+    rate = cublas_tflops * 1e12 if cublas_tflops else H200.cublas["bfloat16"]
+    m = replace(H200, bandwidth=bandwidth_tbs * 1e12 if bandwidth_tbs else H200.bandwidth,
                 cublas={**H200.cublas, "bfloat16": rate, "float16": rate})
-    print(f"Predicted (not measured) on {m.name}: 16-bit cuBLAS {args.cublas_tflops:g} TFLOP/s, Triton products "
-          f"at {args.efficiency:g} of it (tf32x3 at {args.efficiency:g} x {m.tf32x3 / 1e12:.0f} TFLOP/s), "
-          f"HBM {args.bandwidth_tbs:g} TB/s, epilogue {m.epilogue_cycles} cycles per logit; fwd + bwd, "
+    print(f"Predicted (not measured) on {m.name}: 16-bit cuBLAS {rate / 1e12:g} TFLOP/s, Triton products "
+          f"at {efficiency:g} of it (tf32x3 at {efficiency:g} x {m.tf32x3 / 1e12:.0f} TFLOP/s), "
+          f"HBM {m.bandwidth / 1e12:g} TB/s, epilogue {m.epilogue_cycles} cycles per logit; fwd + bwd, "
           f"default options.\n")
-    print(table(m, args.efficiency))
+    print(table(m, efficiency))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

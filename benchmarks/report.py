@@ -10,6 +10,7 @@ differs from what the committed records give.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -126,8 +127,9 @@ def judge(cases: dict[tuple, dict], t: presets.Target) -> tuple[Optional[dict], 
         base = bases[0][1] if bases else None
     if ours is None or (t.against is not None and base is None):
         return ours, base, None, None
-    value = ours[t.metric] / base[t.metric] if t.against is not None else ours[t.metric]
-    return ours, base, value, value <= t.max_ratio and ours.get("check_ok", True) is not False
+    top, bottom = ours[t.metric], base[t.metric] if t.against is not None else 1
+    value = top / bottom if bottom else math.inf
+    return ours, base, value, top <= t.max_ratio * bottom and ours.get("check_ok", True) is not False
 
 
 def targets_table(cases: dict[tuple, dict], preset: presets.Preset) -> str:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from benchmarks import perf_model
+from benchmarks.__main__ import main as cli
 from benchmarks.perf_model import H200, TARGETS, predict
 from marginops.backends import triton_config as tc
 from marginops.backends import triton_plan as tp
@@ -77,4 +78,4 @@ def test_memory_is_the_backends_formula(t):
 def test_table_lists_every_target():
     text = perf_model.table()
     assert all(f"| {t.name} |" in text for t in TARGETS)
-    assert perf_model.main(["--efficiency", "0.7"]) == 0
+    assert cli(["model", "--efficiency", "0.7"]) == 0
