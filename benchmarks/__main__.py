@@ -62,7 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "run":
         from . import runner
 
-        preset = presets.get(args.preset)
+        preset = presets.PRESETS[args.preset]
         cases = [c for c in preset.cases if args.impls is None or c.impl in args.impls or c.impl == "floor"]
         path = args.output or runner.RESULTS_DIR / f"{preset.name}.json"
         rounds = args.rounds if args.rounds is not None else preset.rounds

@@ -55,11 +55,6 @@ class Machine:
         return flops / self.cublas[dtype]
 
 
-def _triton_rate(m: Machine, dtype: str) -> float:
-    """The rate the Triton products are measured against: cuBLAS's at 16 bits, tf32x3's peak for float32."""
-    return m.tf32x3 if dtype == "float32" else m.cublas[dtype]
-
-
 #: One NVIDIA H200 as measured on 2026-12-04 (torch 2.11, triton 3.6): bf16 cuBLAS 687 TFLOP/s at B=8192,
 #: D=2304, C=256k (the 3-GEMM floor 42.2 ms); float32 without TF32 52 TFLOP/s (floor 558 ms); at each target
 #: shape whose floor was measured, :func:`predict` takes cuBLAS's rate from that floor. Assumed: fp16 as
@@ -78,19 +73,17 @@ DESIGN_EFFICIENCY = 0.80
 TARGETS = presets.GPU_TARGETS
 
 
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
-
-
 def _triton_gemm(m: Machine, flops: float, dtype: str, efficiency: float) -> float:
-    return flops / (_triton_rate(m, dtype) * efficiency)
+    """Seconds of Triton products at ``efficiency`` times the rate they are measured against: cuBLAS's at 16
+    bits, tf32x3's peak for float32."""
+    return flops / ((m.tf32x3 if dtype == "float32" else m.cublas[dtype]) * efficiency)
 
 
 def _logits_kernel(m: Machine, B: int, C: int, D: int, dtype: str, kernel: str, efficiency: float,
                    store_bytes: float) -> float:
     """A logits kernel: products at the Triton rate over its grid's busy share, then the epilogue and its
     stores, hidden under another program's products in proportion to (occupancy - 1) / occupancy."""
-    cfg = tc.config_for(kernel, _dtype(dtype), D, 90)
+    cfg = tc.config_for(kernel, getattr(torch, dtype), D, 90)
     rb, ct = -(-B // cfg.block_b), -(-C // cfg.block_c)
     slots = m.sms * cfg.occupancy
     busy = tp.grid_efficiency(rb, ct, slots) if kernel != "grad" else min(1.0, rb * ct / (-(-rb * ct // slots) * slots))
@@ -105,7 +98,7 @@ def predict(t: presets.Target, m: Machine = H200, efficiency: float = DESIGN_EFF
     """Seconds per step of one forward + backward (``reduction="mean"``, default options), by step, for the
     strategy the backend takes (``"auto"``) or the one given."""
     (B, D, C), dtype, problem = t.shape, t.dtype, registry.PROBLEMS[t.problem]
-    dt = _dtype(dtype)
+    dt = getattr(torch, dtype)
     e = tp.elt(dt)
     if t.floor_ms is not None and m.cublas[dtype] == H200.cublas[dtype]:  # the rate the H200 showed at this shape
         rate = 6.0 * B * C * D / (t.floor_ms * 1e-3)

@@ -6,7 +6,7 @@ measured figure with another of the same run (or a fixed number of bytes).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 from .runner import Case
@@ -193,19 +193,3 @@ PRESETS = {p.name: p for p in (
            gpu_cases()),
 )}
 
-
-def get(name: str) -> Preset:
-    if name not in PRESETS:
-        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
-    return PRESETS[name]
-
-
-def tiny(preset: Preset, shape=(37, 40, 300), device: str = "cpu") -> tuple[Case, ...]:
-    """The preset's distinct cases at a tiny shape on ``device`` (a dry run), order kept."""
-    out = []
-    for c in preset.cases:
-        t = replace(c, batch=shape[0], dim=shape[1], classes=shape[2], device=device, repeats=min(c.repeats, 1),
-                    memory_budget=None)
-        if t not in out:
-            out.append(t)
-    return tuple(out)

@@ -250,17 +250,17 @@ def plot(records: Sequence[dict], preset: str, path: Path) -> Optional[Path]:
     return path
 
 
-def update(records: Optional[Sequence[dict]] = None, pages: Sequence[Path] = PAGES, plots: bool = True) -> list[Path]:
-    """Rewrite the generated blocks of ``pages`` and the plots; returns the files written."""
+def update(records: Optional[Sequence[dict]] = None, pages: Sequence[Path] = PAGES, plots: bool = True,
+           write: bool = True) -> list[Path]:
+    """Rewrite the generated blocks of ``pages`` and the plots from ``records`` (default: the committed ones);
+    returns the files written (``write=False``: writes nothing, returns the pages that are out of date)."""
     records = load_records([*RESULTS_DIR.glob("*.json"), *RESULTS_DIR.glob("gpu/*.json")]) if records is None else records
     generated = blocks(records)
-    written = []
-    for page in pages:
-        old = page.read_text()
-        new = render(old, generated)
-        if new != old:
-            page.write_text(new)
-            written.append(page)
+    written = [page for page in pages if render(page.read_text(), generated) != page.read_text()]
+    if not write:
+        return written
+    for page in written:
+        page.write_text(render(page.read_text(), generated))
     if plots:
         for name in ("classes", "plain"):
             path = plot(records, name, IMG_DIR / f"benchmark_{name}.png")
@@ -271,6 +271,4 @@ def update(records: Optional[Sequence[dict]] = None, pages: Sequence[Path] = PAG
 
 def stale_pages(records: Optional[Sequence[dict]] = None, pages: Sequence[Path] = PAGES) -> list[Path]:
     """The pages whose generated blocks differ from what ``records`` (default: the committed ones) give."""
-    records = load_records([*RESULTS_DIR.glob("*.json"), *RESULTS_DIR.glob("gpu/*.json")]) if records is None else records
-    generated = blocks(records)
-    return [page for page in pages if render(page.read_text(), generated) != page.read_text()]
+    return update(records, pages, write=False)
