@@ -28,26 +28,8 @@ Writes ``DIR/gpu-check.json`` (records, the format of ``benchmarks/results``),
 interpreter (no speed figures: it checks that the command works; a test runs
 it). Exit status 1 when a test fails or a marginops case does not run correctly.
 
-Peers travel as wheels (pure Python). Before the GPU window, on a machine with
-network, from the repository root::
-
-    pip download --no-deps --dest .whl cut-cross-entropy liger-kernel
-
-(``.whl/`` is ignored by git; the device tool carries it: ``carry=[".whl"]``). The
-window is one call of the device tool from the repository root (``$OUT`` is what
-comes back; about 9 minutes of the 10 a call may take: the bf16 tuning starts no
-candidate after 120 s, the check no case after 360 s, its GPU tests included)::
-
-    pip install -q --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site; \
-    python -m marginops.tune --out $OUT/tune --write --dtypes bfloat16 --budget 120; \
-    python -m benchmarks gpu-check --out $OUT/check --budget 360; \
-    cp marginops/backends/triton_tuned.json $OUT/
-
-Then commit ``marginops/backends/triton_tuned.json`` from ``$OUT`` and the
-check's records under ``benchmarks/results/gpu/`` (date and GPU in the name).
-
-The caller's ``PYTHONPATH`` is kept (the repository root goes in front of it),
-so the peers installed under ``/tmp/site`` are found by every child process.
+The GPU window that runs it (the peers as wheels, the one call of the device tool, what to commit
+afterwards) is in ``docs/benchmarks.md``, "The GPU window: tuning, then the check".
 """
 
 from __future__ import annotations
@@ -208,7 +190,8 @@ def main(out: Path, *, dry_run: bool = False, install: bool = False, budget: flo
     from marginops.backends import triton_config as tc
 
     tuned = tc.tuned_table()
-    lines.append(f"- configs: {'tuned ' + ', '.join(f'{a} ({len(e)} entries)' for a, e in tuned.items()) if tuned else 'the defaults (no tuned table)'}")
+    configs = ", ".join(f"{a} ({len(e)} entries)" for a, e in tuned.items())
+    lines.append(f"- configs: {'tuned ' + configs if tuned else 'the defaults (no tuned table)'}")
     peers = {name: registry.unavailable(name, "cuda" if not dry_run else "cpu") or "available"
              for name in ("cce", "liger")}
     lines.append("- peers: " + ", ".join(f"{k}: {v}" for k, v in peers.items()))
@@ -220,8 +203,7 @@ def main(out: Path, *, dry_run: bool = False, install: bool = False, budget: flo
     cases = dry_cases(preset.cases) if dry_run else preset.cases
     records = runner.run(cases, preset="gpu-check" if not dry_run else "gpu-check-dry-run", env=env,
                          deadline=t0 + budget, timeout=120.0, output=out / "gpu-check.json")
-    grouped = report.group(records)
-    cases_done = next(iter(grouped.values()))
+    cases_done = next(iter(report.group(records).values()))
     rows = evaluate(records, shape=shape)
     (out / "targets.json").write_text(json.dumps(rows, indent=1))
     lines += [f"- cases: {len(cases_done)} in {time.monotonic() - t0:.0f} s", "",
