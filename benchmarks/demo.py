@@ -13,8 +13,7 @@ from dataclasses import replace
 from typing import Optional, Sequence
 
 from . import presets, registry, report, runner
-
-MiB = 2**20
+from .runner import MiB
 
 
 def explain(records: Sequence[dict]) -> str:

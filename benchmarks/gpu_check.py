@@ -43,8 +43,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import presets, registry, report, runner
+from .runner import MiB
 
-MiB = 2**20
 DRY_SHAPE = (37, 40, 300)
 #: Bytes per element of ``x`` that marginops' own autograd path holds beside the backend's scratch at the peak
 #: (the target term's backward and the normalization backward of ``x``: measured about 24-28 on CPU), and
@@ -139,7 +139,8 @@ def targets_text(rows: list[dict]) -> str:
         extra = "-" if r["extra_peak_bytes"] is None else f"{r['extra_peak_bytes'] / MiB:,.0f} MiB"
         out.append([r["name"], ", ".join(f"{v:,}" for v in r["shape"]), r["dtype"],
                     f"{ratio} (<= {r['max_ratio']:.2f}x)",
-                    ", ".join(f"{p}: {yes(v)}" for p, v in r["faster_than"].items()) or "-", extra, yes(r["memory_met"]),
+                    ", ".join(f"{p}: {yes(v)}" for p, v in r["faster_than"].items()) or "-", extra,
+                    yes(r["memory_met"]),
                     f"{r['formula_bytes'] / MiB:,.0f}-{r['formula_upper'] / MiB:,.0f} MiB: {yes(r['formula_met'])}",
                     "not measured" if r["met"] is None else yes(r["met"])])
     return report._table(["target", "B, D, C", "dtype", "x floor (target)", "faster than", "extra peak",

@@ -32,12 +32,11 @@ from typing import Optional
 import torch
 
 from marginops.backends import triton_config as tc
-
-from . import presets, registry
 from marginops.backends import triton_plan as tp
 from marginops.backends.interface import FusedOptions
 
-MiB = 2**20
+from . import presets, registry
+from .runner import MiB
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .runner import Case
+from .runner import Case, MiB
 
-MiB = 2**20
 CPU_PEERS = ("floor", "marginops-native", "marginops-torch", "naive", "naive-compiled", "pml")
 PLAIN_PEERS = ("floor", "marginops-native", "marginops-torch", "naive", "naive-compiled", "torch-linear-ce", "cce")
 

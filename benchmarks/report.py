@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import presets, registry
-from .runner import REPO_ROOT, RESULTS_DIR, describe_machine, load_records
+from .runner import REPO_ROOT, RESULTS_DIR, MiB, describe_machine, load_records
 
-MiB = 2**20
 PAGES = (REPO_ROOT / "README.md", REPO_ROOT / "docs" / "benchmarks.md")
 IMG_DIR = REPO_ROOT / "docs" / "img"
 #: The README's summary: the GPU first (the latest of these presets holding this problem and shape), then
