@@ -287,22 +287,21 @@ def check(case: Case) -> dict:
     shape = registry.Shape(min(case.batch, 48), dim, min(case.classes, 1536))
     dtype = registry.DTYPES[case.dtype]
     inp = registry.problem_inputs(problem, shape, dtype=dtype, device=case.device, seed=1)
+
+    def reference(on: registry.Inputs) -> torch.Tensor:  # one step of the naive code, backend="reference"
+        loss = mo.margin_cross_entropy(on.x, on.W, on.y, problem.margin_object(), problem.scale,
+                                       reduction=case.reduction, backend="reference", **problem.options())
+        (loss.sum() if loss.dim() else loss).backward()
+        return loss.detach()
+
     ref_in = inp.to(torch.float64)
-    loss64 = mo.margin_cross_entropy(ref_in.x, ref_in.W, ref_in.y, problem.margin_object(), problem.scale,
-                                     reduction=case.reduction, backend="reference", **problem.options())
-    (loss64.sum() if loss64.dim() else loss64).backward()
-    ref = (loss64.detach(), ref_in.x.grad, ref_in.W.grad)
+    ref = (reference(ref_in), ref_in.x.grad, ref_in.W.grad)
     step = registry.step_function(case.impl, problem, inp, device=case.device, reduction=case.reduction,
                                   memory_budget=case.memory_budget)
     errs = _errors(step, inp, ref)
     allowed = {"float64": (1e-10, 1e-8), "float32": (1e-4, 1e-3)}.get(case.dtype)
     if allowed is None:  # 16-bit inputs: no worse than twice the naive computation in the same dtype
-        def naive_step():
-            loss = mo.margin_cross_entropy(inp.x, inp.W, inp.y, problem.margin_object(), problem.scale,
-                                           reduction=case.reduction, backend="reference", **problem.options())
-            (loss.sum() if loss.dim() else loss).backward()
-            return loss.detach()
-        naive = _errors(naive_step, inp, ref)
+        naive = _errors(lambda: reference(inp), inp, ref)
         allowed = (max(2e-2, 2 * naive[0]), max(2e-2, 2 * max(naive[1:])))
     ok = errs[0] <= allowed[0] and max(errs[1:]) <= allowed[1]
     return {"ok": ok, "loss_err": errs[0], "grad_x_err": errs[1], "grad_w_err": errs[2],
