@@ -6,8 +6,7 @@
   against another git revision; long-format records with the machine;
 * :mod:`benchmarks.presets`: named case lists and the targets they check;
 * :mod:`benchmarks.report`: the README and ``docs/benchmarks.md`` tables and the plots, from the records;
-* :mod:`benchmarks.demo`, :mod:`benchmarks.gpu_check`,
-  :mod:`benchmarks.distributed`, :mod:`benchmarks.retrieval`, :mod:`benchmarks.perf_model`: the
-  other subcommands;
+* :mod:`benchmarks.demo`, :mod:`benchmarks.gpu_check`, :mod:`benchmarks.distributed`,
+  :mod:`benchmarks.perf_model`: the other subcommands;
 * ``benchmarks/test_*.py``: their tests (collected by ``python -m pytest``) and the pytest-benchmark cases.
 """

@@ -9,25 +9,30 @@ from typing import Optional, Sequence
 
 from . import presets, registry
 
-#: Subcommands with their own argument parsers: name -> (module, one line).
-TOOLS = {
-    "distributed": ("distributed", "per-rank memory and step time of ShardedMarginHead at several world sizes"),
-    "model": ("perf_model", "predicted GPU times of the Triton backend (a model, not a measurement)"),
-}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split(";")[0])
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="marginops against the naive head, in about a minute on a CPU")
-    for name in ("batch", "dim", "classes"):
-        d.add_argument(f"--{name}", type=int, default=None, help="default: the demo preset's")
-    d.add_argument("--output", type=Path, default=None, help="also write the records here")
     r = sub.add_parser("run", help="run a preset; records to benchmarks/results/PRESET.json")
+    rep = sub.add_parser("report", help="regenerate README/docs tables and plots from the committed records")
+    g = sub.add_parser("gpu-check", help="GPU tests + the gpu preset in one short window (see gpu_check.py)")
+    sub.add_parser("list", help="presets and implementations")
+    dist = sub.add_parser("distributed", help="per-rank memory and step time of ShardedMarginHead at several "
+                          "world sizes (CPU, gloo)")
+    m = sub.add_parser("model", help="predicted GPU times of the Triton backend (a model, not a measurement)")
+    for name, default in (("batch", 512), ("dim", 128), ("classes", 2_000_000)):
+        d.add_argument(f"--{name}", type=int, default=None, help="default: the demo preset's")
+        dist.add_argument(f"--{name}", type=int, default=default,
+                          help="the global batch, split evenly over the ranks" if name == "batch" else None)
+    dist.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    for parser, text in ((d, "also write the records here"), (r, "instead of benchmarks/results/PRESET.json"),
+                         (dist, "instead of benchmarks/results/distributed.json")):
+        parser.add_argument("--output", type=Path, default=None, help=text)
     r.add_argument("preset", choices=tuple(presets.PRESETS))
     r.add_argument("--impls", nargs="+", choices=tuple(registry.IMPLS), default=None,
                    help="only these implementations (the floor is always kept)")
-    r.add_argument("--output", type=Path, default=None)
     r.add_argument("--timeout", type=float, default=900.0, help="seconds per case (default: 900)")
     r.add_argument("--rounds", type=int, default=None,
                    help="time interleaved, this many rounds per shape in one process (default: the preset's)")
@@ -35,26 +40,20 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--against", metavar="REV", default=None,
                    help="also run marginops' cases on the marginops of git revision REV, processes alternating")
     r.add_argument("--processes", type=int, default=3, help="with --against: processes per tree (default: 3)")
-    rep = sub.add_parser("report", help="regenerate README/docs tables and plots from the committed records")
     rep.add_argument("--check", action="store_true", help="write nothing; exit 1 if a page is out of date")
     rep.add_argument("--no-plots", action="store_true")
-    g = sub.add_parser("gpu-check", help="GPU tests + the gpu preset in one short window (see gpu_check.py)")
     g.add_argument("--out", type=Path, required=True, help="directory for records, tests.txt, summary.md")
     g.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shape")
     g.add_argument("--install", action="store_true", help="first pip install --no-deps -e . (no registry)")
     g.add_argument("--budget", type=float, default=300.0, help="seconds until no new case starts (default: 300)")
-    sub.add_parser("list", help="presets and implementations")
-    for name, (_, text) in TOOLS.items():
-        sub.add_parser(name, help=text, add_help=False)
+    m.add_argument("--efficiency", type=float, help="Triton products' rate as a fraction of cuBLAS's (default: "
+                   "perf_model.DESIGN_EFFICIENCY, 0.8)")
+    m.add_argument("--bandwidth-tbs", type=float, help="streaming HBM TB/s (default: the H200's, 4)")
+    m.add_argument("--cublas-tflops", type=float, help="16-bit cuBLAS rate (default: the H200's, 687)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in TOOLS:
-        import importlib
-
-        return importlib.import_module(f"benchmarks.{TOOLS[argv[0]][0]}").main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "demo":
         from . import demo
@@ -63,7 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "run":
         from . import runner
 
-        preset = presets.get(args.preset)
+        preset = presets.PRESETS[args.preset]
         cases = [c for c in preset.cases if args.impls is None or c.impl in args.impls or c.impl == "floor"]
         path = args.output or runner.RESULTS_DIR / f"{preset.name}.json"
         rounds = args.rounds if args.rounds is not None else preset.rounds
@@ -91,6 +90,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from . import gpu_check
 
         return gpu_check.main(args.out, dry_run=args.dry_run, install=args.install, budget=args.budget)
+    if args.command == "distributed":
+        from . import distributed
+
+        return distributed.main(args.batch, args.dim, args.classes, args.worlds, args.output)
+    if args.command == "model":
+        from . import perf_model
+
+        return perf_model.main(args.efficiency, args.bandwidth_tbs, args.cublas_tflops)
     if args.command == "list":
         for p in presets.PRESETS.values():
             print(f"{p.name:10} {len(p.cases):3} cases  {p.description}")

@@ -12,21 +12,13 @@ import textwrap
 from dataclasses import replace
 from typing import Optional, Sequence
 
-from . import presets, registry, runner
-
-MiB = 2**20
-
-
-def _by_impl(records: Sequence[dict]) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    for r in records:
-        out.setdefault(r["implementation"], {})[r["metric"]] = r["value"]
-    return out
+from . import presets, registry, report, runner
+from .runner import MiB
 
 
 def explain(records: Sequence[dict]) -> str:
     """The demo's table and its plain-language summary, from its records."""
-    res = _by_impl(records)
+    res = {key[-1]: m for key, m in next(iter(report.group(records).values())).items()}  # by implementation
     r0 = records[0]
     lines = [f"{registry.PROBLEMS[r0['problem']].description}; B={r0['batch']} embeddings of D={r0['dim']} "
              f"against C={r0['classes']:,} classes, float32 on CPU",

@@ -18,10 +18,8 @@ go to ``benchmarks/results/distributed.json``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -94,34 +92,24 @@ def run_world(world: int, args: dict, timeout: float = 1800.0) -> list[dict]:
     return sorted(records, key=lambda r: r["rank"])
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks distributed", description=__doc__.split("\n")[0])
-    p.add_argument("--classes", type=int, default=2_000_000)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--batch", type=int, default=512, help="global batch, split evenly over the ranks")
-    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--output", type=Path, default=runner.RESULTS_DIR / "distributed.json")
-    a = p.parse_args(argv)
-    if min(a.worlds) < 1:
-        p.error(f"--worlds must be >= 1, got {a.worlds}")
-    args = {"batch": a.batch, "dim": a.dim, "classes": a.classes}
+def main(batch: int = 512, dim: int = 128, classes: int = 2_000_000, worlds: Sequence[int] = (1, 2, 4),
+         output: Optional[Path] = None) -> int:
+    if min(worlds) < 1:
+        raise SystemExit(f"--worlds must be >= 1, got {worlds}")
+    args = {"batch": batch, "dim": dim, "classes": classes}
     machine, date = runner.machine_info(), runner.now()
     records = []
-    for world in a.worlds:
+    for world in worlds:
         ranks = run_world(world, args)
         base = {"preset": "distributed", "date": date, "implementation": f"world={world}", "problem": "ordinary",
-                "batch": a.batch, "dim": a.dim, "classes": a.classes, "dtype": "float32", "device": "cpu",
+                "batch": batch, "dim": dim, "classes": classes, "dtype": "float32", "device": "cpu",
                 "reduction": "mean", "memory_budget": None, "machine": machine}
         metrics = {"status": "ok", "weight_and_grad_bytes": max(r["weight_and_grad_bytes"] for r in ranks),
                    "extra_peak_bytes": max(r["extra_peak_bytes"] for r in ranks),
                    "seconds": max(r["seconds"] for r in ranks), "loss": ranks[0]["loss"], "ranks": ranks}
         records += [{**base, "metric": k, "value": v} for k, v in metrics.items()]
-    runner.write_records(a.output, records)
+    runner.write_records(output or runner.RESULTS_DIR / "distributed.json", records)
     from . import report
 
     print(report.blocks(records)["preset:distributed"])
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

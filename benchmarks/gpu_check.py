@@ -28,26 +28,8 @@ Writes ``DIR/gpu-check.json`` (records, the format of ``benchmarks/results``),
 interpreter (no speed figures: it checks that the command works; a test runs
 it). Exit status 1 when a test fails or a marginops case does not run correctly.
 
-Peers travel as wheels (pure Python). Before the GPU window, on a machine with
-network, from the repository root::
-
-    pip download --no-deps --dest .whl cut-cross-entropy liger-kernel
-
-(``.whl/`` is ignored by git; the device tool carries it: ``carry=[".whl"]``). The
-window is one call of the device tool from the repository root (``$OUT`` is what
-comes back; about 9 minutes of the 10 a call may take: the bf16 tuning starts no
-candidate after 120 s, the check no case after 360 s, its GPU tests included)::
-
-    pip install -q --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site; \
-    python -m marginops.tune --out $OUT/tune --write --dtypes bfloat16 --budget 120; \
-    python -m benchmarks gpu-check --out $OUT/check --budget 360; \
-    cp marginops/backends/triton_tuned.json $OUT/
-
-Then commit ``marginops/backends/triton_tuned.json`` from ``$OUT`` and the
-check's records under ``benchmarks/results/gpu/`` (date and GPU in the name).
-
-The caller's ``PYTHONPATH`` is kept (the repository root goes in front of it),
-so the peers installed under ``/tmp/site`` are found by every child process.
+The GPU window that runs it (the peers as wheels, the one call of the device tool, what to commit
+afterwards) is in ``docs/benchmarks.md``, "The GPU window: tuning, then the check".
 """
 
 from __future__ import annotations
@@ -57,11 +39,12 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from . import presets, registry, report, runner
+from .runner import MiB
 
-MiB = 2**20
 DRY_SHAPE = (37, 40, 300)
 #: Bytes per element of ``x`` that marginops' own autograd path holds beside the backend's scratch at the peak
 #: (the target term's backward and the normalization backward of ``x``: measured about 24-28 on CPU), and
@@ -84,14 +67,12 @@ def child_env(dry_run: bool) -> dict:
 def dry_cases(cases) -> tuple:
     """The dry run's cases: each implementation once at the tiny shape (bfloat16, and marginops in every dtype of
     the targets), no compiling peers (they take minutes on a CPU; the GPU run has them)."""
-    seen, out = set(), []
-    for c in presets.tiny(presets.Preset("gpu", "", tuple(cases)), DRY_SHAPE):
-        key = (c.impl, c.dtype if c.impl == "marginops-triton" else "bfloat16")
-        if registry.IMPLS[c.impl].compiles or key in seen or (c.impl != "marginops-triton" and c.dtype != "bfloat16"):
-            continue
-        seen.add(key)
-        out.append(c)
-    return tuple(out)
+    out = {}
+    for c in cases:
+        if not registry.IMPLS[c.impl].compiles and (c.impl == "marginops-triton" or c.dtype == "bfloat16"):
+            out.setdefault((c.impl, c.dtype), replace(c, batch=DRY_SHAPE[0], dim=DRY_SHAPE[1], classes=DRY_SHAPE[2],
+                                                      device="cpu", repeats=min(c.repeats, 1), memory_budget=None))
+    return tuple(out.values())
 
 
 def _tests(out: Path, env: dict, timeout: float) -> tuple[bool, str]:
@@ -107,16 +88,7 @@ def _tests(out: Path, env: dict, timeout: float) -> tuple[bool, str]:
     return ok, last[-1] if last else "(no output)"
 
 
-def _metrics(records: list[dict]) -> dict[tuple, dict]:
-    """``(problem, B, D, C, dtype, implementation) -> {metric: value}``."""
-    out: dict[tuple, dict] = {}
-    for r in records:
-        key = (r["problem"], r["batch"], r["dim"], r["classes"], r["dtype"], r["implementation"])
-        out.setdefault(key, {})[r["metric"]] = r["value"]
-    return out
-
-
-def formula_bytes(t: presets.GpuTarget, shape=None) -> dict:
+def formula_bytes(t: presets.Target) -> dict:
     """The backend's scratch formula for ``marginops-triton`` at the target, and the band a measurement must
     fall in: ``[total, total + OPS_BYTES_PER_X_ELEMENT B D + 16 C + ALLOCATOR_SLACK]``."""
     import torch
@@ -124,7 +96,7 @@ def formula_bytes(t: presets.GpuTarget, shape=None) -> dict:
     from marginops.backends import FusedOptions
     from marginops.backends import triton_margin as tm
 
-    B, D, C = shape or t.shape
+    B, D, C = t.shape
     problem = registry.PROBLEMS[t.problem]
     opts = FusedOptions(scale=problem.scale, normalize=problem.normalize)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -134,59 +106,48 @@ def formula_bytes(t: presets.GpuTarget, shape=None) -> dict:
 
 
 def evaluate(records: list[dict], targets=presets.GPU_TARGETS, shape=None) -> list[dict]:
-    """Each target judged from ``records`` (one run): ``met`` is True, False or None (not measured)."""
-    m = _metrics(records)
+    """Each target judged from ``records`` (one run) as the report judges a preset's (:func:`report.judge`):
+    ``met`` is True, False or None (not measured)."""
+    cases = next(iter(report.group(records).values()), {})
     rows = []
     for t in targets:
-        B, D, C = shape or t.shape
-        at = {k[-1]: v for k, v in m.items() if k[1:5] == (B, D, C, t.dtype) and k[0] == t.problem}
-        anywhere = {k[-1]: v for k, v in m.items() if k[1:5] == (B, D, C, t.dtype)}  # plain-only peers
-        ours, floor, naive = at.get("marginops-triton", {}), at.get("floor", {}), at.get("naive", {})
-        row = dict(name=t.name, shape=[B, D, C], dtype=t.dtype, problem=t.problem, max_ratio=t.max_ratio)
-        ok_run = ours.get("status") == "ok" and ours.get("check_ok", True) is not False
-        row["seconds"] = ours.get("seconds")
-        row["ratio"] = ours["seconds"] / floor["seconds"] if ok_run and "seconds" in floor else None
-        row["ratio_met"] = None if row["ratio"] is None else row["ratio"] <= t.max_ratio
+        t = replace(t, shape=shape or t.shape)
+        ours, _, ratio, ratio_met = report.judge(cases, t)
+        naive = report.judge(cases, replace(t, metric="extra_peak_bytes", max_ratio=0.25, against="naive"))
         beats = {}
-        for peer in t.faster_than:
-            theirs = at.get(peer) or anywhere.get(peer) or {}
-            if theirs.get("status") == "ok" and ok_run:
-                beats[peer] = ours["seconds"] < theirs["seconds"]
-            else:
-                beats[peer] = None  # not measured (not installed, skipped, failed)
-        row["faster_than"] = beats
-        extra = ours.get("extra_peak_bytes")
-        row["extra_peak_bytes"] = extra
-        row["naive_extra_peak_bytes"] = naive.get("extra_peak_bytes")
-        row["memory_met"] = None if extra is None or row["naive_extra_peak_bytes"] is None \
-            else extra <= row["naive_extra_peak_bytes"] / 4
-        formula = formula_bytes(t, (B, D, C))
-        row["formula_bytes"], row["formula_upper"] = formula["total"], formula["upper"]
-        row["formula_met"] = None if extra is None else formula["total"] <= extra <= formula["upper"]
-        verdicts = [row["ratio_met"], row["memory_met"], row["formula_met"], *beats.values()]
-        row["met"] = False if False in verdicts else (None if None in verdicts else True)
-        rows.append(row)
+        for p in t.faster_than:  # the plain-only peers ran on the plain problem at the target's shape
+            other = "plain" if registry.IMPLS[p].plain_only else None
+            beats[p] = report.judge(cases, replace(t, against=p, max_ratio=1.0, against_problem=other))[3]
+        extra = (ours or {}).get("extra_peak_bytes")
+        formula = formula_bytes(t)
+        formula_met = None if extra is None else formula["total"] <= extra <= formula["upper"]
+        verdicts = [ratio_met, naive[3], formula_met, *beats.values()]
+        met = False if False in verdicts else (None if None in verdicts else True)
+        rows.append(dict(name=t.name, shape=list(t.shape), dtype=t.dtype, problem=t.problem, max_ratio=t.max_ratio,
+                         seconds=(ours or {}).get("seconds"), ratio=ratio, ratio_met=ratio_met, faster_than=beats,
+                         extra_peak_bytes=extra, naive_extra_peak_bytes=(naive[1] or {}).get("extra_peak_bytes"),
+                         memory_met=naive[3], formula_bytes=formula["total"], formula_upper=formula["upper"],
+                         formula_met=formula_met, met=met))
     return rows
 
 
 def targets_text(rows: list[dict]) -> str:
-    def yes(v):
-        return "-" if v is None else ("met" if v else "**not met**")
-
-    lines = ["| target | B, D, C | dtype | x floor (target) | faster than | extra peak | <= naive / 4 | "
-             "formula (band) | result |", "|---|---|---|---|---|---|---|---|---|"]
+    yes = report.verdict
+    out = []
     for r in rows:
         ratio = "not measured" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        beats = ", ".join(f"{p}: {yes(v)}" for p, v in r["faster_than"].items()) or "-"
         extra = "-" if r["extra_peak_bytes"] is None else f"{r['extra_peak_bytes'] / MiB:,.0f} MiB"
-        formula = f"{r['formula_bytes'] / MiB:,.0f}-{r['formula_upper'] / MiB:,.0f} MiB: {yes(r['formula_met'])}"
-        lines.append(f"| {r['name']} | {', '.join(f'{v:,}' for v in r['shape'])} | {r['dtype']} | {ratio} "
-                     f"(<= {r['max_ratio']:.2f}x) | {beats} | {extra} | {yes(r['memory_met'])} | {formula} | "
-                     f"{'not measured' if r['met'] is None else yes(r['met'])} |")
-    return "\n".join(lines)
+        out.append([r["name"], ", ".join(f"{v:,}" for v in r["shape"]), r["dtype"],
+                    f"{ratio} (<= {r['max_ratio']:.2f}x)",
+                    ", ".join(f"{p}: {yes(v)}" for p, v in r["faster_than"].items()) or "-", extra,
+                    yes(r["memory_met"]),
+                    f"{r['formula_bytes'] / MiB:,.0f}-{r['formula_upper'] / MiB:,.0f} MiB: {yes(r['formula_met'])}",
+                    "not measured" if r["met"] is None else yes(r["met"])])
+    return report._table(["target", "B, D, C", "dtype", "x floor (target)", "faster than", "extra peak",
+                          "<= naive / 4", "formula (band)", "result"], out)
 
 
-def profile(t: presets.GpuTarget, path: Path, *, shape=None, steps: int = 3) -> None:
+def profile(t: presets.Target, path: Path, *, shape=None, steps: int = 3) -> None:
     """``torch.profiler``'s table (time by kernel) of ``steps`` steps of ``marginops-triton`` at ``t``."""
     import torch
     from torch.profiler import ProfilerActivity
@@ -230,7 +191,8 @@ def main(out: Path, *, dry_run: bool = False, install: bool = False, budget: flo
     from marginops.backends import triton_config as tc
 
     tuned = tc.tuned_table()
-    lines.append(f"- configs: {'tuned ' + ', '.join(f'{a} ({len(e)} entries)' for a, e in tuned.items()) if tuned else 'the defaults (no tuned table)'}")
+    configs = ", ".join(f"{a} ({len(e)} entries)" for a, e in tuned.items())
+    lines.append(f"- configs: {'tuned ' + configs if tuned else 'the defaults (no tuned table)'}")
     peers = {name: registry.unavailable(name, "cuda" if not dry_run else "cpu") or "available"
              for name in ("cce", "liger")}
     lines.append("- peers: " + ", ".join(f"{k}: {v}" for k, v in peers.items()))
@@ -242,8 +204,7 @@ def main(out: Path, *, dry_run: bool = False, install: bool = False, budget: flo
     cases = dry_cases(preset.cases) if dry_run else preset.cases
     records = runner.run(cases, preset="gpu-check" if not dry_run else "gpu-check-dry-run", env=env,
                          deadline=t0 + budget, timeout=120.0, output=out / "gpu-check.json")
-    grouped = report.group(records)
-    cases_done = next(iter(grouped.values()))
+    cases_done = next(iter(report.group(records).values()))
     rows = evaluate(records, shape=shape)
     (out / "targets.json").write_text(json.dumps(rows, indent=1))
     lines += [f"- cases: {len(cases_done)} in {time.monotonic() - t0:.0f} s", "",

@@ -25,7 +25,6 @@ cycles per logit, its products ran at 0.64 of cuBLAS's rate. The model's
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -33,12 +32,11 @@ from typing import Optional
 import torch
 
 from marginops.backends import triton_config as tc
-
-from . import presets
 from marginops.backends import triton_plan as tp
 from marginops.backends.interface import FusedOptions
 
-MiB = 2**20
+from . import presets, registry
+from .runner import MiB
 
 
 @dataclass(frozen=True)
@@ -56,11 +54,6 @@ class Machine:
         return flops / self.cublas[dtype]
 
 
-def _triton_rate(m: Machine, dtype: str) -> float:
-    """The rate the Triton products are measured against: cuBLAS's at 16 bits, tf32x3's peak for float32."""
-    return m.tf32x3 if dtype == "float32" else m.cublas[dtype]
-
-
 #: One NVIDIA H200 as measured on 2026-12-04 (torch 2.11, triton 3.6): bf16 cuBLAS 687 TFLOP/s at B=8192,
 #: D=2304, C=256k (the 3-GEMM floor 42.2 ms); float32 without TF32 52 TFLOP/s (floor 558 ms); at each target
 #: shape whose floor was measured, :func:`predict` takes cuBLAS's rate from that floor. Assumed: fp16 as
@@ -75,45 +68,21 @@ MEASURED_EFFICIENCY = 0.64
 DESIGN_EFFICIENCY = 0.80
 
 
-@dataclass(frozen=True)
-class Target:
-    """One target case of the GPU check, with what the first GPU run measured (None: not measured)."""
-
-    name: str
-    B: int
-    D: int
-    C: int
-    dtype: str
-    normalize: bool  # ArcFace s=64 (True) or plain cross-entropy
-    max_ratio: float  # the target: fwd + bwd <= max_ratio x the floor
-    floor_ms: Optional[float] = None  # the 3-GEMM floor measured on the H200
-    naive_extra_mib: Optional[float] = None  # the naive head's extra peak memory measured there
-
-
-#: What the first GPU run measured per target (H200, 2026-12-04): the floor (ms) and the naive head's extra
-#: peak memory (MiB), where it ran (records in benchmarks/results/gpu/; the probe's figures from issue 18).
-MEASURED = {
-    "cce-plain": (42.2, 14_838), "cce-arcface": (42.7, 16_001), "cce-arcface-1M": (169.0, None),
-    "llm-plain": (36.8, 11.7 * 1024), "face-arcface": (10.7, 40 * 1024), "face-arcface-fp16": (10.6, 40 * 1024),
-    "cce-arcface-fp32": (558.0, None),
-}
-TARGETS = tuple(Target(t.name, *t.shape, t.dtype, t.problem != "plain", t.max_ratio, *MEASURED.get(t.name, (None, None)))
-                for t in presets.GPU_TARGETS)
-
-
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
+#: The GPU check's targets, with what the first GPU run measured there (:data:`benchmarks.presets.GPU_TARGETS`).
+TARGETS = presets.GPU_TARGETS
 
 
 def _triton_gemm(m: Machine, flops: float, dtype: str, efficiency: float) -> float:
-    return flops / (_triton_rate(m, dtype) * efficiency)
+    """Seconds of Triton products at ``efficiency`` times the rate they are measured against: cuBLAS's at 16
+    bits, tf32x3's peak for float32."""
+    return flops / ((m.tf32x3 if dtype == "float32" else m.cublas[dtype]) * efficiency)
 
 
 def _logits_kernel(m: Machine, B: int, C: int, D: int, dtype: str, kernel: str, efficiency: float,
                    store_bytes: float) -> float:
     """A logits kernel: products at the Triton rate over its grid's busy share, then the epilogue and its
     stores, hidden under another program's products in proportion to (occupancy - 1) / occupancy."""
-    cfg = tc.config_for(kernel, _dtype(dtype), D, 90)
+    cfg = tc.config_for(kernel, getattr(torch, dtype), D, 90)
     rb, ct = -(-B // cfg.block_b), -(-C // cfg.block_c)
     slots = m.sms * cfg.occupancy
     busy = tp.grid_efficiency(rb, ct, slots) if kernel != "grad" else min(1.0, rb * ct / (-(-rb * ct // slots) * slots))
@@ -123,24 +92,24 @@ def _logits_kernel(m: Machine, B: int, C: int, D: int, dtype: str, kernel: str, 
     return mma + epilogue * (1 - hidden)
 
 
-def predict(t: Target, m: Machine = H200, efficiency: float = DESIGN_EFFICIENCY,
+def predict(t: presets.Target, m: Machine = H200, efficiency: float = DESIGN_EFFICIENCY,
             strategy: str = "auto") -> dict:
     """Seconds per step of one forward + backward (``reduction="mean"``, default options), by step, for the
     strategy the backend takes (``"auto"``) or the one given."""
-    B, C, D, dtype = t.B, t.C, t.D, t.dtype
-    dt = _dtype(dtype)
+    (B, D, C), dtype, problem = t.shape, t.dtype, registry.PROBLEMS[t.problem]
+    dt = getattr(torch, dtype)
     e = tp.elt(dt)
     if t.floor_ms is not None and m.cublas[dtype] == H200.cublas[dtype]:  # the rate the H200 showed at this shape
         rate = 6.0 * B * C * D / (t.floor_ms * 1e-3)
         m = replace(m, cublas={**m.cublas, dtype: rate})
-    opts = FusedOptions(scale=64.0 if t.normalize else 1.0, normalize=t.normalize, strategy=strategy)
+    opts = FusedOptions(scale=problem.scale, normalize=problem.normalize, strategy=strategy)
     tile_c = tc.config_for("ws", dt, D, 90).block_c
     workspace = strategy == "workspace" or (strategy == "auto" and tp.uses_workspace(B, C, D, dt, dt, opts))
     bw = m.bandwidth
     gemm = 2.0 * B * C * D
     floor = 3 * m.gemm(gemm, dtype)
     steps: dict[str, float] = {}
-    if t.normalize:  # inverse norms of W (marginops.ops): one read of W
+    if problem.normalize:  # inverse norms of W (marginops.ops): one read of W
         steps["norms"] = C * D * e / bw
     if workspace:
         pl = tp.workspace_plan(B, C, D, dt, opts, tile_c, m.memory)
@@ -154,11 +123,11 @@ def predict(t: Target, m: Machine = H200, efficiency: float = DESIGN_EFFICIENCY,
         # read and write them; half of it assumed hidden under the GEMMs' products
         extra = (acc - e + 2 * acc * (pl.blocks - 1)) * C * D
         steps["dW accumulation"] = 0.5 * extra / bw
-        if t.normalize:
+        if problem.normalize:
             steps["finish (normalization backward)"] = (acc + 2 * e) * C * D / bw
         elif pl.fp32_accumulator:
             steps["finish (to the weight's dtype)"] = (4 + e) * C * D / bw
-        if dtype == "float16" and t.normalize:  # normalized rows of W for dX, per row block
+        if dtype == "float16" and problem.normalize:  # normalized rows of W for dX, per row block
             steps["normalized rows (float16)"] = pl.blocks * 2 * C * D * e / bw
         # marginops.ops scales the gradients formed in the forward by grad_output in place (on CUDA without
         # reading it on the host, so also when it is 1): one pass over dW and dX
@@ -167,13 +136,13 @@ def predict(t: Target, m: Machine = H200, efficiency: float = DESIGN_EFFICIENCY,
     else:
         cfg = tc.config_for("grad", dt, D, 90)
         budget = tp.default_budget(C, D, dt)
-        cp = tp.chunk_plan(B, C, D, dt, budget, cfg, scaled_g=not (dtype == "float16" and t.normalize))
+        cp = tp.chunk_plan(B, C, D, dt, budget, cfg, scaled_g=not (dtype == "float16" and problem.normalize))
         chunks = math.ceil(C / cp.chunk) * math.ceil(B / cp.rows)
         steps["forward kernel"] = _logits_kernel(m, B, C, D, dtype, "fwd", efficiency, 0.0)
         steps["gradient kernel (writes G)"] = _logits_kernel(m, B, C, D, dtype, "grad", efficiency, B * C * e)
         steps["cuBLAS dX"] = m.gemm(gemm, dtype) + 8 * B * D * chunks / bw
         steps["cuBLAS dW"] = m.gemm(gemm, dtype)
-        steps["finish per chunk"] = ((4 + 2 * e) if t.normalize else (4 + e)) * C * D / bw
+        steps["finish per chunk"] = ((4 + 2 * e) if problem.normalize else (4 + e)) * C * D / bw
         plan_text = f"recompute: {chunks} chunks of {cp.chunk} classes"
     total = sum(steps.values())
     scratch = tp.scratch_bytes(B, C, D, dt, opts, workspace, tile_c, tc.config_for("grad", dt, D, 90), m.memory)
@@ -189,10 +158,8 @@ SHORT = {"norms": "norms", "forward kernel (stores exp)": "fwd", "G in place": "
          "scale by grad_output": "scale"}
 
 
-def table(m: Machine = H200, efficiency: float = DESIGN_EFFICIENCY, *_ignored) -> str:
+def table(m: Machine = H200, efficiency: float = DESIGN_EFFICIENCY) -> str:
     """The predictions for :data:`TARGETS` as a Markdown table (the docs' generated block)."""
-    if not isinstance(m, Machine):
-        m = H200
     lines = [
         "| case | B | D | C | dtype | plan | steps (ms; legend below) | predicted | x floor | target "
         "| at today's efficiency "
@@ -204,30 +171,22 @@ def table(m: Machine = H200, efficiency: float = DESIGN_EFFICIENCY, *_ignored) -
         today = predict(t, m, MEASURED_EFFICIENCY)
         steps = ", ".join(f"{SHORT[k]} {1e3 * v:.1f}" for k, v in p["steps"].items())
         quarter = f"{t.naive_extra_mib / 4:,.0f} MiB" if t.naive_extra_mib else "-"
-        lines.append(f"| {t.name} | {t.B} | {t.D} | {t.C:,} | {t.dtype} | {p['plan']} | {steps} | "
+        lines.append(f"| {t.name} | {t.shape[0]} | {t.shape[1]} | {t.shape[2]:,} | {t.dtype} | {p['plan']} | {steps} | "
                      f"{1e3 * p['total']:.1f} ms | {p['ratio']:.2f}x | <= {t.max_ratio:.2f}x | "
                      f"{today['ratio']:.2f}x | {p['scratch'] / MiB:,.0f} MiB | {quarter} |")
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks model", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--efficiency", type=float, default=DESIGN_EFFICIENCY,
-                        help="Triton products' rate as a fraction of cuBLAS's (default: %(default)s)")
-    parser.add_argument("--bandwidth-tbs", type=float, default=H200.bandwidth / 1e12)
-    parser.add_argument("--cublas-tflops", type=float, default=H200.cublas["bfloat16"] / 1e12,
-                        help="16-bit cuBLAS rate")
-    args = parser.parse_args(argv)
-    rate = args.cublas_tflops * 1e12
-    m = replace(H200, bandwidth=args.bandwidth_tbs * 1e12,
+def main(efficiency: Optional[float] = None, bandwidth_tbs: Optional[float] = None,
+         cublas_tflops: Optional[float] = None) -> int:
+    """Print the table at these rates (default: :data:`DESIGN_EFFICIENCY` and the H200's)."""
+    efficiency = efficiency or DESIGN_EFFICIENCY
+    rate = cublas_tflops * 1e12 if cublas_tflops else H200.cublas["bfloat16"]
+    m = replace(H200, bandwidth=bandwidth_tbs * 1e12 if bandwidth_tbs else H200.bandwidth,
                 cublas={**H200.cublas, "bfloat16": rate, "float16": rate})
-    print(f"Predicted (not measured) on {m.name}: 16-bit cuBLAS {args.cublas_tflops:g} TFLOP/s, Triton products "
-          f"at {args.efficiency:g} of it (tf32x3 at {args.efficiency:g} x {m.tf32x3 / 1e12:.0f} TFLOP/s), "
-          f"HBM {args.bandwidth_tbs:g} TB/s, epilogue {m.epilogue_cycles} cycles per logit; fwd + bwd, "
+    print(f"Predicted (not measured) on {m.name}: 16-bit cuBLAS {rate / 1e12:g} TFLOP/s, Triton products "
+          f"at {efficiency:g} of it (tf32x3 at {efficiency:g} x {m.tf32x3 / 1e12:.0f} TFLOP/s), "
+          f"HBM {m.bandwidth / 1e12:g} TB/s, epilogue {m.epilogue_cycles} cycles per logit; fwd + bwd, "
           f"default options.\n")
-    print(table(m, args.efficiency))
+    print(table(m, efficiency))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

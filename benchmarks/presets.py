@@ -6,29 +6,47 @@ measured figure with another of the same run (or a fixed number of bytes).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
-from .runner import Case
+from .runner import Case, MiB
 
-MiB = 2**20
 CPU_PEERS = ("floor", "marginops-native", "marginops-torch", "naive", "naive-compiled", "pml")
 PLAIN_PEERS = ("floor", "marginops-native", "marginops-torch", "naive", "naive-compiled", "torch-linear-ce", "cce")
 
 
 @dataclass(frozen=True)
 class Target:
-    """``metric(impl) <= max_ratio * metric(against)`` at one case of the preset (``against=None``: bytes)."""
+    """``metric(impl) <= max_ratio * metric(against)`` at one case of a preset (``against=None``: bytes).
 
-    text: str
+    ``against`` is an implementation at the same shape: the floor, or another one on ``against_problem``
+    (default: the same problem) with ``reduction="mean"``. ``shape`` and ``dtype`` pick the case where the
+    preset has several (default: the first that matches). A GPU target (:data:`GPU_TARGETS`: ``marginops-triton``
+    against the floor) must also be at least as fast as each of ``faster_than`` (plain-only peers on the plain
+    problem) and hold at most a quarter of ``naive``'s extra peak memory; ``peers`` run beside it, and
+    ``floor_ms`` and ``naive_extra_mib`` are what the first GPU run measured there (H200, 2026-12-04: records
+    in benchmarks/results/gpu/, the probe's figures from issue 18), the model's inputs (:mod:`.perf_model`).
+    """
+
+    name: str
     problem: str
     impl: str
-    metric: str  # "seconds" or "extra_peak_bytes"
+    metric: str  # "seconds", "seconds_min" or "extra_peak_bytes"
     max_ratio: float
     against: Optional[str] = None  # an implementation of the same case, "floor", or None
     reduction: str = "mean"
     memory_budget: Optional[int] = None
     against_problem: Optional[str] = None  # the other implementation's problem (default: the same)
+    shape: Optional[tuple[int, int, int]] = None
+    dtype: Optional[str] = None
+    faster_than: tuple[str, ...] = ()
+    peers: tuple[str, ...] = ()
+    floor_ms: Optional[float] = None
+    naive_extra_mib: Optional[float] = None
+
+    def case(self, impl: str, **options) -> Case:
+        """``impl`` at the target's shape and dtype on a GPU."""
+        return Case(impl, self.problem, *self.shape, dtype=self.dtype, device="cuda", **options)
 
 
 @dataclass(frozen=True)
@@ -43,46 +61,29 @@ class Preset:
     busy: bool = False
 
 
-@dataclass(frozen=True)
-class GpuTarget:
-    """A GPU target: ``marginops-triton`` with default options (forward + backward) at one shape and dtype.
-
-    Met when, in one run, its time is at most ``max_ratio`` times the floor's at the same shape and dtype,
-    below each of ``faster_than`` (implementations at the same shape and dtype, any problem: the plain-only
-    peers are compared with a margin head at the plain head's shape), and its extra peak memory is at most a
-    quarter of ``naive``'s there. ``peers`` run beside it (besides the floor and ``naive``).
-    """
-
-    name: str
-    problem: str
-    batch: int
-    dim: int
-    classes: int
-    dtype: str
-    max_ratio: float
-    faster_than: tuple[str, ...] = ()
-    peers: tuple[str, ...] = ()
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return self.batch, self.dim, self.classes
-
-    def case(self, impl: str, **options) -> Case:
-        return Case(impl, self.problem, *self.shape, dtype=self.dtype, device="cuda", **options)
+def gpu_target(name: str, problem: str, shape, dtype: str, max_ratio: float, measured=(None, None), **kw) -> Target:
+    """``marginops-triton`` against the floor at ``shape`` in ``dtype``; ``measured``: (floor ms, naive's MiB)."""
+    return Target(name, problem, "marginops-triton", "seconds", max_ratio, "floor", shape=shape, dtype=dtype,
+                  floor_ms=measured[0], naive_extra_mib=measured[1], **kw)
 
 
 _PLAIN_PEERS = ("cce-exact", "cce", "liger", "naive-compiled")
-#: The GPU targets (one H200), in the order the GPU check runs them. Exact peers only in ``faster_than``
-#: (Cut Cross-Entropy's default filters gradients; ``cce-exact`` is its exact setting).
+_CCE, _LLM, _FACE = (8192, 2304, 256_000), (8192, 4096, 128_256), (1024, 512, 2_000_000)
+#: The GPU targets (one H200), in the order the GPU check runs them, with the floor (ms) and the naive head's
+#: extra peak memory (MiB) the first GPU run measured. Exact peers only in ``faster_than`` (Cut
+#: Cross-Entropy's default filters gradients; ``cce-exact`` is its exact setting).
 GPU_TARGETS = (
-    GpuTarget("cce-plain", "plain", 8192, 2304, 256_000, "bfloat16", 1.25, ("cce-exact",), _PLAIN_PEERS),
-    GpuTarget("cce-arcface", "arcface64", 8192, 2304, 256_000, "bfloat16", 1.25, ("cce-exact",), ("naive-compiled",)),
-    GpuTarget("cce-arcface-1M", "arcface64", 8192, 2304, 1_000_000, "bfloat16", 1.25),
-    GpuTarget("llm-plain", "plain", 8192, 4096, 128_256, "bfloat16", 1.25,
-              ("cce-exact", "liger", "naive", "naive-compiled", "torch-linear-ce"), _PLAIN_PEERS + ("torch-linear-ce",)),
-    GpuTarget("face-arcface", "arcface64", 1024, 512, 2_000_000, "bfloat16", 1.35),
-    GpuTarget("face-arcface-fp16", "arcface64", 1024, 512, 2_000_000, "float16", 1.35),
-    GpuTarget("cce-arcface-fp32", "arcface64", 8192, 2304, 256_000, "float32", 1.0),
+    gpu_target("cce-plain", "plain", _CCE, "bfloat16", 1.25, (42.2, 14_838), faster_than=("cce-exact",),
+               peers=_PLAIN_PEERS),
+    gpu_target("cce-arcface", "arcface64", _CCE, "bfloat16", 1.25, (42.7, 16_001), faster_than=("cce-exact",),
+               peers=("naive-compiled",)),
+    gpu_target("cce-arcface-1M", "arcface64", (8192, 2304, 1_000_000), "bfloat16", 1.25, (169.0, None)),
+    gpu_target("llm-plain", "plain", _LLM, "bfloat16", 1.25, (36.8, 11.7 * 1024),
+               faster_than=("cce-exact", "liger", "naive", "naive-compiled", "torch-linear-ce"),
+               peers=_PLAIN_PEERS + ("torch-linear-ce",)),
+    gpu_target("face-arcface", "arcface64", _FACE, "bfloat16", 1.35, (10.7, 40 * 1024)),
+    gpu_target("face-arcface-fp16", "arcface64", _FACE, "float16", 1.35, (10.6, 40 * 1024)),
+    gpu_target("cce-arcface-fp32", "arcface64", _CCE, "float32", 1.0, (558.0, None)),
 )
 
 
@@ -130,7 +131,7 @@ PRESETS = {p.name: p for p in (
                Target("plain CE: faster than F.linear_cross_entropy", "plain", "marginops-torch", "seconds", 1.0,
                       "torch-linear-ce"),
                Target("extra peak memory at C=1M <= 64 MiB", "ordinary", "marginops-torch", "extra_peak_bytes",
-                      64 * MiB),
+                      64 * MiB, shape=_TARGET_MEMORY),
            )),
     Preset("classes", "C sweep: ArcFace(0.5), s=30, B=1024, D=512, float32",
            sweep("ordinary", CPU_PEERS, [(1024, 512, c) for c in (10_000, 30_000, 100_000, 300_000, 1_000_000)],
@@ -191,19 +192,3 @@ PRESETS = {p.name: p for p in (
            gpu_cases()),
 )}
 
-
-def get(name: str) -> Preset:
-    if name not in PRESETS:
-        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
-    return PRESETS[name]
-
-
-def tiny(preset: Preset, shape=(37, 40, 300), device: str = "cpu") -> tuple[Case, ...]:
-    """The preset's distinct cases at a tiny shape on ``device`` (a dry run), order kept."""
-    out = []
-    for c in preset.cases:
-        t = replace(c, batch=shape[0], dim=shape[1], classes=shape[2], device=device, repeats=min(c.repeats, 1),
-                    memory_budget=None)
-        if t not in out:
-            out.append(t)
-    return tuple(out)

@@ -10,15 +10,15 @@ differs from what the committed records give.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
 from . import presets, registry
-from .runner import REPO_ROOT, RESULTS_DIR, describe_machine, load_records
+from .runner import REPO_ROOT, RESULTS_DIR, MiB, describe_machine, load_records
 
-MiB = 2**20
 PAGES = (REPO_ROOT / "README.md", REPO_ROOT / "docs" / "benchmarks.md")
 IMG_DIR = REPO_ROOT / "docs" / "img"
 #: The README's summary: the GPU first (the latest of these presets holding this problem and shape), then
@@ -100,36 +100,45 @@ def _machine_line(cases: dict[tuple, dict]) -> str:
     return f"Measured {r['date'][:10]} on {describe_machine(r['machine'])}; {dtype_device}{load}."
 
 
-def targets_table(cases: dict[tuple, dict], preset: presets.Preset) -> str:
-    """Each target of the preset: the measured ratio (or bytes) and whether it is met.
+def verdict(met: Optional[bool]) -> str:
+    return "-" if met is None else ("met" if met else "**not met**")
+
+
+def judge(cases: dict[tuple, dict], t: presets.Target) -> tuple[Optional[dict], Optional[dict], Optional[float],
+                                                                  Optional[bool]]:
+    """Target ``t`` among one preset's ``cases``: ``(ours, base, value, met)``, the two cases' metrics, the ratio
+    of ``t.metric`` (or the bytes, without ``against``) and whether it is met, each None where not measured.
 
     A ratio compares the implementation with ``against`` at the same shape: the floor of that shape, or
-    the other implementation on the same problem with ``reduction="mean"``.
+    the other implementation on the same problem with ``reduction="mean"``. A case that computed a wrong
+    result does not meet its targets.
     """
+    ours_key, ours = next(((k, m) for k, m in cases.items() if k[0] == t.problem and k[6] == t.reduction
+                           and k[7] == t.memory_budget and k[-1] == t.impl and t.metric in m
+                           and t.shape in (None, k[1:4]) and t.dtype in (None, k[4])), (None, None))
+    base = None
+    if ours is not None and t.against is not None:
+        other = t.against_problem or t.problem
+        bases = [(k, m) for k, m in cases.items() if k[1:6] == ours_key[1:6] and k[-1] == t.against
+                 and t.metric in m and (t.against == "floor" or (k[0] == other and k[6] == "mean"))]
+        # the floor measured beside this very case where there is one (same problem and reduction)
+        bases.sort(key=lambda km: km[0][0] != ours_key[0] or km[0][6] != ours_key[6])
+        base = bases[0][1] if bases else None
+    if ours is None or (t.against is not None and base is None):
+        return ours, base, None, None
+    top, bottom = ours[t.metric], base[t.metric] if t.against is not None else 1
+    value = top / bottom if bottom else math.inf
+    return ours, base, value, top <= t.max_ratio * bottom and ours.get("check_ok", True) is not False
+
+
+def targets_table(cases: dict[tuple, dict], preset: presets.Preset) -> str:
+    """Each target of the preset: the measured ratio (or bytes) and whether it is met (:func:`judge`)."""
     rows = []
     for t in preset.targets:
-        ours_key, ours = next(((k, m) for k, m in cases.items() if k[0] == t.problem and k[6] == t.reduction
-                               and k[7] == t.memory_budget and k[-1] == t.impl and t.metric in m
-                               and (t.against is not None or k[3] == 1_000_000)), (None, None))
-        base = None
-        if ours is not None and t.against is not None:
-            other = t.against_problem or t.problem
-            bases = [(k, m) for k, m in cases.items() if k[1:6] == ours_key[1:6] and k[-1] == t.against
-                     and t.metric in m and (t.against == "floor" or (k[0] == other and k[6] == "mean"))]
-            # the floor measured beside this very case where there is one (same problem and reduction)
-            bases.sort(key=lambda km: km[0][0] != ours_key[0] or km[0][6] != ours_key[6])
-            base = bases[0][1] if bases else None
-        if ours is None or (t.against is not None and base is None):
-            rows.append([t.text, "not measured", "-"])
-            continue
-        if t.against is None:
-            value = ours[t.metric]
-            measured = f"{value / MiB:,.1f} MiB"
-        else:
-            value = ours[t.metric] / base[t.metric]
-            measured = f"{value:.2f}x {_label(t.against)}"
-        met = value <= t.max_ratio and ours.get("check_ok", True) is not False
-        rows.append([t.text, measured, "met" if met else "**not met**"])
+        value, met = judge(cases, t)[2:]
+        measured = "not measured" if value is None else (
+            f"{value / MiB:,.1f} MiB" if t.against is None else f"{value:.2f}x {_label(t.against)}")
+        rows.append([t.name, measured, verdict(met)])
     return _table(["target", "measured", "result"], rows)
 
 
@@ -240,17 +249,17 @@ def plot(records: Sequence[dict], preset: str, path: Path) -> Optional[Path]:
     return path
 
 
-def update(records: Optional[Sequence[dict]] = None, pages: Sequence[Path] = PAGES, plots: bool = True) -> list[Path]:
-    """Rewrite the generated blocks of ``pages`` and the plots; returns the files written."""
+def update(records: Optional[Sequence[dict]] = None, pages: Sequence[Path] = PAGES, plots: bool = True,
+           write: bool = True) -> list[Path]:
+    """Rewrite the generated blocks of ``pages`` and the plots from ``records`` (default: the committed ones);
+    returns the files written (``write=False``: writes nothing, returns the pages that are out of date)."""
     records = load_records([*RESULTS_DIR.glob("*.json"), *RESULTS_DIR.glob("gpu/*.json")]) if records is None else records
     generated = blocks(records)
-    written = []
-    for page in pages:
-        old = page.read_text()
-        new = render(old, generated)
-        if new != old:
-            page.write_text(new)
-            written.append(page)
+    written = [page for page in pages if render(page.read_text(), generated) != page.read_text()]
+    if not write:
+        return written
+    for page in written:
+        page.write_text(render(page.read_text(), generated))
     if plots:
         for name in ("classes", "plain"):
             path = plot(records, name, IMG_DIR / f"benchmark_{name}.png")
@@ -261,6 +270,4 @@ def update(records: Optional[Sequence[dict]] = None, pages: Sequence[Path] = PAG
 
 def stale_pages(records: Optional[Sequence[dict]] = None, pages: Sequence[Path] = PAGES) -> list[Path]:
     """The pages whose generated blocks differ from what ``records`` (default: the committed ones) give."""
-    records = load_records([*RESULTS_DIR.glob("*.json"), *RESULTS_DIR.glob("gpu/*.json")]) if records is None else records
-    generated = blocks(records)
-    return [page for page in pages if render(page.read_text(), generated) != page.read_text()]
+    return update(records, pages, write=False)

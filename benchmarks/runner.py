@@ -88,14 +88,10 @@ class Case:
 
     def __post_init__(self):
         registry.check_impl(self.impl)
-        if self.problem not in registry.PROBLEMS:
-            raise ValueError(f"problem must be one of {tuple(registry.PROBLEMS)}, got {self.problem!r}")
-        if self.dtype not in registry.DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(registry.DTYPES)}, got {self.dtype!r}")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        if self.reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {self.reduction!r}")
+        for field, allowed in (("problem", registry.PROBLEMS), ("dtype", registry.DTYPES), ("device", ("cpu", "cuda")),
+                               ("reduction", ("mean", "sum", "none"))):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field} must be one of {tuple(allowed)}, got {getattr(self, field)!r}")
         if self.repeats < 0:
             raise ValueError(f"repeats must be >= 0, got {self.repeats}")
         registry.Shape(self.batch, self.dim, self.classes)
@@ -291,22 +287,21 @@ def check(case: Case) -> dict:
     shape = registry.Shape(min(case.batch, 48), dim, min(case.classes, 1536))
     dtype = registry.DTYPES[case.dtype]
     inp = registry.problem_inputs(problem, shape, dtype=dtype, device=case.device, seed=1)
+
+    def reference(on: registry.Inputs) -> torch.Tensor:  # one step of the naive code, backend="reference"
+        loss = mo.margin_cross_entropy(on.x, on.W, on.y, problem.margin_object(), problem.scale,
+                                       reduction=case.reduction, backend="reference", **problem.options())
+        (loss.sum() if loss.dim() else loss).backward()
+        return loss.detach()
+
     ref_in = inp.to(torch.float64)
-    loss64 = mo.margin_cross_entropy(ref_in.x, ref_in.W, ref_in.y, problem.margin_object(), problem.scale,
-                                     reduction=case.reduction, backend="reference", **problem.options())
-    (loss64.sum() if loss64.dim() else loss64).backward()
-    ref = (loss64.detach(), ref_in.x.grad, ref_in.W.grad)
+    ref = (reference(ref_in), ref_in.x.grad, ref_in.W.grad)
     step = registry.step_function(case.impl, problem, inp, device=case.device, reduction=case.reduction,
                                   memory_budget=case.memory_budget)
     errs = _errors(step, inp, ref)
     allowed = {"float64": (1e-10, 1e-8), "float32": (1e-4, 1e-3)}.get(case.dtype)
     if allowed is None:  # 16-bit inputs: no worse than twice the naive computation in the same dtype
-        def naive_step():
-            loss = mo.margin_cross_entropy(inp.x, inp.W, inp.y, problem.margin_object(), problem.scale,
-                                           reduction=case.reduction, backend="reference", **problem.options())
-            (loss.sum() if loss.dim() else loss).backward()
-            return loss.detach()
-        naive = _errors(naive_step, inp, ref)
+        naive = _errors(lambda: reference(inp), inp, ref)
         allowed = (max(2e-2, 2 * naive[0]), max(2e-2, 2 * max(naive[1:])))
     ok = errs[0] <= allowed[0] and max(errs[1:]) <= allowed[1]
     return {"ok": ok, "loss_err": errs[0], "grad_x_err": errs[1], "grad_w_err": errs[2],
@@ -337,20 +332,24 @@ def _time_cpu(step: Callable, reset: Callable, repeats: int, max_seconds: float,
     return samples, rejected
 
 
+def _checked(case: Case) -> dict:
+    """A case's result after step 1 (the floor and ``check=False`` cases are not checked)."""
+    if case.impl == "floor" or not case.check:
+        return {"status": "ok"}
+    result = check(case)
+    return {"status": "ok" if result["ok"] else "wrong", "check": result}
+
+
 def measure(case: Case) -> dict:
     """Steps 1-3 of the module docstring in *this* process (meaningful only in a fresh one)."""
     problem = registry.PROBLEMS[case.problem]
     impl = registry.IMPLS[case.impl]
     dtype = registry.DTYPES[case.dtype]
-    out: dict = {"status": "ok"}
-    if case.impl == "floor" or not case.check:  # warm-up on a tiny problem: libraries and thread pools
+    out = _checked(case)
+    if "check" not in out:  # warm-up on a tiny problem: libraries and thread pools
         tiny = registry.make_inputs(registry.Shape(4, 16, 16), "gaussian", dtype=dtype, device=case.device)
         registry.step_function(case.impl, problem, tiny, device=case.device, reduction=case.reduction)()
         del tiny
-    else:
-        out["check"] = check(case)
-        if not out["check"]["ok"]:
-            out["status"] = "wrong"
     inp = registry.problem_inputs(problem, case.shape, dtype=dtype, device=case.device)
     step = registry.step_function(case.impl, problem, inp, device=case.device, reduction=case.reduction,
                                   memory_budget=case.memory_budget)
@@ -398,19 +397,14 @@ def _failure(e: Exception) -> dict:
 def measure_interleaved(cases: Sequence[Case], rounds: int) -> list[dict]:
     """Cases of one shape in *this* process: each checked and warmed up, then timed round-robin
     for ``rounds`` rounds on the same inputs (see the module docstring); one result per case."""
-    first = cases[0]
     inputs: dict[str, registry.Inputs] = {}  # one set per problem (sub-centres draw fewer labels)
     results, steps = [], []
     for case in cases:
-        out: dict = {"status": "ok"}
-        step = None
         problem = registry.PROBLEMS[case.problem]
         inp = inputs.setdefault(case.problem, registry.problem_inputs(
             problem, case.shape, dtype=registry.DTYPES[case.dtype], device=case.device))
         try:
-            if case.impl != "floor" and case.check:
-                out["check"] = check(case)
-                out["status"] = "ok" if out["check"]["ok"] else "wrong"
+            out = _checked(case)
             step = registry.step_function(case.impl, problem, inp, device=case.device, reduction=case.reduction,
                                           memory_budget=case.memory_budget)
             step()  # warm-up: libraries, thread pools, compilation
@@ -427,7 +421,7 @@ def measure_interleaved(cases: Sequence[Case], rounds: int) -> list[dict]:
             gc.collect()
             t0 = time.perf_counter()
             step()
-            if first.device == "cuda":
+            if cases[0].device == "cuda":
                 torch.cuda.synchronize()
             out.setdefault("samples", []).append(time.perf_counter() - t0)
             inp.clear_grads()
@@ -506,15 +500,30 @@ def _child(args: list[str], timeout: float, env: Optional[dict], tree: Optional[
     return json.loads(lines[-1])
 
 
+def run_unit(cases: Sequence[Case], rounds: Optional[int] = None, timeout: float = 900.0,
+             env: Optional[dict] = None, tree: Optional[Path] = None) -> list[dict]:
+    """Cases in one fresh process: one case (``rounds=None``: :func:`measure`) or the cases of one shape timed
+    round-robin (:func:`measure_interleaved`); one result per case, each a dict with ``"status"`` (``skipped``
+    with the reason where a case cannot run here)."""
+    results = [None if why is None else {"status": "skipped", "error": why} for why in map(why_not, cases)]
+    runnable = [c for c, r in zip(cases, results) if r is None]
+    if not runnable:
+        return results
+    env = dict(env or os.environ)
+    if rounds:
+        out = _child(["--rounds", str(rounds), json.dumps([dataclasses.asdict(c) for c in runnable])], timeout, env,
+                     tree)
+    else:  # one case
+        if runnable[0].device == "cpu":
+            env.update(EXACT_MALLOC)
+        out = [_child([json.dumps(dataclasses.asdict(runnable[0]))], timeout, env, tree)]
+    outs = iter(out if isinstance(out, list) else [out] * len(runnable))  # a process that failed: for each case
+    return [r if r is not None else next(outs) for r in results]
+
+
 def run_case(case: Case, timeout: float = 900.0, env: Optional[dict] = None, tree: Optional[Path] = None) -> dict:
     """One case in a fresh process, or the reason it was not run; always a dict with ``"status"``."""
-    why = why_not(case)
-    if why is not None:
-        return {"status": "skipped", "error": why}
-    env = dict(env or os.environ)
-    if case.device == "cpu":
-        env.update(EXACT_MALLOC)
-    return _child([json.dumps(dataclasses.asdict(case))], timeout, env, tree)
+    return run_unit([case], timeout=timeout, env=env, tree=tree)[0]
 
 
 @contextlib.contextmanager
@@ -534,25 +543,6 @@ def other_tree(rev: str):
             yield folder, sha
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(other)], cwd=REPO_ROOT, capture_output=True)
-
-
-def run_interleaved(cases: Sequence[Case], rounds: int, timeout: float = 900.0,
-                    env: Optional[dict] = None, tree: Optional[Path] = None) -> list[dict]:
-    """Cases of one problem and shape timed round-robin in one fresh process; one result per case."""
-    results: list[Optional[dict]] = [None] * len(cases)
-    runnable = []
-    for i, case in enumerate(cases):
-        why = why_not(case)
-        if why is not None:
-            results[i] = {"status": "skipped", "error": why}
-        else:
-            runnable.append(i)
-    if runnable:
-        out = _child(["--rounds", str(rounds), json.dumps([dataclasses.asdict(cases[i]) for i in runnable])],
-                     timeout, env, tree)
-        for k, i in enumerate(runnable):
-            results[i] = out[k] if isinstance(out, list) else out
-    return results
 
 
 def busy_process() -> subprocess.Popen:
@@ -624,13 +614,6 @@ def _merge(results: Sequence[dict]) -> dict:
     return out
 
 
-def _measure_unit(unit: list[Case], rounds: Optional[int], timeout: float, env: Optional[dict],
-                  tree: Optional[Path]) -> list[dict]:
-    if rounds:
-        return run_interleaved(unit, rounds, timeout=timeout, env=env, tree=tree)
-    return [run_case(unit[0], timeout=timeout, env=env, tree=tree)]
-
-
 def run(cases: Iterable[Case], *, preset: str, timeout: float = 900.0, progress: bool = True,
         deadline: Optional[float] = None, env: Optional[dict] = None, output: Optional[Path] = None,
         rounds: Optional[int] = None, busy: bool = False, against: Optional[str] = None,
@@ -655,35 +638,34 @@ def run(cases: Iterable[Case], *, preset: str, timeout: float = 900.0, progress:
     floors: dict[tuple, dict] = {}
     records = []
     with contextlib.ExitStack() as stack:
-        trees: list[tuple[Optional[Path], str]] = [(None, "")]
+        trees: dict[str, Optional[Path]] = {"": None}  # short sha -> folder ("": this tree)
         if against is not None:
             folder, sha = stack.enter_context(other_tree(against))
-            trees.append((folder, f"@{sha}"))
+            trees[sha] = folder
         if busy:
             hog = busy_process()
             stack.callback(lambda: (hog.kill(), hog.wait()))
         bar = tqdm(_units(cases, rounds), desc=preset, unit="case", disable=not progress, file=sys.stderr)
         for unit in bar:
             bar.set_postfix_str(f"{', '.join(c.impl for c in unit)} {unit[0].shape}")
-            late = deadline is not None and time.monotonic() > deadline
-            runs: dict[str, list[list[dict]]] = {suffix: [] for _, suffix in trees}
-            for _ in range(processes if against is not None and not late else 1):
-                for tree, suffix in trees:
-                    runs[suffix].append(
-                        [{"status": "skipped", "error": "the time budget ran out before it started"}] * len(unit)
-                        if late else _measure_unit(unit, rounds, timeout, env, tree))
-            for suffix, per_process in runs.items():
+            if deadline is not None and time.monotonic() > deadline:
+                late = {"status": "skipped", "error": "the time budget ran out before it started"}
+                runs = {sha: [[late] * len(unit)] for sha in trees}
+            else:
+                runs = {sha: [] for sha in trees}
+                for _ in range(processes if against is not None else 1):
+                    for sha, folder in trees.items():  # the trees' processes alternating
+                        runs[sha].append(run_unit(unit, rounds, timeout, env, folder))
+            keys = [(c.batch, c.dim, c.classes, c.dtype, c.device) for c in unit]
+            for sha, per_process in runs.items():
                 results = [_merge(r) for r in zip(*per_process)]
-                for case, result in zip(unit, results):
-                    if case.impl == "floor" and result.get("seconds") and not suffix:
-                        floors[(case.batch, case.dim, case.classes, case.dtype, case.device)] = result
-                tag = {"tree": suffix[1:]} if suffix else {}
-                for case, result in zip(unit, results):
-                    if suffix and case.impl not in registry.OURS:
-                        continue  # the other revision's floor and peers are the same code
-                    shape_key = (case.batch, case.dim, case.classes, case.dtype, case.device)
-                    records += records_of(case, result, floor_seconds=floors.get(shape_key), preset=preset,
-                                          machine=machine, date=date, **extra, **tag)
+                if not sha:
+                    floors.update((k, r) for k, c, r in zip(keys, unit, results)
+                                  if c.impl == "floor" and r.get("seconds"))
+                for key, case, result in zip(keys, unit, results):
+                    if not sha or case.impl in registry.OURS:  # the other revision's floor and peers: the same code
+                        records += records_of(case, result, floor_seconds=floors.get(key), preset=preset,
+                                              machine=machine, date=date, **extra, **({"tree": sha} if sha else {}))
             if output is not None:
                 write_records(output, records)
     return records

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from benchmarks import perf_model
+from benchmarks.__main__ import main as cli
 from benchmarks.perf_model import H200, TARGETS, predict
 from marginops.backends import triton_config as tc
 from marginops.backends import triton_plan as tp
@@ -29,14 +30,14 @@ def test_floor_is_three_gemms_at_the_measured_cublas_rate(t):
     p = predict(t)
     assert p["floor"] == pytest.approx(t.floor_ms * 1e-3, rel=1e-9)  # calibrated on the first GPU run's floor
     uncalibrated = replace(t, floor_ms=None)
-    assert predict(uncalibrated)["floor"] == pytest.approx(6 * t.B * t.D * t.C / H200.cublas[t.dtype], rel=1e-12)
+    assert predict(uncalibrated)["floor"] == pytest.approx(6 * math.prod(t.shape) / H200.cublas[t.dtype], rel=1e-12)
 
 
 @pytest.mark.parametrize("t", TARGETS, ids=lambda t: t.name)
 def test_gemm_count_of_each_strategy(t, monkeypatch):
     monkeypatch.setattr(tp, "grid_efficiency", lambda *a: 1.0)  # full waves
     t = replace(t, floor_ms=None)
-    gemm = 2 * t.B * t.D * t.C / FREE.cublas[t.dtype]
+    gemm = 2 * math.prod(t.shape) / FREE.cublas[t.dtype]
     ws = predict(t, FREE, efficiency=1.0, strategy="workspace")
     assert ws["steps"]["scale by grad_output"] == 0.0  # a streaming pass: free at infinite bandwidth
     rc = predict(t, FREE, efficiency=1.0, strategy="recompute")
@@ -52,7 +53,7 @@ def test_the_default_path_is_the_backends_choice():
 def test_calibration_reproduces_the_old_forward_kernel():
     # the old kernel: 128 x 128 tiles, one program per SM, 320 programs (64 row blocks x 5 splits) on 132 SMs
     t = TARGETS[0]
-    B, C, D = t.B, t.C, t.D
+    B, D, C = t.shape
     busy = 64 * 2000 / (3 * 132 * 400)  # 3 waves of programs walking 400 class tiles each
     gemm = 2 * B * C * D / (6 * B * C * D / (t.floor_ms * 1e-3))
     epilogue = B * C * H200.epilogue_cycles / (H200.sms * H200.clock)
@@ -64,9 +65,11 @@ def test_calibration_reproduces_the_old_forward_kernel():
 def test_memory_is_the_backends_formula(t):
     p = predict(t)
     dt = getattr(torch, t.dtype)
-    opts = tp.FusedOptions(scale=64.0 if t.normalize else 1.0, normalize=t.normalize)
-    tile_c = tc.config_for("ws", dt, t.D, 90).block_c
-    terms = tp.scratch_bytes(t.B, t.C, t.D, dt, opts, True, tile_c, device_bytes=H200.memory)
+    normalize = t.problem != "plain"
+    opts = tp.FusedOptions(scale=64.0 if normalize else 1.0, normalize=normalize)
+    B, D, C = t.shape
+    tile_c = tc.config_for("ws", dt, D, 90).block_c
+    terms = tp.scratch_bytes(B, C, D, dt, opts, True, tile_c, device_bytes=H200.memory)
     assert p["scratch"] == terms["total"]
     if t.naive_extra_mib is not None:  # the memory target: at most a quarter of the naive head's extra
         assert p["scratch"] <= t.naive_extra_mib * 2**20 / 4, t.name
@@ -75,4 +78,4 @@ def test_memory_is_the_backends_formula(t):
 def test_table_lists_every_target():
     text = perf_model.table()
     assert all(f"| {t.name} |" in text for t in TARGETS)
-    assert perf_model.main(["--efficiency", "0.7"]) == 0
+    assert cli(["model", "--efficiency", "0.7"]) == 0
