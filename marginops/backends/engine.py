@@ -659,16 +659,28 @@ class Engine:
 
     def uses_workspace(self, B: int, C: int, D: int, x_dtype: torch.dtype, W_dtype: torch.dtype,
                        opts: FusedOptions) -> bool:
-        """Whether the call forms its gradients in the forward pass (``C``: rows of ``W``)."""
+        """Whether the call forms its gradients in the forward pass (``C``: rows of ``W``): ``"workspace"``, or
+        ``"auto"`` where it applies (a scalar loss with gradients, the whole class range, sub-centres only where
+        the backend keeps them) and its row blocks hold enough rows within the backend's budget policy.
+
+        Raises:
+            ValueError: ``"workspace"`` that cannot hold one row within the budget, or a class range.
+            NotImplementedError: ``"workspace"`` with sub-centres on a backend that does not keep them.
+        """
         check_options(opts)
         return _takes_workspace(self.kernel, B, opts.classes_of(C), D, x_dtype, W_dtype, opts)
 
     def forward_stats(self, call: Call) -> RowStats:
+        """Every row block's statistics across the call's classes; no gradients."""
         k = self.kernel(call)
         return _forward(k, k.plan(grads=False))
 
     def forward_with_grads(self, call: Call, z: Tensor, g: Tensor) -> tuple[RowStats, Optional[Tensor],
                                                                             Optional[Tensor]]:
+        """Statistics and the gradients for per-row weights ``g`` in one call: each row block's exponentials
+        kept in the workspace and turned into gradients once its log-sum-exp (with the target logits ``z``) is
+        known (three GEMMs), or, where this device's row blocks are too thin, the logits recomputed within the
+        call (four)."""
         k = self.kernel(call)
         if not _takes_workspace(self.kernel, k.B, k.C, k.D, call.x.dtype, call.W.dtype, call.opts):
             raise ValueError("forward_with_grads called for a call that does not form its gradients in the "
@@ -700,6 +712,8 @@ class Engine:
         return stats, dxh, dD
 
     def recompute_grads(self, call: Call, lse: Tensor, g: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """The recompute strategy's gradients for per-row weights ``g`` from the forward's log-sum-exp ``lse``:
+        every tile's logits computed again (four GEMMs in all)."""
         k = self.kernel(call)
         if not (call.opts.need_x or call.opts.need_W):
             return None, None

@@ -37,7 +37,7 @@ from torch import Tensor
 from . import engine
 from .common import acc_dtype, clamped, gemm_into, normalize_backward
 from .engine import BlockGrads, BlockStats, Plan, RowBlockKernel
-from .interface import Call, FusedOptions, RowStats
+from .interface import Call, FusedOptions
 
 __all__ = ["weight_grad_dtype", "uses_workspace", "forward_stats", "forward_with_grads", "recompute_grads"]
 
@@ -289,23 +289,9 @@ def weight_grad_dtype(x_dtype: torch.dtype, W_dtype: torch.dtype, opts: FusedOpt
     return acc_dtype(x_dtype, W_dtype)
 
 
-def uses_workspace(B: int, C: int, D: int, x_dtype: torch.dtype, W_dtype: torch.dtype, opts: FusedOptions) -> bool:
-    """Whether the call forms its gradients in the forward pass (``C``: rows of ``W``); never with
-    sub-centres (``strategy="workspace"`` raises NotImplementedError for them)."""
-    return _ENGINE.uses_workspace(B, C, D, x_dtype, W_dtype, opts)
-
-
-def forward_stats(call: Call) -> RowStats:
-    """One GEMM per tile; no gradients."""
-    return _ENGINE.forward_stats(call)
-
-
-def forward_with_grads(call: Call, z: Tensor, g: Tensor) -> tuple[RowStats, Optional[Tensor], Optional[Tensor]]:
-    """Statistics and gradients in one call: each row block's exponentials kept in the workspace (three
-    GEMMs), or on a GPU with thin row blocks the logits recomputed within the call (four)."""
-    return _ENGINE.forward_with_grads(call, z, g)
-
-
-def recompute_grads(call: Call, lse: Tensor, g: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """Recompute every tile (four GEMMs in all) for per-row upstream weights ``g``."""
-    return _ENGINE.recompute_grads(call, lse, g)
+#: The engine's functions of the interface: the strategy rule, the forward, the forward with the gradients
+#: (the workspace strategy) and the recompute strategy's gradients (:class:`~marginops.backends.engine.Engine`).
+uses_workspace = _ENGINE.uses_workspace
+forward_stats = _ENGINE.forward_stats
+forward_with_grads = _ENGINE.forward_with_grads
+recompute_grads = _ENGINE.recompute_grads

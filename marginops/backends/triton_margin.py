@@ -84,7 +84,7 @@ from . import engine
 from . import triton_plan as plan
 from .common import acc_dtype
 from .engine import BlockGrads, BlockStats, Plan, merge_block
-from .interface import Call, FusedOptions, RowStats
+from .interface import Call, FusedOptions
 from .triton_config import DTYPES as SUPPORTED_DTYPES
 from .triton_config import FUSED_DX_MAX_D as _FUSED_DX_MAX_D
 from .triton_config import KernelConfig, config_for
@@ -787,33 +787,12 @@ def weight_grad_dtype(x_dtype: torch.dtype, W_dtype: torch.dtype, opts: FusedOpt
     return W_dtype
 
 
-def uses_workspace(B: int, C: int, D: int, x_dtype: torch.dtype, W_dtype: torch.dtype, opts: FusedOptions) -> bool:
-    """Whether a call takes the workspace strategy (the engine's rule under this backend's budget policy):
-    ``"workspace"``, or ``"auto"`` where it applies (a scalar loss with gradients, the whole class range, one
-    row per class) and its row blocks hold at least
-    :data:`~marginops.backends.engine.MIN_WORKSPACE_ROWS` rows (or all of ``B``). ``C`` counts rows of the
-    weight.
-
-    Raises:
-        ValueError: ``"workspace"`` that cannot hold one row within the budget, or a class range.
-        NotImplementedError: ``"workspace"`` with sub-centres.
-    """
-    return _ENGINE.uses_workspace(B, C, D, x_dtype, W_dtype, opts)
-
-
-def forward_stats(call: Call) -> RowStats:
-    """The forward kernel over all rows and class splits; no gradients."""
-    return _ENGINE.forward_stats(call)
-
-
-def forward_with_grads(call: Call, z: Tensor, g: Tensor) -> tuple[RowStats, Optional[Tensor], Optional[Tensor]]:
-    """The workspace strategy: three GEMMs, gradients formed during the forward pass."""
-    return _ENGINE.forward_with_grads(call, z, g)
-
-
-def recompute_grads(call: Call, lse: Tensor, g: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """The recompute strategy's gradients (four GEMMs in all): ``G`` chunks from the kernel, then the products."""
-    return _ENGINE.recompute_grads(call, lse, g)
+#: The engine's functions of the interface: the strategy rule, the forward, the forward with the gradients
+#: (the workspace strategy) and the recompute strategy's gradients (:class:`~marginops.backends.engine.Engine`).
+uses_workspace = _ENGINE.uses_workspace
+forward_stats = _ENGINE.forward_stats
+forward_with_grads = _ENGINE.forward_with_grads
+recompute_grads = _ENGINE.recompute_grads
 
 
 def scratch_bytes(B: int, C: int, D: int, dtype: torch.dtype, opts: FusedOptions,
