@@ -10,12 +10,15 @@ import math
 import numbers
 from typing import Optional
 
+import torch
 from torch import Tensor
 
-__all__ = ["EPS", "check_tensor", "check_number", "check_optional_int"]
+__all__ = ["EPS", "FLOAT_DTYPES", "check_tensor", "check_float_dtype", "check_number", "check_optional_int"]
 
 #: Floor on row norms when normalizing (``F.normalize``'s default): ``x / max(|x|, EPS)``.
 EPS = 1e-12
+#: The floating-point dtypes embeddings, weights and per-row values may have.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_tensor(name: str, value, dim: int) -> Tensor:
@@ -23,6 +26,13 @@ def check_tensor(name: str, value, dim: int) -> Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dim() != dim:
         raise ValueError(f"{name} must be {dim}-D, got shape {tuple(value.shape)}")
+    return value
+
+
+def check_float_dtype(name: str, value: Tensor) -> Tensor:
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor ({', '.join(map(str, FLOAT_DTYPES))}), "
+                        f"got dtype {value.dtype}")
     return value
 
 

@@ -30,7 +30,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from ._checks import EPS, check_number, check_optional_int, check_tensor
+from ._checks import EPS, FLOAT_DTYPES, check_float_dtype, check_number, check_optional_int, check_tensor
 from .margins.adacos import AdaCos
 from .backends import FusedOptions, RowStats, get_backend, resolve_backend
 from .backends.common import acc_dtype, inverse_norms
@@ -42,7 +42,6 @@ __all__ = ["REDUCTIONS", "STRATEGIES", "Exchange", "SINGLE_PROCESS", "PreparedCa
 
 REDUCTIONS = ("mean", "sum", "none")
 STRATEGIES = ("auto", "recompute", "workspace")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 Scale = Union[float, Tensor, AdaCos]
 
@@ -143,9 +142,7 @@ def _check_inputs(x, W, y) -> None:
     check_tensor("weight", W, 2)
     check_tensor("labels", y, 1)
     for name, t in (("embeddings", x), ("weight", W)):
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating-point tensor ({', '.join(map(str, _FLOAT_DTYPES))}), "
-                            f"got dtype {t.dtype}")
+        check_float_dtype(name, t)
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor of class indices, got dtype {y.dtype}")
     if W.device != x.device or y.device != x.device:
@@ -166,7 +163,7 @@ def _check_row_tensor(name: str, value, x: Tensor, *, allow_scalar: bool) -> Ten
     """A ``(B,)`` real tensor on ``x``'s device (a 0-d one broadcast to ``(B,)`` when allowed)."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.dtype not in _FLOAT_DTYPES:
+    if value.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     B = x.shape[0]
     if value.dim() == 0 and allow_scalar:

@@ -26,12 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backends.common import acc_dtype
-from ._checks import EPS, check_number, check_optional_int, check_tensor
+from ._checks import EPS, check_float_dtype, check_number, check_optional_int, check_tensor
 from .margins.subcenter import check_sub_centers, check_weight_rows
 
 __all__ = ["topk_cosine", "answer_or_abstain", "TILE_BYTES"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 #: Bytes of the ``B x chunk`` score tile when ``chunk_size`` is not given (8 MiB: 2048 classes at B = 1024
 #: in float32, which ran faster on a 2-core Xeon than 8192, the tile staying nearer the caches).
@@ -42,9 +41,7 @@ def _validate(queries, centers, k, chunk_size, normalize, sub_centers=1) -> tupl
     check_tensor("queries", queries, 2)
     check_tensor("centers", centers, 2)
     for name, t in (("queries", queries), ("centers", centers)):
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating-point tensor ({', '.join(map(str, _FLOAT_DTYPES))}), "
-                            f"got dtype {t.dtype}")
+        check_float_dtype(name, t)
     if queries.device != centers.device:
         raise ValueError(f"queries and centers must be on one device, got {queries.device} and {centers.device}")
     (_, D), (C, Dc) = queries.shape, centers.shape
